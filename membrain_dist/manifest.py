@@ -1,0 +1,179 @@
+"""Campaign manifest CSV: one row per tomogram.
+
+Columns ``name,tomogram,segmentation,particles,voxel_size_A,split`` plus an optional
+``sides`` column; paths may be relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["TomogramEntry", "REQUIRED_COLUMNS", "SPLITS", "read_manifest", "write_manifest"]
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("name", "tomogram", "segmentation", "particles", "voxel_size_A", "split")
+SPLITS = ("train", "val", "test")
+_SIDE_WORDS = ("both", "inside", "outside")
+
+
+@dataclass(frozen=True)
+class TomogramEntry:
+    """One manifest row, paths resolved (absolute).
+
+    Attributes
+    ----------
+    name
+        Tomogram name (``rlnTomoName``; store group name).
+    tomogram, segmentation
+        MRC files.
+    particles
+        STAR file of ground-truth picks, ``None`` for tomograms to predict.
+    voxel_size_A
+        Voxel size in Å overriding the MRC header, ``None`` to use the header.
+    split
+        ``"train"``, ``"val"`` or ``"test"``.
+    sides
+        ``"both"``, ``"inside"``, ``"outside"`` or the path of a per-membrane side CSV.
+    """
+
+    name: str
+    tomogram: Path
+    segmentation: Path
+    particles: Path | None
+    voxel_size_A: float | None
+    split: str
+    sides: str = "both"
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
+    """Read and validate a manifest.
+
+    Raises
+    ------
+    InputError
+        Naming the manifest (and the row / tomogram name) for: a missing column, an empty
+        name, a duplicate name, a missing file, a bad split, or a voxel size that is not a
+        positive number.
+    """
+    mpath = Path(path)
+    if not mpath.is_file():
+        raise InputError(mpath, "manifest not found")
+    base = mpath.resolve().parent
+    try:
+        with open(mpath, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(mpath, f"unreadable manifest ({exc})") from exc
+    header = [h.strip() for h in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise InputError(mpath, f"missing column(s) {', '.join(missing)}; "
+                                f"expected {','.join(REQUIRED_COLUMNS)}")
+    if not rows:
+        raise InputError(mpath, "manifest has no rows")
+    entries: list[TomogramEntry] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(rows, start=2):  # line 1 is the header
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        name = row["name"]
+        where = f"line {i} ({name})" if name else f"line {i}"
+        if not name:
+            raise InputError(mpath, f"{where}: empty name")
+        if "/" in name or "\\" in name or name.startswith(".") or ".tmp-" in name:
+            raise InputError(mpath, f"{where}: name {name!r} may not contain '/', '\\' or "
+                                    "'.tmp-' nor start with '.' (it names a store group)")
+        if name in seen:
+            raise InputError(mpath, f"{where}: duplicate name {name!r} "
+                                    f"(first on line {seen[name]})")
+        seen[name] = i
+        files: dict[str, Path | None] = {}
+        for col in ("tomogram", "segmentation", "particles"):
+            val = row[col]
+            if not val:
+                if col == "particles":
+                    files[col] = None
+                    continue
+                raise InputError(mpath, f"{where}: empty {col} path")
+            p = _resolve(base, val)
+            if not p.is_file():
+                raise InputError(mpath, f"{where}: {col} file not found: {p}")
+            files[col] = p
+        vs_txt = row["voxel_size_A"]
+        voxel: float | None = None
+        if vs_txt:
+            try:
+                voxel = float(vs_txt)
+            except ValueError:
+                raise InputError(
+                    mpath, f"{where}: voxel_size_A {vs_txt!r} is not a number") from None
+            if not math.isfinite(voxel) or voxel <= 0:
+                raise InputError(mpath, f"{where}: voxel_size_A must be > 0 Å, got {vs_txt}")
+        split = row["split"].lower() or "test"
+        if split not in SPLITS:
+            raise InputError(mpath, f"{where}: split {row['split']!r} is not one of {SPLITS}")
+        sides = row.get("sides", "") or "both"
+        if sides not in _SIDE_WORDS:
+            sp = _resolve(base, sides)
+            if not sp.is_file():
+                raise InputError(mpath, f"{where}: sides is neither {'/'.join(_SIDE_WORDS)} "
+                                        f"nor an existing file: {sp}")
+            sides = str(sp)
+        entries.append(TomogramEntry(
+            name=name, tomogram=files["tomogram"], segmentation=files["segmentation"],  # type: ignore[arg-type]
+            particles=files["particles"], voxel_size_A=voxel, split=split, sides=sides))
+    log.info("%s: %d tomograms", mpath, len(entries))
+    return entries
+
+
+def _rel(p: Path | str | None, base: Path) -> str:
+    if p is None:
+        return ""
+    q = Path(p).resolve()
+    try:
+        return q.relative_to(base).as_posix()
+    except ValueError:
+        return str(q)
+
+
+def write_manifest(entries: Sequence[TomogramEntry], path: str | os.PathLike) -> None:
+    """Write a manifest atomically; paths inside the manifest's folder are written relative.
+
+    The ``sides`` column is written only when some entry differs from ``"both"``.
+    """
+    mpath = Path(path)
+    base = mpath.resolve().parent
+    with_sides = any(e.sides != "both" for e in entries)
+    cols = list(REQUIRED_COLUMNS) + (["sides"] if with_sides else [])
+    tmp = mpath.with_name(f".{mpath.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(cols)
+            for e in entries:
+                row = [e.name, _rel(e.tomogram, base), _rel(e.segmentation, base),
+                       _rel(e.particles, base),
+                       "" if e.voxel_size_A is None else repr(float(e.voxel_size_A)), e.split]
+                if with_sides:
+                    row.append(e.sides if e.sides in _SIDE_WORDS else _rel(e.sides, base))
+                w.writerow(row)
+        os.replace(tmp, mpath)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

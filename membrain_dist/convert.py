@@ -1,0 +1,441 @@
+"""MRC -> Zarr ingest with bounded memory.
+
+The tomogram and segmentation are streamed block by block (``slab`` sections in z,
+``chunk`` rows in y, all columns in x; blocks align with the Zarr chunks), so a volume
+larger than memory converts. Each block is read with :func:`membrain_dist.mrc.read_slab`
+(positioned reads into a fresh array: no file pages stay mapped, which would count toward
+the resident set); peak memory is a few blocks plus Zarr's encode buffers.
+
+Membrane labels: a binary segmentation is split into 26-connected components (default;
+``ConvertConfig.connectivity=6`` for face connectivity). Each block is labelled with
+``scipy.ndimage.label``; labels touching across block faces are merged with a union-find
+(``scipy.sparse.csgraph.connected_components`` on the pairs found on the two-voxel-thick
+faces, read back from the provisional label array) and a second streaming pass writes the
+final labels ``1..K`` (ordered by first appearance in z, y, x raster order of blocks).
+A segmentation holding several non-zero values keeps them as labels. Components (or
+labels) with fewer than ``min_membrane_voxels`` voxels are dropped (logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from . import store
+from .errors import InputError
+from .manifest import TomogramEntry
+from .mrc import MrcInfo, read_info, read_slab
+from .store import TomogramMeta
+
+__all__ = [
+    "ConvertConfig",
+    "validate_entry",
+    "resolve_voxel_size",
+    "source_fingerprint",
+    "convert_tomogram",
+]
+
+log = logging.getLogger(__name__)
+
+_FINGERPRINT_BYTES = 1024 + 1024 * 1024  # header + first MiB
+_MAX_LABEL_VALUES = 65536
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Ingest settings.
+
+    Attributes
+    ----------
+    chunk
+        Zarr chunk edge (voxels), chunks are ``chunk**3``.
+    compression_level
+        Blosc/zstd level.
+    slab
+        z-slab thickness for streaming (sections); ``None`` = ``chunk``; rounded up to a
+        multiple of ``chunk``.
+    min_membrane_voxels
+        Components (labels) with fewer voxels are dropped.
+    connectivity
+        26 (faces, edges and corners) or 6 (faces) for connected components.
+    intensity_samples
+        Approximate number of voxels in the strided subsample used for the intensity
+        statistics.
+    """
+
+    chunk: int = 128
+    compression_level: int = 3
+    slab: int | None = None
+    min_membrane_voxels: int = 100
+    connectivity: int = 26
+    intensity_samples: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.connectivity not in (6, 26):
+            raise ValueError(f"connectivity must be 6 or 26, got {self.connectivity}")
+        if self.slab is not None and self.slab < 1:
+            raise ValueError(f"slab must be >= 1, got {self.slab}")
+
+    @property
+    def slab_z(self) -> int:
+        """Effective z-slab thickness: a multiple of ``chunk``."""
+        s = self.chunk if self.slab is None else self.slab
+        return max(1, math.ceil(s / self.chunk)) * self.chunk
+
+
+def resolve_voxel_size(entry: TomogramEntry, tinfo: MrcInfo, sinfo: MrcInfo) -> float:
+    """Voxel size (Å): the manifest's if given, else the tomogram header's.
+
+    Raises
+    ------
+    InputError
+        No manifest value and the tomogram header says 0; or, with no manifest value,
+        tomogram and segmentation headers disagree (both non-zero, > 0.1 % apart). With a
+        manifest value a header disagreement is only logged (the manifest overrides).
+    """
+    t, s = tinfo.voxel_size_A, sinfo.voxel_size_A
+    disagree = t is not None and s is not None and not math.isclose(t, s, rel_tol=1e-3)
+    if entry.voxel_size_A is not None:
+        if disagree:
+            log.warning("%s: header voxel sizes differ (tomogram %g Å, segmentation %g Å); "
+                        "using the manifest's %g Å", entry.name, t, s, entry.voxel_size_A)
+        return float(entry.voxel_size_A)
+    if t is None:
+        raise InputError(tinfo.path, "voxel size missing: header says 0 and the manifest "
+                                     "gives no voxel_size_A")
+    if disagree:
+        raise InputError(sinfo.path, f"voxel size {s:g} Å disagrees with the tomogram's "
+                                     f"{t:g} Å ({tinfo.path}); fix the header or set "
+                                     "voxel_size_A in the manifest")
+    return float(t)
+
+
+def validate_entry(entry: TomogramEntry) -> tuple[MrcInfo, MrcInfo]:
+    """Header-only checks of a manifest row.
+
+    Both files readable, 3D, not truncated, of the same shape; a usable voxel size
+    (see :func:`resolve_voxel_size`).
+
+    Returns
+    -------
+    tuple[MrcInfo, MrcInfo]
+        Tomogram and segmentation header info (header voxel sizes, not overridden).
+    """
+    tinfo = read_info(entry.tomogram)
+    sinfo = read_info(entry.segmentation)
+    if tinfo.shape_zyx != sinfo.shape_zyx:
+        raise InputError(sinfo.path, f"shape (z, y, x) {sinfo.shape_zyx} differs from the "
+                                     f"tomogram's {tinfo.shape_zyx} ({tinfo.path})")
+    resolve_voxel_size(entry, tinfo, sinfo)
+    return tinfo, sinfo
+
+
+def source_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Cheap identity of an input file: path, size, mtime (ns), sha256 of header + first MiB."""
+    p = Path(path).resolve()
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        h.update(fh.read(_FINGERPRINT_BYTES))
+    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns),
+            "sha256": h.hexdigest()}
+
+
+def _blocks(shape: tuple[int, int, int], slab: int, rows: int):
+    nz, ny, _ = shape
+    for z0 in range(0, nz, slab):
+        for y0 in range(0, ny, rows):
+            yield z0, min(z0 + slab, nz), y0, min(y0 + rows, ny)
+
+
+def _shift_slices(length: int, d: int) -> tuple[slice, slice]:
+    """Index windows pairing ``a[i]`` with ``b[i + d]``."""
+    return slice(max(0, -d), length - max(0, d)), slice(max(0, d), length - max(0, -d))
+
+
+def _face_pairs(a: np.ndarray, b: np.ndarray, full: bool) -> np.ndarray:
+    """Label pairs ``(la, lb)`` of voxels adjacent across a face.
+
+    ``a`` and ``b`` are the 2D label planes on either side; with ``full`` (26-connectivity)
+    in-plane offsets -1..1 are included, else only the facing voxel (6-connectivity).
+    """
+    offs = [(du, dv) for du in (-1, 0, 1) for dv in (-1, 0, 1)] if full else [(0, 0)]
+    out = []
+    for du, dv in offs:
+        ua, ub = _shift_slices(a.shape[0], du)
+        va, vb = _shift_slices(a.shape[1], dv)
+        pa, pb = a[ua, va], b[ub, vb]
+        m = (pa > 0) & (pb > 0)
+        if m.any():
+            out.append(np.unique(np.stack([pa[m], pb[m]], axis=1), axis=0))
+    if not out:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(out), axis=0).astype(np.int64)
+
+
+def _ome_multiscales(name: str, vs: float) -> list[dict]:
+    return [{
+        "name": name,
+        "axes": [{"name": a, "type": "space", "unit": "angstrom"} for a in "zyx"],
+        "datasets": [{"path": "0",
+                      "coordinateTransformations": [{"type": "scale", "scale": [vs, vs, vs]}]}],
+    }]
+
+
+def _check_segmentation_block(sinfo: MrcInfo, blk: np.ndarray, z0: int) -> None:
+    if np.issubdtype(blk.dtype, np.floating):
+        if not np.isfinite(blk).all():
+            raise InputError(sinfo.path, f"NaN or infinite values in the segmentation "
+                                         f"(sections from z={z0})")
+        if not np.array_equal(blk, np.round(blk)):
+            raise InputError(sinfo.path, "segmentation holds non-integer values: expected a "
+                                         "binary mask or integer labels (threshold it first)")
+
+
+def convert_tomogram(
+    entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertConfig = ConvertConfig()
+) -> TomogramMeta:
+    """Convert one manifest row into the store group ``<root>/<entry.name>``.
+
+    Writes the float32 tomogram at ``<name>/0`` and int32 labels at
+    ``<name>/labels/membranes/0`` (chunks ``cfg.chunk**3``, Blosc/zstd), with
+    :class:`~membrain_dist.store.TomogramMeta`, provenance and OME-NGFF 0.5 attributes.
+    Skips (returns the stored meta) when a complete group with the same source fingerprint
+    and config exists. Everything is built in a temporary group renamed into place at the
+    end, so a failure leaves nothing behind (and an older finished group intact).
+
+    Raises
+    ------
+    InputError
+        Bad headers or shapes, missing voxel size, NaNs in the tomogram, empty segmentation.
+    """
+    tinfo, sinfo = validate_entry(entry)
+    vs = resolve_voxel_size(entry, tinfo, sinfo)
+    source = {"tomogram": source_fingerprint(tinfo.path),
+              "segmentation": source_fingerprint(sinfo.path)}
+    prov = store.provenance("convert", asdict(cfg), {**source, "voxel_size_A": vs})
+    existing = store._group(root, entry.name)
+    if existing is not None:
+        attrs = dict(existing.attrs)
+        if attrs.get("complete") and store.is_current(attrs, prov):
+            log.info("%s: skipped (converted, sources and config unchanged)", entry.name)
+            return TomogramMeta.from_attrs(entry.name, attrs)
+        log.info("%s: sources or config changed, reconverting", entry.name)
+
+    shape = tinfo.shape_zyx
+    nz, ny, nx = shape
+    c = cfg.chunk
+    chunks = (min(c, nz), min(c, ny), min(c, nx))
+    slab, rows = cfg.slab_z, c
+    comp = store.default_compressor(cfg.compression_level)
+    full = cfg.connectivity == 26
+    structure = ndimage.generate_binary_structure(3, 3 if full else 1)
+    stride = max(1, math.ceil((nz * ny * nx / max(cfg.intensity_samples, 1)) ** (1 / 3)))
+
+    with store.atomic_group(root, entry.name) as g:
+        tarr = g.create_array(store.TOMOGRAM_KEY, shape=shape, dtype="float32", chunks=chunks,
+                              compressors=comp, fill_value=0.0, dimension_names=("z", "y", "x"))
+        labels_grp = g.create_group("labels")
+        mem_grp = labels_grp.create_group("membranes")
+        larr = mem_grp.create_array("0", shape=shape, dtype="int32", chunks=chunks,
+                                    compressors=comp, fill_value=0,
+                                    dimension_names=("z", "y", "x"))
+
+        # pass 1: tomogram copy + NaN check + intensity sample; provisional block labels
+        samples: list[np.ndarray] = []
+        mem_sum, mem_n = 0.0, 0
+        offset = 0
+        counts: list[np.ndarray] = []
+        bboxes: list[np.ndarray] = []
+        values: set[int] = set()
+        for z0, z1, y0, y1 in _blocks(shape, slab, rows):
+            t = read_slab(tinfo, z0, z1, y0, y1).astype(np.float32, copy=False)
+            finite = np.isfinite(t)
+            if not finite.all():
+                bad = np.argwhere(~finite)[0] + (z0, y0, 0)
+                kind = "NaN" if np.isnan(t).any() else "infinite"
+                raise InputError(tinfo.path, f"{kind} values in the tomogram (first at "
+                                             f"z, y, x = {tuple(int(v) for v in bad)})")
+            del finite
+            tarr[z0:z1, y0:y1, :] = t
+            samples.append(t[(-z0) % stride::stride, (-y0) % stride::stride, ::stride].ravel())
+
+            s = read_slab(sinfo, z0, z1, y0, y1)
+            _check_segmentation_block(sinfo, s, z0)
+            mask = s != 0
+            if mask.any():
+                if len(values) <= _MAX_LABEL_VALUES:
+                    values.update(np.unique(s[mask]).astype(np.int64).tolist())
+                mem_sum += float(t[mask].sum(dtype=np.float64))
+                mem_n += int(mask.sum())
+            del t, s
+            lab, n = ndimage.label(mask, structure=structure, output=np.int32)
+            if n:
+                # bincount casts to intp: count the membrane voxels only, not the block
+                counts.append(np.bincount(lab[mask], minlength=n + 1)[1:])
+                objs = ndimage.find_objects(lab)
+                bb = np.array([[o[0].start + z0, o[0].stop + z0, o[1].start + y0,
+                                o[1].stop + y0, o[2].start, o[2].stop] for o in objs],
+                              dtype=np.int64)
+                bboxes.append(bb)
+                lab[mask] += offset
+                offset += n
+            larr[z0:z1, y0:y1, :] = lab
+            del lab, mask
+
+        if offset == 0:
+            raise InputError(sinfo.path, "empty segmentation: no membrane voxel (all values 0)")
+
+        # intensity statistics
+        sample = np.concatenate(samples)
+        del samples
+        center = float(np.median(sample))
+        scale = float(np.median(np.abs(sample - center)) * 1.4826)
+        if not scale > 0:
+            scale = float(sample.std()) or 1.0
+            log.warning("%s: MAD of the tomogram is 0; using scale %g", entry.name, scale)
+        del sample
+        mem_mean = mem_sum / max(mem_n, 1)
+        polarity = 1 if mem_mean >= center else -1
+        intensity = {"center": center, "scale": scale, "polarity": polarity,
+                     "membrane_mean": mem_mean, "sample_stride": stride}
+
+        if len(values) > 1:
+            lut, membranes, read_from_seg, vals = _multilabel_tables(
+                sinfo, shape, slab, rows, values, cfg, entry.name)
+        else:
+            lut, membranes = _component_tables(
+                larr, shape, slab, rows, offset, np.concatenate(counts),
+                np.concatenate(bboxes), full, cfg, entry.name, sinfo.path)
+            read_from_seg, vals = False, None
+
+        # pass 2: final labels
+        for z0, z1, y0, y1 in _blocks(shape, slab, rows):
+            if read_from_seg:
+                idx = _value_index(read_slab(sinfo, z0, z1, y0, y1), vals)  # type: ignore[arg-type]
+                larr[z0:z1, y0:y1, :] = lut[idx]
+            else:
+                larr[z0:z1, y0:y1, :] = lut[larr[z0:z1, y0:y1, :]]
+
+        meta = TomogramMeta(name=entry.name, voxel_size_A=vs, shape_zyx=shape,
+                                  chunks=chunks, source=source, intensity=intensity,
+                                  membranes=membranes)
+        ms = _ome_multiscales(entry.name, vs)
+        labels_grp.attrs.update({"ome": {"version": "0.5", "labels": ["membranes"]}})
+        mem_grp.attrs.update({"ome": {"version": "0.5",
+                                      "multiscales": _ome_multiscales("membranes", vs),
+                                      "image-label": {"source": {"image": "../../"}}}})
+        g.attrs.update({**meta.to_attrs(), "provenance": prov,
+                        "ome": {"version": "0.5", "multiscales": ms}})
+    log.info("%s: converted %s voxels at %g Å, %d membranes, intensity centre %.4g scale "
+             "%.4g polarity %+d", entry.name, shape, vs, len(membranes), center, scale, polarity)
+    return meta
+
+
+def _component_tables(larr, shape, slab, rows, n_prov, counts, bboxes, full, cfg, name,
+                      seg_path) -> tuple[np.ndarray, list[dict]]:
+    """Merge provisional labels across block faces; lookup table + membrane records."""
+    nz, ny, _ = shape
+    pairs = []
+    for zb in range(slab, nz, slab):
+        f = np.asarray(larr[zb - 1:zb + 1, :, :])
+        pairs.append(_face_pairs(f[0], f[1], full))
+    for yb in range(rows, ny, rows):
+        f = np.asarray(larr[:, yb - 1:yb + 1, :])
+        pairs.append(_face_pairs(f[:, 0, :], f[:, 1, :], full))
+    pairs_arr = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    n = n_prov + 1
+    graph = coo_matrix((np.ones(len(pairs_arr), dtype=np.int8),
+                        (pairs_arr[:, 0], pairs_arr[:, 1])), shape=(n, n))
+    ncomp, comp = connected_components(graph, directed=False)
+    comp_p = comp[1:]
+    size = np.bincount(comp_p, weights=counts, minlength=ncomp).astype(np.int64)
+    lo = np.full((ncomp, 3), np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full((ncomp, 3), -1, dtype=np.int64)
+    for k in range(3):
+        np.minimum.at(lo[:, k], comp_p, bboxes[:, 2 * k])
+        np.maximum.at(hi[:, k], comp_p, bboxes[:, 2 * k + 1])
+    first = np.full(ncomp, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, comp_p, np.arange(1, n, dtype=np.int64))
+    present = first < np.iinfo(np.int64).max
+    keep = present & (size >= cfg.min_membrane_voxels)
+    n_all, n_keep = int(present.sum()), int(keep.sum())
+    if n_all > n_keep:
+        log.info("%s: dropped %d of %d connected components smaller than %d voxels "
+                 "(%d voxels)", name, n_all - n_keep, n_all, cfg.min_membrane_voxels,
+                 int(size[present & ~keep].sum()))
+    if n_keep == 0:
+        raise InputError(seg_path, f"no membrane of at least {cfg.min_membrane_voxels} voxels "
+                                   f"({n_all} components, largest {int(size.max())} voxels)")
+    kept = np.flatnonzero(keep)
+    kept = kept[np.argsort(first[kept])]
+    lut_comp = np.zeros(ncomp, dtype=np.int32)
+    lut_comp[kept] = np.arange(1, n_keep + 1, dtype=np.int32)
+    lut = lut_comp[comp]
+    lut[0] = 0
+    membranes = [{"id": i + 1, "voxels": int(size[c]),
+                  "bbox": [int(lo[c, 0]), int(hi[c, 0]), int(lo[c, 1]), int(hi[c, 1]),
+                           int(lo[c, 2]), int(hi[c, 2])]} for i, c in enumerate(kept)]
+    return lut, membranes
+
+
+def _value_index(seg: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """int32 image: 0 where ``seg == 0``, else 1 + the index of the value in sorted ``vals``."""
+    out = np.zeros(seg.shape, dtype=np.int32)
+    nz = seg != 0
+    out[nz] = np.searchsorted(vals, seg[nz].astype(np.int64)) + 1
+    return out
+
+
+def _multilabel_tables(sinfo, shape, slab, rows, values, cfg, name):
+    """Statistics of an already-labelled segmentation (one streaming pass)."""
+    if len(values) > _MAX_LABEL_VALUES:
+        raise InputError(sinfo.path, f"segmentation holds more than {_MAX_LABEL_VALUES} "
+                                     "distinct values: expected a mask or membrane labels")
+    vals = np.array(sorted(values), dtype=np.int64)
+    nv = len(vals)
+    size = np.zeros(nv + 1, dtype=np.int64)
+    lo = np.full((nv + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
+    hi = np.full((nv + 1, 3), -1, dtype=np.int64)
+    for z0, z1, y0, y1 in _blocks(shape, slab, rows):
+        idx = _value_index(read_slab(sinfo, z0, z1, y0, y1), vals)
+        size += np.bincount(idx[idx > 0], minlength=nv + 1)
+        for i, o in enumerate(ndimage.find_objects(idx), start=1):
+            if o is None:
+                continue
+            lo[i] = np.minimum(lo[i], (o[0].start + z0, o[1].start + y0, o[2].start))
+            hi[i] = np.maximum(hi[i], (o[0].stop + z0, o[1].stop + y0, o[2].stop))
+    keep = size >= cfg.min_membrane_voxels
+    keep[0] = False
+    if (~keep[1:]).any():
+        log.info("%s: dropped %d of %d labels smaller than %d voxels", name,
+                 int((~keep[1:]).sum()), nv, cfg.min_membrane_voxels)
+    if not keep.any():
+        raise InputError(sinfo.path, f"no membrane label with at least "
+                                     f"{cfg.min_membrane_voxels} voxels")
+    if vals.min() >= 1 and vals.max() <= np.iinfo(np.int32).max:
+        ids = vals.astype(np.int32)
+    else:
+        log.info("%s: label values outside 1..2^31-1, renumbering 1..%d", name, nv)
+        ids = np.arange(1, nv + 1, dtype=np.int32)
+    lut = np.zeros(nv + 1, dtype=np.int32)
+    lut[1:][keep[1:]] = ids[keep[1:]]
+    membranes = [{"id": int(ids[i - 1]), "voxels": int(size[i]),
+                  "bbox": [int(lo[i, 0]), int(hi[i, 0]), int(lo[i, 1]), int(hi[i, 1]),
+                           int(lo[i, 2]), int(hi[i, 2])]}
+                 for i in range(1, nv + 1) if keep[i]]
+    log.info("%s: segmentation already labelled (%d values): labels kept", name, nv)
+    return lut, membranes, True, vals
+

@@ -1,0 +1,318 @@
+"""Campaign Zarr v3 store: layout, atomic groups/arrays, provenance, xarray view.
+
+Layout (see docs/ARCHITECTURE.md)::
+
+    campaign.zarr/                  attrs {"membrain_dist": {"version": ...}}
+      <name>/                       TomogramMeta attrs, OME-NGFF 0.5 multiscales
+        0                           float32 (z, y, x) tomogram
+        labels/membranes/0          int32 (z, y, x) membrane labels, 0 = background
+        geometry/m<id>/...          stage 1+2 outputs
+
+Groups and arrays are written under a temporary sibling key (``<key>.tmp-<uuid>``) and
+renamed into place, so an interrupted run never leaves a group that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
+
+__all__ = [
+    "TOMOGRAM_KEY",
+    "LABELS_KEY",
+    "GEOMETRY_KEY",
+    "TMP_MARKER",
+    "TomogramMeta",
+    "open_store",
+    "read_meta",
+    "tomogram_array",
+    "labels_array",
+    "tomogram_dataarray",
+    "atomic_group",
+    "write_array_atomic",
+    "provenance",
+    "is_current",
+    "list_tomograms",
+    "code_version",
+    "default_compressor",
+]
+
+log = logging.getLogger(__name__)
+
+TOMOGRAM_KEY = "0"
+LABELS_KEY = "labels/membranes/0"
+GEOMETRY_KEY = "geometry"
+TMP_MARKER = ".tmp-"
+_TRASH_MARKER = ".old-"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Normalise to what a JSON round trip gives (tuples -> lists, Paths -> str)."""
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+    return json.loads(json.dumps(obj, default=default))
+
+
+@dataclass
+class TomogramMeta:
+    """Attributes of a tomogram group.
+
+    Attributes
+    ----------
+    name
+        Tomogram name (group key).
+    voxel_size_A
+        Voxel size in Å.
+    shape_zyx
+        Volume shape (z, y, x), voxels.
+    chunks
+        Chunk shape (z, y, x), voxels.
+    source
+        Provenance of the inputs: ``{"tomogram": {path, size, mtime_ns, sha256}, ...}``.
+    intensity
+        ``{"center", "scale", "polarity"}``: ``polarity * (x - center) / scale`` makes
+        membranes bright.
+    membranes
+        ``[{"id", "voxels", "bbox": [z0, z1, y0, y1, x0, x1]}]`` (bbox half-open, voxels).
+    """
+
+    name: str
+    voxel_size_A: float
+    shape_zyx: tuple[int, int, int]
+    chunks: tuple[int, int, int]
+    source: dict = field(default_factory=dict)
+    intensity: dict = field(default_factory=dict)
+    membranes: list[dict] = field(default_factory=list)
+
+    def to_attrs(self) -> dict:
+        """JSON-ready attributes (adds ``complete: true`` and the axis names)."""
+        return _jsonable({
+            "voxel_size_A": float(self.voxel_size_A),
+            "shape_zyx": list(self.shape_zyx),
+            "chunks": list(self.chunks),
+            "axes": ["z", "y", "x"],
+            "source": self.source,
+            "intensity": self.intensity,
+            "membranes": self.membranes,
+            "complete": True,
+        })
+
+    @classmethod
+    def from_attrs(cls, name: str, attrs: Mapping[str, Any]) -> TomogramMeta:
+        """Inverse of :meth:`to_attrs`."""
+        return cls(
+            name=name,
+            voxel_size_A=float(attrs["voxel_size_A"]),
+            shape_zyx=tuple(int(s) for s in attrs["shape_zyx"]),  # type: ignore[arg-type]
+            chunks=tuple(int(s) for s in attrs["chunks"]),  # type: ignore[arg-type]
+            source=dict(attrs.get("source", {})),
+            intensity=dict(attrs.get("intensity", {})),
+            membranes=[dict(m) for m in attrs.get("membranes", [])],
+        )
+
+
+def code_version() -> str:
+    """``membrain_dist.__version__`` if set, else the installed package version."""
+    import membrain_dist
+
+    v = getattr(membrain_dist, "__version__", None)
+    if v:
+        return str(v)
+    try:
+        from importlib.metadata import version
+
+        return version("membrain-dist")
+    except Exception:  # package not installed (source checkout)
+        return "unknown"
+
+
+def open_store(root: str | os.PathLike, mode: str = "a") -> zarr.Group:
+    """Open (or, in mode ``"a"``/``"w"``, create) the campaign store's root group."""
+    existed = (Path(root) / "zarr.json").is_file()
+    g = zarr.open_group(LocalStore(Path(root), read_only=(mode == "r")), mode=mode)
+    if mode != "r" and (not existed or mode == "w") and "membrain_dist" not in g.attrs:
+        g.attrs["membrain_dist"] = {"version": code_version()}
+    return g
+
+
+def _node_dir(root: str | os.PathLike, key: str) -> Path:
+    return Path(root).joinpath(*key.strip("/").split("/"))
+
+
+def _group(root: str | os.PathLike, key: str) -> zarr.Group | None:
+    if not (_node_dir(root, key) / "zarr.json").is_file():
+        return None
+    try:
+        return zarr.open_group(LocalStore(Path(root), read_only=True), path=key, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return None
+
+
+def read_meta(root: str | os.PathLike, name: str) -> TomogramMeta | None:
+    """The tomogram group's :class:`TomogramMeta`, ``None`` if missing or not complete."""
+    g = _group(root, name)
+    if g is None:
+        return None
+    attrs = dict(g.attrs)
+    if not attrs.get("complete"):
+        return None
+    return TomogramMeta.from_attrs(name, attrs)
+
+
+def _array(root: str | os.PathLike, key: str) -> zarr.Array:
+    return zarr.open_array(LocalStore(Path(root), read_only=True), path=key, mode="r")
+
+
+def tomogram_array(root: str | os.PathLike, name: str) -> zarr.Array:
+    """Read-only float32 ``(z, y, x)`` tomogram array of ``name``."""
+    return _array(root, f"{name}/{TOMOGRAM_KEY}")
+
+
+def labels_array(root: str | os.PathLike, name: str) -> zarr.Array:
+    """Read-only int32 ``(z, y, x)`` membrane label array of ``name`` (0 = background)."""
+    return _array(root, f"{name}/{LABELS_KEY}")
+
+
+def tomogram_dataarray(root: str | os.PathLike, name: str) -> xr.DataArray:
+    """Dask-backed tomogram with dims ``("z", "y", "x")`` and coordinates in Å.
+
+    Coordinate of voxel index k is ``k * voxel_size_A``; ``attrs["voxel_size_A"]`` holds
+    the voxel size (Å).
+    """
+    meta = read_meta(root, name)
+    if meta is None:
+        raise KeyError(f"{root}: no complete tomogram group {name!r}")
+    arr = tomogram_array(root, name)
+    data = da.from_zarr(arr)
+    vs = float(meta.voxel_size_A)
+    coords = {d: np.arange(n, dtype=np.float64) * vs for d, n in zip("zyx", arr.shape, strict=True)}
+    return xr.DataArray(data, dims=("z", "y", "x"), coords=coords, name=name,
+                        attrs={"voxel_size_A": vs, "units": "angstrom"})
+
+
+def _ensure_parent(root: str | os.PathLike, key: str) -> zarr.Group:
+    store = open_store(root, "a")
+    parent = key.strip("/").rpartition("/")[0]
+    return store.require_group(parent) if parent else store
+
+
+def _swap_into_place(root: str | os.PathLike, tmp_key: str, key: str) -> None:
+    """Rename ``tmp_key`` to ``key``; an existing ``key`` is removed only once replaced."""
+    src, dst = _node_dir(root, tmp_key), _node_dir(root, key)
+    trash = None
+    if dst.exists():
+        trash = dst.with_name(f"{dst.name}{_TRASH_MARKER}{uuid.uuid4().hex}")
+        os.replace(dst, trash)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if trash is not None:  # put the old node back
+            os.replace(trash, dst)
+        raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def atomic_group(root: str | os.PathLike, key: str) -> Iterator[zarr.Group]:
+    """Build a group under a temporary sibling key and rename it to ``key`` on success.
+
+    Yields a fresh group at ``<key>.tmp-<uuid>``. On normal exit any existing ``key`` is
+    replaced by it; on an exception the temporary group is deleted and an existing
+    ``key`` is left untouched.
+    """
+    key = key.strip("/")
+    parent = _ensure_parent(root, key)
+    base = key.rpartition("/")[2]
+    tmp_name = f"{base}{TMP_MARKER}{uuid.uuid4().hex}"
+    tmp_key = f"{key.rpartition('/')[0]}/{tmp_name}".lstrip("/")
+    try:
+        g = parent.create_group(tmp_name)
+        yield g
+        _swap_into_place(root, tmp_key, key)
+    except BaseException:
+        shutil.rmtree(_node_dir(root, tmp_key), ignore_errors=True)
+        raise
+
+
+def default_compressor(level: int = 3) -> BloscCodec:
+    """Blosc + zstd, byte shuffle."""
+    return BloscCodec(cname="zstd", clevel=int(level), shuffle="shuffle")
+
+
+def write_array_atomic(
+    root: str | os.PathLike,
+    key: str,
+    data: np.ndarray,
+    chunks: tuple[int, ...] | None,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one array (with optional attributes) to ``key`` via a temporary key + rename.
+
+    ``chunks`` ``None`` means one chunk. Compressed with Blosc/zstd.
+    """
+    key = key.strip("/")
+    parent = _ensure_parent(root, key)
+    base = key.rpartition("/")[2]
+    tmp_name = f"{base}{TMP_MARKER}{uuid.uuid4().hex}"
+    tmp_key = f"{key.rpartition('/')[0]}/{tmp_name}".lstrip("/")
+    a = np.asarray(data)
+    ch = tuple(a.shape) if chunks is None else tuple(min(int(c), max(int(s), 1))
+                                                      for c, s in zip(chunks, a.shape, strict=True))
+    ch = tuple(max(c, 1) for c in ch)
+    try:
+        arr = parent.create_array(tmp_name, shape=a.shape, dtype=a.dtype, chunks=ch,
+                                  compressors=default_compressor())
+        if a.size:
+            arr[...] = a
+        if attrs:
+            arr.attrs.update(_jsonable(dict(attrs)))
+        _swap_into_place(root, tmp_key, key)
+    except BaseException:
+        shutil.rmtree(_node_dir(root, tmp_key), ignore_errors=True)
+        raise
+
+
+def provenance(stage: str, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict:
+    """``{stage, params, inputs, code_version}``, JSON-normalised (comparable to stored attrs)."""
+    return _jsonable({"stage": stage, "params": dict(params), "inputs": dict(inputs),
+                      "code_version": code_version()})
+
+
+def is_current(attrs: Mapping[str, Any], prov: Mapping[str, Any]) -> bool:
+    """True when ``attrs["provenance"]`` equals ``prov`` (after JSON normalisation)."""
+    stored = attrs.get("provenance")
+    return stored is not None and _jsonable(stored) == _jsonable(dict(prov))
+
+
+def list_tomograms(root: str | os.PathLike) -> list[str]:
+    """Names of the complete tomogram groups in the store, sorted."""
+    rootp = Path(root)
+    if not rootp.is_dir():
+        return []
+    names = []
+    for d in sorted(rootp.iterdir()):
+        if not d.is_dir() or TMP_MARKER in d.name or _TRASH_MARKER in d.name:
+            continue
+        if read_meta(root, d.name) is not None:
+            names.append(d.name)
+    return names

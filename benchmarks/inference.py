@@ -1,0 +1,257 @@
+"""Benchmark of batched CNN inference (stage 3) in cubes per second.
+
+Usage::
+
+    python benchmarks/inference.py [--device cpu|cuda|all] [--n N] [--batch-sizes 64 256 ...]
+
+For each device: a random-weight :class:`~membrain_dist.model.MemBrainCNN` (12^3 cubes, 32
+channels, float32, eval mode) scores ``N`` random cubes held in host memory with
+:func:`~membrain_dist.inference.predict_distances` (host -> device transfer included, as in the
+pipeline) at each batch size; the naive reference in the same run feeds one cube per forward call
+(batch size 1, result fetched each time). On CPU the figures are also given per torch thread
+(``torch.get_num_threads``); on CUDA the GPU name is recorded, timings are bracketed by
+``torch.cuda.synchronize`` and the throughput with the cubes already on the GPU is reported too.
+
+Prints a table and writes ``benchmarks/results/inference.json``: ``cubes_per_s[device][batch]``,
+``reference_cubes_per_s[device]``, ``threads``, ``device_name``, ... Entries of devices not
+measured in this run are kept from the existing file (so a GPU run adds to a CPU run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from membrain_dist.inference import predict_distances
+from membrain_dist.model import MemBrainCNN
+
+log = logging.getLogger("benchmarks.inference")
+OUT = Path(__file__).parent / "results" / "inference.json"
+KEYS = (
+    "cubes_per_s",
+    "per_thread_cubes_per_s",
+    "reference_cubes_per_s",
+    "resident_cubes_per_s",
+    "speedup_vs_reference",
+    "threads",
+    "device_name",
+    "host",
+    "n",
+    "measured_at",
+    "load_average",
+)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn: Callable[[], Any], dev: torch.device, repeats: int) -> float:
+    """Median wall time (s) of ``fn`` over ``repeats`` runs, synchronised on CUDA."""
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _reference(model: MemBrainCNN, cubes: np.ndarray, dev: torch.device) -> np.ndarray:
+    """Naive inference: one cube per forward call, result fetched to the host each time."""
+    out = np.empty(len(cubes), np.float32)
+    with torch.inference_mode():
+        for i in range(len(cubes)):
+            out[i] = model(torch.from_numpy(cubes[i : i + 1]).to(dev)).item()
+    return out
+
+
+def bench_device(
+    device: str, n: int, n_ref: int, batch_sizes: list[int], repeats: int, cube: int, channels: int
+) -> dict[str, Any]:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = MemBrainCNN(cube, channels).to(dev).eval()
+    cubes = np.random.default_rng(0).normal(size=(n, cube, cube, cube)).astype(np.float32)
+    res: dict[str, Any] = {"cubes_per_s": {}, "n": n, "threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        res["device_name"] = torch.cuda.get_device_name(dev)
+    else:
+        res["device_name"] = f"{_cpu_name()} ({os.cpu_count()} logical CPUs)"
+    predict_distances(model, cubes[: min(n, 64)], 64, device)  # warm-up: allocator, kernels
+    for bs in batch_sizes:
+        if dev.type == "cuda":  # cuDNN picks algorithms per shape: warm up every batch size
+            predict_distances(model, cubes[: min(n, 2 * bs)], bs, device)
+        t = _time(lambda bs=bs: predict_distances(model, cubes, bs, device), dev, repeats)
+        res["cubes_per_s"][str(bs)] = n / t
+        log.info("%s batch %5d: %10.1f cubes/s", device, bs, n / t)
+    sub = cubes[:n_ref]
+    _reference(model, sub[:8], dev)
+    t_ref = _time(lambda: _reference(model, sub, dev), dev, 1)
+    res["reference_cubes_per_s"] = n_ref / t_ref
+    res["reference_n"] = n_ref
+    best = max(res["cubes_per_s"].values())
+    res["speedup_vs_reference"] = best / res["reference_cubes_per_s"]
+    # consistency: batched and naive agree
+    batched = predict_distances(model, sub, max(batch_sizes), device)
+    ref = _reference(model, sub, dev)
+    res["max_abs_diff_vs_reference"] = float(np.abs(batched - ref).max())
+    if dev.type == "cuda":
+        on_gpu = torch.from_numpy(cubes).to(dev)
+        bs = max(batch_sizes)
+
+        def resident() -> None:
+            with torch.inference_mode():
+                for s in range(0, n, bs):
+                    model(on_gpu[s : s + bs])
+
+        resident()
+        res["resident_cubes_per_s"] = n / _time(resident, dev, repeats)
+        res["resident_batch_size"] = bs
+        del on_gpu
+    else:
+        res["per_thread_cubes_per_s"] = {
+            k: v / res["threads"] for k, v in res["cubes_per_s"].items()
+        }
+        res["load_average"] = os.getloadavg()[0]
+    res["host"] = platform.node()
+    res["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    res["torch"] = torch.__version__
+    return res
+
+
+def _merge(path: Path, runs: dict[str, dict[str, Any]], cube: int, channels: int) -> dict:
+    doc: dict[str, Any] = {}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            doc = {}
+        if doc.get("cube_size") != cube or doc.get("channels") != channels:
+            doc = {}
+    doc.update(
+        {
+            "benchmark": "inference",
+            "cube_size": cube,
+            "channels": channels,
+            "dtype": "float32",
+            "unit": "cubes/s",
+        }
+    )
+    for dev, r in runs.items():
+        for k in KEYS + (
+            "reference_n",
+            "max_abs_diff_vs_reference",
+            "resident_batch_size",
+            "torch",
+        ):
+            if k in r:
+                doc.setdefault(k, {})[dev] = r[k]
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "all"),
+        default="all",
+        help="all = cpu, plus cuda when available",
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="cubes per timed run (default 4096 on CPU, 131072 on CUDA)",
+    )
+    p.add_argument(
+        "--n-ref",
+        type=int,
+        default=None,
+        help="cubes for the batch-1 reference (default 256 CPU, 2048 CUDA)",
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cube-size", type=int, default=12)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    devices = ["cpu", "cuda"] if a.device == "all" else [a.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if a.device == "cuda":
+            p.error("--device cuda: torch sees no CUDA device")
+        devices.remove("cuda")
+    runs = {}
+    for d in devices:
+        gpu = d == "cuda"
+        n = a.n or (131072 if gpu else 4096)
+        n = max(n, max(a.batch_sizes))
+        n_ref = a.n_ref or (2048 if gpu else 256)
+        runs[d] = bench_device(
+            d,
+            n,
+            min(n_ref, n),
+            sorted(a.batch_sizes),
+            a.repeats if gpu else min(a.repeats, 2),
+            a.cube_size,
+            a.channels,
+        )
+
+    head = f"{'device':<6} {'threads':>7} " + " ".join(
+        f"{'bs ' + str(b):>10}" for b in sorted(a.batch_sizes)
+    )
+    print(head + f" {'ref (bs 1)':>11} {'speed-up':>9}")
+    for d, r in runs.items():
+        row = f"{d:<6} {r['threads']:>7} " + " ".join(
+            f"{r['cubes_per_s'][str(b)]:>10.0f}" for b in sorted(a.batch_sizes)
+        )
+        print(row + f" {r['reference_cubes_per_s']:>11.0f} {r['speedup_vs_reference']:>8.1f}x")
+        if d == "cpu":
+            print(
+                f"{'':<6} {'/thread':>7} "
+                + " ".join(
+                    f"{r['per_thread_cubes_per_s'][str(b)]:>10.0f}" for b in sorted(a.batch_sizes)
+                )
+            )
+        else:
+            print(
+                f"  {r['device_name']}: {r['resident_cubes_per_s']:.0f} cubes/s with the cubes "
+                f"already on the GPU (batch {r['resident_batch_size']})"
+            )
+    doc = _merge(a.out, runs, a.cube_size, a.channels)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

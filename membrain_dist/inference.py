@@ -1,0 +1,147 @@
+"""Batched inference: one predicted distance per cube, one model load per worker process.
+
+Cubes are read batch by batch (a slice of a numpy array or of a ``zarr.Array``), so a
+membrane's cubes never need to fit in memory at once; with a zarr array the batch size is rounded
+to a multiple of its chunk length along axis 0 so each chunk is decoded once. On CUDA the batch
+goes through pinned host memory with a non-blocking copy, so reading/decoding the next batch
+overlaps the GPU's work on the current one, and predictions stay on the GPU until the end (one
+synchronisation per call).
+
+Threads: torch keeps one process-wide intra-op thread pool. Inside a dask worker,
+:func:`configure_threads` sets it to the worker's ``nthreads`` (the cores the worker was started
+with; dask's nanny otherwise sets ``OMP_NUM_THREADS=1`` and torch would use a single core).
+Outside dask the torch default (all cores) is kept unless a number is given.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from membrain_dist.model import META_FILE, WEIGHTS_FILE, MemBrainCNN, ModelMeta, load_model
+
+__all__ = [
+    "resolve_device",
+    "configure_threads",
+    "get_model",
+    "predict_distances",
+]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; others are validated.
+
+    Raises ``ValueError`` for ``"cuda"`` when no GPU is available.
+    """
+    d = str(device)
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {d!r} requested but torch sees no CUDA device")
+    torch.device(d)  # raises on nonsense
+    return d
+
+
+def _dask_worker_threads() -> int | None:
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Size torch's intra-op thread pool; returns the thread count in use.
+
+    ``num_threads`` wins when given; else inside a dask worker the worker's ``nthreads``;
+    else torch's current setting is left alone.
+    """
+    n = num_threads if num_threads is not None else _dask_worker_threads()
+    if n is not None and n >= 1 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(path: str, stamp: tuple[int, ...], device: str) -> tuple[MemBrainCNN, ModelMeta]:
+    del stamp  # part of the cache key only: a rewritten model directory is reloaded
+    return load_model(path, device=device)
+
+
+def get_model(
+    model_dir: str | os.PathLike[str], device: str = "auto"
+) -> tuple[MemBrainCNN, ModelMeta]:
+    """Load a model directory once per process (per path, file mtimes and device).
+
+    A dask worker running many inference tasks reads and verifies the model once; a model
+    rewritten in place (new mtime) is loaded again. Treat the returned model as read-only.
+    Raises :class:`~membrain_dist.errors.InputError` like :func:`~membrain_dist.model.load_model`.
+    """
+    path = Path(model_dir).resolve()
+    stamp = tuple(
+        (path / f).stat().st_mtime_ns if (path / f).exists() else -1
+        for f in (META_FILE, WEIGHTS_FILE)
+    )
+    return _cached_model(str(path), stamp, resolve_device(device))
+
+
+def _batch_size_for(cubes: Any, batch_size: int) -> int:
+    chunks = getattr(cubes, "chunks", None)
+    if isinstance(chunks, tuple) and chunks and isinstance(chunks[0], int) and chunks[0] > 0:
+        c = chunks[0]
+        return max(c, (batch_size // c) * c)
+    return batch_size
+
+
+def predict_distances(
+    model: nn.Module,
+    cubes: Any,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Predicted distance (voxels) from each cube's centre to the nearest particle centre.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A :class:`~membrain_dist.model.MemBrainCNN` (moved to ``device`` and put in eval mode).
+    cubes : (N, s, s, s) array-like
+        numpy array, ``zarr.Array`` or anything sliceable along axis 0 to numpy; float32
+        rotation-normalised cubes, axis 0 along the normal. Read one batch at a time.
+    batch_size : int
+        Cubes per forward pass (rounded to whole zarr chunks along axis 0).
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+
+    Returns
+    -------
+    (N,) float32 numpy array.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev = torch.device(resolve_device(device))
+    n = int(cubes.shape[0])
+    model = model.to(dev).eval()
+    cuda = dev.type == "cuda"
+    step = _batch_size_for(cubes, batch_size)
+    out = torch.empty(n, dtype=torch.float32, device=dev)
+    with torch.inference_mode():
+        for start in range(0, n, step):
+            batch = np.ascontiguousarray(cubes[start : start + step], dtype=np.float32)
+            x = torch.from_numpy(batch)
+            if cuda:
+                x = x.pin_memory().to(dev, non_blocking=True)
+            out[start : start + len(batch)] = model(x).float()
+    result = out.cpu().numpy()
+    log.debug("predicted %d cubes on %s in batches of %d", n, dev, step)
+    return result

@@ -1,0 +1,329 @@
+"""The MemBrain scoring CNN and its on-disk model directory.
+
+Architecture (MemBrain v1, kept as is so trained behaviour is comparable)
+-------------------------------------------------------------------------
+Input ``(B, s, s, s)`` (or ``(B, 1, s, s, s)``) float32 cubes, ``s = 12`` by default; cube axis 0
+is the membrane normal. Four 3D convolutions, kernel 3, each followed by BatchNorm3d and ReLU:
+
+====== =========== ======= ============= =======================
+layer  channels    padding size (s = 12) receptive field (voxels)
+====== =========== ======= ============= =======================
+conv1  1 -> C      0       12 -> 10      3^3
+conv2  C -> C      1       10 -> 10      5^3
+conv3  C -> C      0       10 -> 8       7^3
+conv4  C -> C      1       8 -> 8        9^3
+====== =========== ======= ============= =======================
+
+then flatten ``C x (s-4)^3`` (32 x 8^3 = 16384) and one Linear layer to one output, the predicted
+distance (voxels) from the cube centre to the nearest particle centre. Each conv feature sees a
+9^3 neighbourhood; the 8^3 feature positions tile the cube, so through the fully connected layer
+the output sees every voxel of the 12^3 cube (receptive field = the whole cube), while the
+position-specific linear weights let it tell where in the cube a feature lies.
+
+Model directory
+---------------
+``weights.safetensors`` holds the state dict (tensors only, never pickle); ``model.json`` holds
+:class:`ModelMeta` (architecture name and version, cube size, channels, training voxel size,
+intensity normalisation, training config, metrics, package version) and the SHA-256 of the
+weights file. Both are written atomically (temporary file + ``os.replace``), weights first, so an
+interrupted save leaves either the old model or a sha mismatch that :func:`load_model` refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from membrain_dist.errors import InputError
+
+__all__ = [
+    "ARCHITECTURE",
+    "ARCHITECTURE_VERSION",
+    "MemBrainCNN",
+    "ModelMeta",
+    "save_model",
+    "load_model",
+    "package_version",
+]
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "membrain-cnn"
+ARCHITECTURE_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+META_FILE = "model.json"
+#: relative voxel-size difference above which :func:`load_model` refuses a model
+VOXEL_SIZE_RTOL = 0.05
+DEFAULT_NORMALISATION = (
+    "per-tomogram robust z-score (membranes bright), clipped at +-3; "
+    "cubes rotation-normalised with cube axis 0 along the membrane normal"
+)
+
+
+def package_version() -> str:
+    """Installed membrain-dist version, or ``"unknown"``."""
+    try:
+        from importlib.metadata import version
+
+        return version("membrain-dist")
+    except Exception:  # noqa: BLE001 - metadata missing in a source checkout
+        return "unknown"
+
+
+class MemBrainCNN(nn.Module):
+    """v1 scoring CNN: 4 x (Conv3d k3 + BatchNorm3d + ReLU), flatten, Linear -> 1.
+
+    Parameters
+    ----------
+    cube_size : int
+        Edge ``s`` of the input cubes (voxels); at least 5 (the convolutions remove 4).
+    channels : int
+        Feature channels of every convolution (v1: 32).
+
+    ``forward`` takes ``(B, s, s, s)`` or ``(B, 1, s, s, s)`` float32 and returns ``(B,)``
+    predicted distances (voxels).
+    """
+
+    def __init__(self, cube_size: int = 12, channels: int = 32) -> None:
+        super().__init__()
+        if cube_size < 5:
+            raise ValueError(f"cube_size must be >= 5, got {cube_size}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.cube_size = int(cube_size)
+        self.channels = int(channels)
+        layers: list[nn.Module] = []
+        for c_in, pad in ((1, 0), (channels, 1), (channels, 0), (channels, 1)):
+            layers += [
+                nn.Conv3d(c_in, channels, kernel_size=3, padding=pad),
+                nn.BatchNorm3d(channels),
+                nn.ReLU(inplace=True),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels * (cube_size - 4) ** 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.unsqueeze(1)
+        s = self.cube_size
+        if x.dim() != 5 or tuple(x.shape[1:]) != (1, s, s, s):
+            raise ValueError(f"expected (B, {s}, {s}, {s}) cubes, got {tuple(x.shape)}")
+        return self.head(self.features(x).flatten(1)).squeeze(1)
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What ``model.json`` records about a trained model.
+
+    Attributes
+    ----------
+    cube_size, channels : int
+        Architecture parameters (:class:`MemBrainCNN`).
+    voxel_size_A : float or None
+        Voxel size (Å) of the training tomograms; inference on other voxel sizes is refused.
+    normalisation : str
+        How cube intensities were normalised for training (inference must match).
+    train_config : dict
+        The training configuration (``dataclasses.asdict`` of ``TrainConfig``).
+    metrics : dict
+        Training outcome (best epoch, validation loss, ...).
+    architecture, architecture_version : str, int
+        Checked on load.
+    membrain_dist_version : str
+        Package version that wrote the model.
+    weights_sha256 : str
+        Hex SHA-256 of ``weights.safetensors``; filled in by :func:`save_model`.
+    """
+
+    cube_size: int = 12
+    channels: int = 32
+    voxel_size_A: float | None = None
+    normalisation: str = DEFAULT_NORMALISATION
+    train_config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    architecture: str = ARCHITECTURE
+    architecture_version: int = ARCHITECTURE_VERSION
+    membrain_dist_version: str = field(default_factory=package_version)
+    weights_sha256: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: MemBrainCNN, out_dir: str | os.PathLike[str], meta: ModelMeta) -> ModelMeta:
+    """Write ``out_dir/weights.safetensors`` and ``out_dir/model.json`` atomically.
+
+    ``cube_size``, ``channels`` and ``weights_sha256`` of ``meta`` are taken from the model and
+    the written file. Creates ``out_dir`` if missing. Returns the metadata as written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    blob = st_save(state, metadata={"architecture": ARCHITECTURE, "format": "membrain-dist"})
+    meta = dataclasses.replace(
+        meta,
+        cube_size=model.cube_size,
+        channels=model.channels,
+        architecture=ARCHITECTURE,
+        architecture_version=ARCHITECTURE_VERSION,
+        weights_sha256=hashlib.sha256(blob).hexdigest(),
+    )
+    _atomic_write_bytes(out / WEIGHTS_FILE, blob)
+    _atomic_write_bytes(out / META_FILE, (meta.to_json() + "\n").encode())
+    log.info("model saved to %s (sha256 %s)", out, meta.weights_sha256[:12])
+    return meta
+
+
+def _read_meta(path: Path) -> ModelMeta:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "model metadata file is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(path, f"not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise InputError(path, "model metadata must be a JSON object")
+    if raw.get("architecture") != ARCHITECTURE:
+        raise InputError(
+            path, f"unknown architecture {raw.get('architecture')!r}, expected {ARCHITECTURE!r}"
+        )
+    if raw.get("architecture_version") != ARCHITECTURE_VERSION:
+        raise InputError(
+            path,
+            f"unsupported architecture_version "
+            f"{raw.get('architecture_version')!r}, expected {ARCHITECTURE_VERSION}",
+        )
+    names = {f.name for f in dataclasses.fields(ModelMeta)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise InputError(path, f"unknown keys {unknown}")
+    try:
+        meta = ModelMeta(**raw)
+    except TypeError as e:
+        raise InputError(path, f"malformed model metadata ({e})") from None
+    checks = [
+        (isinstance(meta.cube_size, int) and meta.cube_size >= 5, "cube_size must be an int >= 5"),
+        (isinstance(meta.channels, int) and meta.channels >= 1, "channels must be an int >= 1"),
+        (
+            meta.voxel_size_A is None
+            or (
+                isinstance(meta.voxel_size_A, int | float)
+                and math.isfinite(meta.voxel_size_A)
+                and meta.voxel_size_A > 0
+            ),
+            "voxel_size_A must be a positive number or null",
+        ),
+        (
+            isinstance(meta.weights_sha256, str) and len(meta.weights_sha256) == 64,
+            "weights_sha256 must be a 64-character hex string",
+        ),
+        (
+            isinstance(meta.train_config, dict) and isinstance(meta.metrics, dict),
+            "train_config and metrics must be objects",
+        ),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise InputError(path, problem)
+    return meta
+
+
+def load_model(
+    model_dir: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    expected_cube_size: int | None = None,
+    voxel_size_A: float | None = None,
+) -> tuple[MemBrainCNN, ModelMeta]:
+    """Load a model directory written by :func:`save_model`, refusing anything doubtful.
+
+    Raises :class:`~membrain_dist.errors.InputError` naming the offending file when a file is
+    missing, ``model.json`` is malformed or names an unknown architecture/version, the weights'
+    SHA-256 differs from the recorded one (tampered or half-written), the tensor names or shapes
+    do not match the architecture, the cube size differs from ``expected_cube_size``, or the
+    training voxel size differs from ``voxel_size_A`` by more than 5 %. The weights are parsed by
+    safetensors (no unpickling). Returns the model in eval mode on ``device`` (``"auto"``: CUDA
+    when available) and its metadata.
+    """
+    d = Path(model_dir)
+    meta_path, weights_path = d / META_FILE, d / WEIGHTS_FILE
+    if not d.is_dir():
+        raise InputError(d, "model directory does not exist")
+    meta = _read_meta(meta_path)
+    if expected_cube_size is not None and meta.cube_size != expected_cube_size:
+        raise InputError(
+            meta_path,
+            f"model was trained on {meta.cube_size}^3 cubes, the data has {expected_cube_size}^3",
+        )
+    if voxel_size_A is not None and meta.voxel_size_A is not None:
+        rel = abs(meta.voxel_size_A - voxel_size_A) / meta.voxel_size_A
+        if rel > VOXEL_SIZE_RTOL:
+            raise InputError(
+                meta_path,
+                f"model was trained at {meta.voxel_size_A} Å/voxel, "
+                f"the data has {voxel_size_A} Å/voxel",
+            )
+    try:
+        blob = weights_path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(weights_path, "weights file is missing") from None
+    except OSError as e:
+        raise InputError(weights_path, f"cannot read weights ({e})") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta.weights_sha256:
+        raise InputError(
+            weights_path,
+            f"sha256 {digest[:12]}... does not match model.json's "
+            f"{meta.weights_sha256[:12]}... (modified or incomplete file)",
+        )
+    try:
+        state = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise InputError(weights_path, f"not a valid safetensors file ({e})") from None
+    model = MemBrainCNN(meta.cube_size, meta.channels)
+    want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    if want != got:
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        raise InputError(
+            weights_path,
+            f"tensors do not match {ARCHITECTURE} "
+            f"(cube {meta.cube_size}, {meta.channels} channels): missing {missing}, "
+            f"unexpected {extra}, wrong shape/dtype {wrong}",
+        )
+    model.load_state_dict(state, strict=True)
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    log.debug(
+        "loaded model %s (cube %d, %d channels) on %s", d, meta.cube_size, meta.channels, device
+    )
+    return model, meta

@@ -1,0 +1,98 @@
+"""Batched inference: zarr == numpy, batch size irrelevant, one model load per process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from membrain_dist.inference import (
+    configure_threads,
+    get_model,
+    predict_distances,
+    resolve_device,
+)
+from membrain_dist.model import MemBrainCNN, ModelMeta, save_model
+
+
+@pytest.fixture(scope="module")
+def model() -> MemBrainCNN:
+    torch.manual_seed(0)
+    m = MemBrainCNN(12, 8)
+    with torch.no_grad():  # give BatchNorm non-default running statistics
+        m.train()(torch.randn(32, 12, 12, 12))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def cubes() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(157, 12, 12, 12)).astype(np.float32)
+
+
+def test_zarr_equals_numpy_and_batch_size_is_irrelevant(model, cubes, tmp_path: Path):
+    ref = predict_distances(model, cubes, batch_size=4096)
+    assert ref.shape == (157,) and ref.dtype == np.float32
+    with torch.inference_mode():  # one plain forward pass over everything
+        direct = model(torch.from_numpy(cubes)).numpy()
+    np.testing.assert_allclose(ref, direct, atol=1e-5, rtol=0)
+    z = zarr.create_array(
+        store=str(tmp_path / "c.zarr"), shape=cubes.shape, chunks=(64, 12, 12, 12), dtype="float32"
+    )
+    z[...] = cubes
+    np.testing.assert_allclose(predict_distances(model, z, batch_size=100), ref, atol=1e-5, rtol=0)
+    for bs in (3, 64, 156):
+        np.testing.assert_allclose(
+            predict_distances(model, cubes, batch_size=bs), ref, atol=1e-5, rtol=0
+        )
+    assert predict_distances(model, cubes[:0]).shape == (0,)
+    # predictions depend on the cube: the comparison above is not vacuous
+    assert ref.std() > 1e-3
+
+
+def test_get_model_loads_once_and_reloads_when_rewritten(model, tmp_path: Path):
+    save_model(model, tmp_path, ModelMeta())
+    a, meta = get_model(tmp_path, "cpu")
+    b, _ = get_model(str(tmp_path) + "/", "cpu")
+    assert a is b and meta.channels == 8
+    st = (tmp_path / "model.json").stat()
+    save_model(model, tmp_path, ModelMeta(voxel_size_A=10.0))
+    os.utime(tmp_path / "model.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    c, meta_c = get_model(tmp_path, "cpu")
+    assert c is not a and meta_c.voxel_size_A == 10.0
+
+
+def test_resolve_device_and_threads():
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(RuntimeError):
+        resolve_device("gpu0")
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1
+        assert configure_threads(None) == 1  # outside dask: left alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_follow_the_dask_worker():
+    from distributed import Client, LocalCluster
+
+    before = torch.get_num_threads()
+    try:
+        with (
+            LocalCluster(
+                n_workers=1, threads_per_worker=3, processes=False, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            assert client.submit(configure_threads, None, pure=False).result() == 3
+            assert client.submit(configure_threads, 1, pure=False).result() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,106 @@
+"""Training: learns a tiny synthetic problem, reproducibly; whole-membrane validation split."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from membrain_dist.training import EpochStats, TrainConfig, split_validation, train
+
+S = 8  # small cubes and a narrow network keep the test to a few seconds on 2 cores
+
+
+def _synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cubes with a Gaussian blob at an in-plane offset r (voxels) from the centre; label r."""
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(0.0, 3.0, n)
+    a = rng.uniform(0.0, 2 * np.pi, n)
+    off = np.stack([np.zeros(n), r * np.sin(a), r * np.cos(a)], axis=1)
+    g = np.arange(S) - (S - 1) / 2
+    c = np.stack(np.meshgrid(g, g, g, indexing="ij"))
+    d2 = ((c[None] - off[:, :, None, None, None]) ** 2).sum(axis=1)
+    cubes = np.exp(-d2 / (2 * 1.2**2)) + 0.1 * rng.normal(size=(n, S, S, S))
+    return cubes.astype(np.float32), r.astype(np.float32)
+
+
+# one thread: tiny convolutions gain nothing from more, and a busy machine makes them slower
+CFG = TrainConfig(
+    lr=3e-3,
+    batch_size=64,
+    max_epochs=6,
+    patience=6,
+    channels=8,
+    device="cpu",
+    seed=0,
+    num_threads=1,
+)
+
+
+def test_training_learns_and_is_reproducible():
+    x, y = _synthetic(256, 0)
+    xv, yv = _synthetic(96, 1)
+    seen: list[EpochStats] = []
+    res = train(x, y, xv, yv, CFG, progress=seen.append)
+    assert seen == res.history and len(res.history) == CFG.max_epochs + 1
+    initial = res.history[0].val_loss
+    assert res.best_val_loss < 0.5 * initial
+    assert res.best_val_loss == min(h.val_loss for h in res.history)
+    assert res.history[res.best_epoch].val_loss == res.best_val_loss
+    assert not res.model.training
+    # the returned model is the best checkpoint
+    with torch.inference_mode():
+        pred = res.model(torch.from_numpy(xv))
+    loss = torch.nn.functional.smooth_l1_loss(pred, torch.from_numpy(yv)).item()
+    assert loss == pytest.approx(res.best_val_loss, rel=1e-4)
+
+    # same seed, same data (zarr this time): identical history and weights
+    xz = zarr.create_array(store={}, shape=x.shape, chunks=(50, S, S, S), dtype="float32")
+    xz[...] = x
+    again = train(xz, y, xv, yv, CFG)
+    assert again.history == res.history
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    other = train(x, y, xv, yv, dataclasses.replace(CFG, seed=1, max_epochs=1))
+    assert other.history[1] != res.history[1]
+
+
+def test_early_stopping_and_internal_split():
+    x, y = _synthetic(64, 2)
+    groups = np.repeat([3, 5, 9, 11], 16)
+    # min_delta larger than any possible gain: no epoch counts as an improvement
+    cfg = dataclasses.replace(CFG, min_delta=100.0, max_epochs=50, patience=2, batch_size=16)
+    res = train(x, y, cfg=cfg, groups=groups)
+    assert res.best_epoch == 0 and [h.epoch for h in res.history] == [0, 1, 2]
+    assert res.best_val_loss == res.history[0].val_loss
+    with pytest.raises(ValueError):
+        train(x, y, x[:4], None, cfg)
+
+
+def test_split_validation_holds_out_whole_membranes():
+    groups = np.repeat(np.arange(10), np.arange(10, 110, 10))  # sizes 10..100
+    for seed in range(5):
+        mask = split_validation(groups, 0.2, seed)
+        for gid in np.unique(groups):  # whole groups only
+            assert len(np.unique(mask[groups == gid])) == 1
+        assert 0 < mask.sum() < len(groups)
+        assert 0.1 < mask.mean() < 0.45
+    assert not np.array_equal(split_validation(groups, 0.2, 0), split_validation(groups, 0.2, 1))
+    two = split_validation(np.array([1] * 5 + [2] * 95), 0.9, 0)
+    assert 0 < two.sum() < 100  # never all groups
+
+
+def test_split_validation_single_membrane_is_a_spatial_slab():
+    rng = np.random.default_rng(0)
+    zyx = np.stack(
+        [rng.uniform(0, 5, 1000), rng.uniform(0, 100, 1000), rng.uniform(0, 30, 1000)], axis=1
+    )
+    mask = split_validation(np.zeros(1000, int), 0.2, 0, zyx=zyx)
+    assert mask.sum() == 200
+    y = zyx[:, 1]  # the longest extent: the slab is at one end of it
+    assert y[mask].min() >= y[~mask].max() or y[mask].max() <= y[~mask].min()
+    rows = split_validation(np.zeros(50, int), 0.2, 0)
+    assert rows.sum() == 10 and rows[-10:].all()

@@ -1,0 +1,271 @@
+"""Benchmark of stages 1 + 2 (sampling, voting, sides, extraction) on a synthetic store.
+
+Usage::
+
+    python benchmarks/geometry.py [--shape 128 320 320] [--membranes 10] [--ref-points 200]
+
+Measures, in one run:
+1. points/s of ``geometry.process_membrane`` over all membranes on one core (in process),
+   with a per-stage breakdown on the pure functions;
+2. the naive v1-style reference (a Python loop, one cubic ``map_coordinates`` rotation of a
+   25^3 crop per point) on a subsample, per point;
+3. the speed-up of mapping ``process_membrane`` over the membranes with a dask
+   ``LocalCluster`` of 1 vs 2 single-threaded worker processes (tasks get paths and ids).
+
+Prints a table and writes ``benchmarks/results/geometry.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.ndimage import binary_dilation  # noqa: E402
+
+from membrain_dist import store  # noqa: E402
+from membrain_dist.extraction import Intensity, _reference_extract_loop, extract_cubes  # noqa: E402
+from membrain_dist.geometry import GeometryConfig, process_membrane  # noqa: E402
+from membrain_dist.normals import vote_normals  # noqa: E402
+from membrain_dist.sampling import sample_membrane  # noqa: E402
+
+log = logging.getLogger("benchmarks.geometry")
+NAME = "bench"
+
+
+def build_store(root: Path, shape: tuple[int, int, int], n_membranes: int, seed: int = 0) -> dict:
+    """Synthetic tomogram: vesicles (radius 18-40) and tilted sheets, noise; labels 1..M."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    for mid in range(1, n_membranes + 1):
+        for _ in range(200):
+            if mid % 3 == 0:  # tilted sheet patch (disc) of radius 40-70
+                rad = float(rng.uniform(40, 70))
+                half = np.array([12, rad, rad])
+            else:
+                rad = float(rng.uniform(18, 40))
+                half = np.full(3, rad + 3)
+            lo = np.ceil(half).astype(int) + 2
+            hi = np.array(shape) - lo
+            if np.any(hi <= lo):
+                continue
+            c = rng.uniform(lo, hi)
+            sl = tuple(slice(max(int(a), 0), min(int(b), n)) for a, b, n in
+                       zip(np.floor(c - half - 10), np.ceil(c + half + 11), shape, strict=True))
+            g = np.indices(tuple(s.stop - s.start for s in sl), dtype=np.float32)
+            g += np.array([s.start for s in sl], np.float32)[:, None, None, None]
+            d = g - c.astype(np.float32)[:, None, None, None]
+            if mid % 3 == 0:
+                nrm = np.array([1.0, *rng.normal(scale=0.25, size=2)], np.float32)
+                nrm /= np.linalg.norm(nrm)
+                h = np.einsum("a,azyx->zyx", nrm, d)
+                lat = np.sqrt(np.maximum((d * d).sum(0) - h * h, 0))
+                shell = (np.abs(h) < 2) & (lat < rad)
+            else:
+                r = np.sqrt((d * d).sum(0))
+                shell = (r >= rad - 2) & (r < rad + 2)
+            region = labels[sl]
+            if np.any(region[binary_dilation(shell, iterations=8)] > 0):
+                continue  # keep a gap of 8 voxels to other membranes: try another place
+            region[shell] = mid
+            break
+    tomo = rng.normal(size=shape).astype(np.float32)
+    tomo -= 2.0 * (labels > 0)
+    grp = store.open_store(root).require_group(NAME)
+    store.write_array_atomic(root, f"{NAME}/{store.TOMOGRAM_KEY}", tomo, (128, 128, 128))
+    store.write_array_atomic(root, f"{NAME}/{store.LABELS_KEY}", labels, (128, 128, 128))
+    membranes = []
+    for mid in range(1, n_membranes + 1):
+        nz = np.nonzero(labels == mid)
+        if nz[0].size == 0:
+            continue
+        bbox = [int(f(a)) + d for a in nz for f, d in ((np.min, 0), (np.max, 1))]
+        membranes.append({"id": mid, "voxels": int(nz[0].size), "bbox": bbox})
+    meta = store.TomogramMeta(NAME, 10.0, shape, (128, 128, 128), source={"synthetic": seed},
+                              intensity={"center": 0.0, "scale": 1.0, "polarity": -1.0},
+                              membranes=membranes)
+    grp.attrs.update(meta.to_attrs())
+    return {"labels": labels, "tomo": tomo, "membranes": membranes}
+
+
+def _clear(root: Path) -> None:
+    shutil.rmtree(root / NAME / store.GEOMETRY_KEY, ignore_errors=True)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (MB): VmHWM (ru_maxrss survives exec, so workers would report
+    the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed_task(root: str, name: str, mid: int, cfg: GeometryConfig) -> tuple[int, float, float]:
+    """process_membrane plus its CPU and wall seconds (CPU time exposes core contention)."""
+    c, w = time.process_time(), time.perf_counter()
+    n = process_membrane(root, name, mid, cfg)
+    return n, time.process_time() - c, time.perf_counter() - w
+
+
+def run_cluster(root: Path, ids: list[int], cfg: GeometryConfig, n_workers: int) -> dict:
+    from distributed import Client, LocalCluster
+
+    _clear(root)
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(lambda: None)  # workers up
+        # largest membranes first: better packing on the workers
+        t0 = time.perf_counter()
+        futs = client.map(_timed_task, [str(root)] * len(ids), [NAME] * len(ids), ids,
+                          [cfg] * len(ids), pure=False)
+        res = client.gather(futs)
+        dt = time.perf_counter() - t0
+        n = sum(r[0] for r in res)
+        cpu = sum(r[1] for r in res)
+        task_wall = sum(r[2] for r in res)
+        rss = client.run(_peak_rss_mb)
+    return {"n_workers": n_workers, "seconds": dt, "points": int(n), "points_per_s": n / dt,
+            "task_cpu_s": cpu, "task_wall_s": task_wall,
+            # CPU share a task got while running: < 1 means the cores were shared with others
+            "cpu_share": cpu / task_wall,
+            "peak_rss_mb_per_worker": sorted(float(v) for v in rss.values())}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=[128, 320, 320])
+    ap.add_argument("--membranes", type=int, default=10)
+    ap.add_argument("--ref-points", type=int, default=200)
+    ap.add_argument("--no-cluster", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "geometry.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    logging.getLogger("membrain_dist").setLevel(logging.WARNING)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_geometry_"))
+    root = tmp / "campaign.zarr"
+    try:
+        t = time.perf_counter()
+        data = build_store(root, tuple(args.shape), args.membranes)
+        ids = [m["id"] for m in sorted(data["membranes"], key=lambda m: -m["voxels"])]
+        log.info("store: %s, %d membranes, built in %.1f s", args.shape, len(ids),
+                 time.perf_counter() - t)
+        cfg = GeometryConfig()
+
+        # 1. one core, whole stage on the store (reads, writes, compression included)
+        t = time.perf_counter()
+        n_points = sum(process_membrane(root, NAME, mid, cfg) for mid in ids)
+        stage_s = time.perf_counter() - t
+        # per-stage breakdown on the pure functions (in memory)
+        labels, tomo = data["labels"], data["tomo"]
+        br = {"sampling": 0.0, "voting": 0.0, "extraction_order1": 0.0, "extraction_order3": 0.0}
+        n_bd = 0
+        pts_all, nrm_all = [], []
+        for m in data["membranes"]:
+            t = time.perf_counter()
+            sp = sample_membrane(labels.__getitem__, m["id"], m["bbox"], labels.shape)
+            br["sampling"] += time.perf_counter() - t
+            t = time.perf_counter()
+            nv = vote_normals(sp.zyx, sp.raw_normal, sp.weight)
+            br["voting"] += time.perf_counter() - t
+            t = time.perf_counter()
+            extract_cubes(tomo, sp.zyx, nv, intensity=Intensity(0, 1, -1))
+            br["extraction_order1"] += time.perf_counter() - t
+            t = time.perf_counter()
+            extract_cubes(tomo, sp.zyx, nv, order=3, intensity=Intensity(0, 1, -1))
+            br["extraction_order3"] += time.perf_counter() - t
+            n_bd += len(sp)
+            pts_all.append(sp.zyx)
+            nrm_all.append(nv)
+        pts = np.concatenate(pts_all)
+        nrm = np.concatenate(nrm_all)
+
+        # 2. naive reference on a subsample (per point)
+        rng = np.random.default_rng(1)
+        sub = rng.choice(len(pts), size=min(args.ref_points, len(pts)), replace=False)
+        norm_tomo = np.clip(-tomo, -3, 3)
+        t = time.perf_counter()
+        _reference_extract_loop(norm_tomo, pts[sub], nrm[sub])
+        ref_s = time.perf_counter() - t
+        ref_pps = len(sub) / ref_s
+
+        result = {
+            "shape_zyx": list(args.shape),
+            "n_membranes": len(ids),
+            "n_points": int(n_points),
+            "cube_size": cfg.cube_size,
+            "order": cfg.order,
+            "seconds": stage_s,
+            "points_per_s": n_points / stage_s,
+            "breakdown_points_per_s": {k: n_bd / v for k, v in br.items()},
+            "pipeline_in_memory_points_per_s": n_bd / (br["sampling"] + br["voting"]
+                                                       + br["extraction_order1"]),
+            "pipeline_in_memory_order3_points_per_s": n_bd / (br["sampling"] + br["voting"]
+                                                              + br["extraction_order3"]),
+            "reference_points_per_s": ref_pps,
+            "reference_points": int(len(sub)),
+            "speedup_vs_reference": (n_points / stage_s) / ref_pps,
+            "speedup_vs_reference_order3": (n_bd / (br["sampling"] + br["voting"]
+                                                    + br["extraction_order3"])) / ref_pps,
+            "peak_rss_mb_main": _peak_rss_mb(),
+            "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+        }
+        if not args.no_cluster:
+            one = run_cluster(root, ids, cfg, 1)
+            two = run_cluster(root, ids, cfg, 2)
+            result["worker_scaling"] = two["points_per_s"] / one["points_per_s"]
+            # scaling in CPU-normalised throughput (points per task-CPU-second x workers):
+            # what 2 workers give when each gets a whole core
+            result["worker_scaling_cpu_normalised"] = (
+                (two["points"] / two["seconds"]) / (one["points"] / one["seconds"])
+                * (one["cpu_share"] / two["cpu_share"]))
+            result["cluster_runs"] = [one, two]
+            result["load_average_at_end"] = list(os.getloadavg())
+
+        rows = [
+            ("points", f"{n_points}"),
+            ("stage on store, 1 core (points/s)", f"{result['points_per_s']:.0f}"),
+            *((f"  {k} alone (points/s)", f"{v:.0f}")
+              for k, v in result["breakdown_points_per_s"].items()),
+            ("reference v1 loop (points/s)", f"{ref_pps:.1f}"),
+            ("speed-up vs reference (stage, order 1)", f"{result['speedup_vs_reference']:.1f}x"),
+            ("speed-up vs reference (in memory, order 3)",
+             f"{result['speedup_vs_reference_order3']:.1f}x"),
+        ]
+        if "worker_scaling" in result:
+            for r in result["cluster_runs"]:
+                rows.append((f"dask {r['n_workers']} worker(s) (points/s)",
+                             f"{r['points_per_s']:.0f}  peak RSS/worker "
+                             f"{max(r['peak_rss_mb_per_worker']):.0f} MB  "
+                             f"CPU share {r['cpu_share']:.2f}"))
+            rows.append(("worker scaling 1 -> 2", f"{result['worker_scaling']:.2f}x"))
+            rows.append(("  CPU-share normalised",
+                         f"{result['worker_scaling_cpu_normalised']:.2f}x"))
+        w = max(len(a) for a, _ in rows)
+        print("\n".join(f"{a:<{w}}  {b}" for a, b in rows))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Stages 1 + 2 on the campaign store: one membrane in, points / normals / sides / cubes out.
+
+``process_membrane`` reads the membrane's bounding-box blocks from the label array, samples
+points and raw normals (``sampling``), votes normals (``normals``), assigns and selects sides
+(``sides``), extracts rotation-normalised cubes batch by batch (``extraction``) reading only
+the tomogram region each batch needs, and writes ``<name>/geometry/m<id>`` atomically::
+
+    zyx     float32 (N, 3)        full-tomogram voxel coordinates (z, y, x)
+    normal  float32 (N, 3)        voted normal pointing to the point's side (dz, dy, dx)
+    side    int8    (N,)          +1 / -1 (closed membranes: +1 outside, -1 inside)
+    cubes   float32 (N, s, s, s)  cube axes (z, y, x), z along the normal
+
+Tasks get the store path, tomogram name and membrane id only (cheap to ship to dask workers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+from membrain_dist import store
+from membrain_dist.extraction import Intensity, extract_batches
+from membrain_dist.normals import vote_normals
+from membrain_dist.sampling import sample_membrane
+from membrain_dist.sides import SideSpec, assign_sides, enclosed_volume, select_sides
+
+__all__ = ["GeometryConfig", "process_membrane", "read_geometry", "geometry_key"]
+
+log = logging.getLogger(__name__)
+
+STAGE = "geometry"
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """Parameters of stages 1 and 2 (all lengths in voxels of the stored tomogram).
+
+    Attributes
+    ----------
+    band_width
+        Band radius around the membrane (paper: 15; v1 used 8 at bin 4).
+    min_band_distance
+        Band voxels must lie farther than this (0.5 = every non-membrane voxel, v1's 0.5 < d).
+    spacing
+        Thinning grid edge: at most one point per cell and face (v1: points >= 1.5 apart).
+    min_coherence
+        Drop points whose band vectors disagree (rims of open sheets; v1 trimmed edges).
+    edge_trim
+        Drop points this close to the tomogram faces (0 = keep).
+    vote_radius, vote_sigma, vote_neighbours
+        Normal voting neighbourhood: radius 10, Gaussian decay sigma 5, at most 96 voters.
+        v1 used a 40-voxel radius with ``exp(-d/100)`` (nearly flat); the chord reflection
+        makes votes exact on spheres, so a tighter, decaying kernel only trades noise for
+        fidelity on irregular membranes. Measured: radius-20 sphere median 1.0 deg / p95 2.1 deg;
+        tilted planes median <= 0.9 / p95 <= 2.0 (tests/test_normals.py).
+    min_vote_weight
+        Raw normals with mean band distance below this do not vote (v1: zero weight for
+        short, unreliable vectors: lattice-quantised directions of recessed boundary voxels).
+        Capped at ``band_width / 3`` so narrow bands still vote.
+    orient_neighbours
+        k of the k-NN graph that orients the normal field consistently (sides).
+    cube_size
+        Cube edge (paper: 12).
+    order
+        Interpolation order: 1 trilinear (default; ~4x faster), 3 cubic spline as v1.
+    batch_size
+        Points per extraction batch (one ``map_coordinates`` call each).
+    block
+        EDT block edge; memory per block ~ 30 B x (block + 2 band_width + 4)^3.
+    chunk_points
+        Cubes per zarr chunk of the ``cubes`` array.
+    intensity_clip
+        Normalised intensities are clipped to +-this (v1: 3).
+    """
+
+    band_width: float = 15.0
+    min_band_distance: float = 0.5
+    spacing: float = 1.5
+    min_coherence: float = 0.5
+    edge_trim: float = 0.0
+    vote_radius: float = 10.0
+    vote_sigma: float = 5.0
+    vote_neighbours: int = 96
+    min_vote_weight: float = 3.0
+    orient_neighbours: int = 10
+    cube_size: int = 12
+    order: int = 1
+    batch_size: int = 2048
+    block: int = 128
+    chunk_points: int = 1024
+    intensity_clip: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.band_width <= self.min_band_distance or self.spacing <= 0:
+            raise ValueError("need band_width > min_band_distance and spacing > 0")
+        if self.order not in (0, 1, 3) or self.cube_size < 1 or self.batch_size < 1:
+            raise ValueError("order must be 0, 1 or 3; cube_size and batch_size positive")
+        if self.block < 1 or self.chunk_points < 1:
+            raise ValueError("block and chunk_points must be positive")
+
+
+def geometry_key(name: str, membrane_id: int) -> str:
+    """Store key of one membrane's geometry group."""
+    return f"{name}/{store.GEOMETRY_KEY}/m{int(membrane_id)}"
+
+
+def _existing_attrs(root: Path, key: str) -> dict | None:
+    path = Path(root).joinpath(*key.split("/"))
+    if not (path / "zarr.json").is_file():
+        return None
+    import zarr
+
+    return dict(zarr.open_group(store=str(root), path=key, mode="r").attrs)
+
+
+def process_membrane(
+    root: str | os.PathLike,
+    name: str,
+    membrane_id: int,
+    cfg: GeometryConfig | None = None,
+    side_spec: SideSpec | None = None,
+) -> int:
+    """Run stages 1 + 2 for one membrane and write ``<name>/geometry/m<id>``.
+
+    Parameters
+    ----------
+    root
+        Campaign store directory.
+    name
+        Tomogram group name.
+    membrane_id
+        Label of the membrane (an ``id`` of the tomogram's ``membranes`` attrs).
+    cfg
+        Stage parameters (default ``GeometryConfig()``).
+    side_spec
+        Which side(s) to keep (default both).
+
+    Returns
+    -------
+    int
+        Number of points written (or already stored when the provenance is current).
+    """
+    cfg = cfg or GeometryConfig()
+    side_spec = side_spec or SideSpec()
+    root = Path(root)
+    meta = store.read_meta(root, name)
+    if meta is None:
+        raise KeyError(f"{root}: no complete tomogram group {name!r}")
+    records = [m for m in meta.membranes if int(m["id"]) == int(membrane_id)]
+    if not records:
+        raise KeyError(f"{root}/{name}: no membrane {membrane_id}")
+    record = records[0]
+    key = geometry_key(name, membrane_id)
+    prov = store.provenance(
+        STAGE,
+        {**asdict(cfg), "side_spec": side_spec.as_attrs()},
+        {"source": meta.source, "intensity": meta.intensity, "membrane": record,
+         "shape_zyx": list(meta.shape_zyx)},
+    )
+    attrs = _existing_attrs(root, key)
+    if attrs is not None and store.is_current(attrs, prov):
+        log.info("%s: current, skipped", key)
+        return int(attrs["n_points"])
+
+    labels = store.labels_array(root, name)
+    shape = tuple(int(s) for s in meta.shape_zyx)
+    sp = sample_membrane(
+        labels.__getitem__, int(membrane_id), record["bbox"], shape,
+        band_width=cfg.band_width, min_band_distance=cfg.min_band_distance,
+        spacing=cfg.spacing, block=cfg.block, min_coherence=cfg.min_coherence,
+        edge_trim=cfg.edge_trim,
+    )
+    normal = vote_normals(
+        sp.zyx, sp.raw_normal, sp.weight, vote_radius=cfg.vote_radius,
+        vote_sigma=cfg.vote_sigma, vote_neighbours=cfg.vote_neighbours,
+        min_vote_weight=min(cfg.min_vote_weight, cfg.band_width / 3),
+    )
+    cavity = enclosed_volume(sp.coarse_mask)
+    side = assign_sides(
+        sp.zyx, normal, cavity=cavity, cavity_origin=sp.coarse_origin,
+        cavity_factor=sp.coarse_factor, neighbours=cfg.orient_neighbours,
+    )
+    keep = select_sides(side_spec, sp.zyx, normal, side, closed=cavity is not None)
+    zyx, normal, side = sp.zyx[keep], normal[keep], side[keep]
+    n = int(zyx.shape[0])
+    s = cfg.cube_size
+    intensity = Intensity.from_attrs(meta.intensity, clip=cfg.intensity_clip) \
+        if meta.intensity else None
+    if intensity is None:
+        log.warning("%s: no intensity attrs, cubes keep raw intensities", name)
+    tomo = store.tomogram_array(root, name)
+    comp = store.default_compressor()
+    # cubes are noisy float32 that compress little: the fast lz4 level keeps writes cheap
+    cube_comp = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+    with store.atomic_group(root, key) as g:
+        for arr_name, data in (("zyx", zyx), ("normal", normal), ("side", side)):
+            a = g.create_array(arr_name, shape=data.shape, dtype=data.dtype,
+                               chunks=tuple(max(1, c) for c in data.shape), compressors=comp)
+            if n:
+                a[...] = data
+        cubes = g.create_array(
+            "cubes", shape=(n, s, s, s), dtype=np.float32,
+            chunks=(max(1, min(cfg.chunk_points, n)), s, s, s), compressors=cube_comp,
+        )
+        for start, batch in extract_batches(
+            tomo.__getitem__, shape, zyx, normal, size=s, order=cfg.order,
+            batch_size=cfg.batch_size, intensity=intensity,
+        ):
+            cubes[start : start + batch.shape[0]] = batch
+        g.attrs.update({
+            "provenance": prov,
+            "n_points": n,
+            "closed": cavity is not None,
+            "n_sampled": len(sp),
+        })
+    log.info("%s: %d points (%d sampled, closed=%s)", key, n, len(sp), cavity is not None)
+    return n
+
+
+def read_geometry(root: str | os.PathLike, name: str, membrane_id: int) -> dict[str, np.ndarray]:
+    """Points of one membrane: ``{"zyx", "normal", "side"}`` arrays (cubes not loaded).
+
+    Raises KeyError when the group is missing.
+    """
+    import zarr
+
+    key = geometry_key(name, membrane_id)
+    if _existing_attrs(Path(root), key) is None:
+        raise KeyError(f"{root}: no geometry group {key}")
+    g = zarr.open_group(store=str(root), path=key, mode="r")
+    return {k: np.asarray(g[k][...]) for k in ("zyx", "normal", "side")}

@@ -69,7 +69,9 @@ class TrainConfig:
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     channels : int
-        Convolution channels of :class:`~membrain_dist.model.MemBrainCNN` (v1: 32).
+        Convolution channels of :class:`~membrain_dist.model.MemBrainCNN`. Default 16: on a
+        2-core CPU it trains 5x faster than v1's 32 (1580 vs 330 cubes/s measured); pass 32
+        to reproduce v1 exactly (cheap on a GPU).
     rotation, flip, noise_std :
         Augmentation (:class:`~membrain_dist.augment.AugmentConfig`).
     huber_beta : float
@@ -87,7 +89,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
-    channels: int = 32
+    channels: int = 16
     rotation: Rotation = "any"
     flip: bool = True
     noise_std: float = 0.1

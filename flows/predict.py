@@ -1,0 +1,101 @@
+"""Predict flow: from MRC to particles STAR for every manifest row, on dask workers."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from membrain_dist import pipeline
+from membrain_dist.config import PipelineConfig
+from membrain_dist.errors import InputError
+from membrain_dist.manifest import TomogramEntry, read_manifest
+
+from .runtime import ClusterSpec, open_clusters, task_runner
+from .stages import Failures, convert_flow, geometry_flow, inference_flow, particles_flow
+
+
+@dataclass
+class PredictResult:
+    summaries: dict[str, dict] = field(default_factory=dict)
+    failures: Failures = field(default_factory=dict)
+    campaign_star: str | None = None
+
+
+def _validate(entries: list[TomogramEntry]) -> Failures:
+    """Header checks of all rows before any work: bad rows are reported, not fatal."""
+    bad: Failures = {}
+    for e in entries:
+        try:
+            pipeline.validate_entries([e])
+        except InputError as exc:
+            bad[e.name] = str(exc)
+    return bad
+
+
+def _artifacts(summaries: dict[str, dict], failures: Failures, out_dir: str) -> None:
+    """Table of picks per tomogram and the QC figures, for the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [{"tomogram": n, "particles": s["particles"], "points": s["points"]}
+            for n, s in summaries.items()]
+    rows += [{"tomogram": n, "particles": None, "points": None, "error": m}
+             for n, m in failures.items()]
+    create_table_artifact(key="picks-per-tomogram", table=rows,
+                          description="Particles found per tomogram")
+    parts = []
+    for n in summaries:
+        png = Path(out_dir) / "qc" / f"{n}.png"
+        if png.is_file() and png.stat().st_size < 2_000_000:
+            data = base64.b64encode(png.read_bytes()).decode()
+            parts.append(f"### {n}\n![{n}](data:image/png;base64,{data})\n")
+    if parts:
+        create_markdown_artifact(key="qc-figures", markdown="\n".join(parts),
+                                 description="QC: picks on the membranes")
+
+
+def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, store: str,
+                    cfg: PipelineConfig, cpu_address: str, gpu_address: str,
+                    gpu_resource: bool) -> PredictResult:
+    """The stage subflows of a prediction, on already running clusters."""
+    logger = get_run_logger()
+    failures = _validate(entries)
+    for n, m in failures.items():
+        logger.error("skipping %s: %s", n, m)
+    good = [e for e in entries if e.name not in failures]
+    cpu = task_runner(cpu_address)
+    membranes, bad = convert_flow.with_options(task_runner=cpu)(good, store, cfg)
+    failures.update(bad)
+    geo, bad = geometry_flow.with_options(task_runner=cpu)(good, membranes, store, cfg)
+    failures.update(bad)
+    keys = [k for k in geo if k[0] not in failures]
+    scored, bad = inference_flow.with_options(task_runner=task_runner(gpu_address))(
+        keys, store, model_dir, cfg, gpu_resource)
+    failures.update(bad)
+    keys = [k for k in scored if k[0] not in failures]
+    summaries, bad = particles_flow.with_options(task_runner=cpu)(keys, good, store, out_dir, cfg)
+    failures.update(bad)
+    done = [e.name for e in entries if e.name in summaries]
+    result = PredictResult(summaries, failures)
+    if done:
+        result.campaign_star = str(pipeline.write_campaign_star(out_dir, done))
+    _artifacts(summaries, failures, out_dir)
+    logger.info("%d/%d tomograms done, %d particles; failed: %s", len(done), len(entries),
+                sum(s["particles"] for s in summaries.values()), sorted(failures) or "none")
+    return result
+
+
+@flow(name="membrain-predict")
+def predict_campaign(manifest: str, model_dir: str, out_dir: str, store: str,
+                     cfg: PipelineConfig | None = None,
+                     cluster: ClusterSpec = ClusterSpec()) -> PredictResult:
+    """Every manifest row (all splits) -> ``out_dir/<name>.star`` + QC + campaign STAR."""
+    cfg = cfg or pipeline.model_pipeline_config(model_dir)
+    pipeline.model_fingerprint(model_dir)  # a missing/broken model fails before any work
+    entries = read_manifest(manifest)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open_clusters(cluster) as cl:
+        return predict_entries(entries, model_dir, out_dir, store, cfg, cl.cpu_address,
+                               cl.gpu_address, cl.gpu_resource)

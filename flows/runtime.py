@@ -1,0 +1,209 @@
+"""Where flows run: the Prefect API and the dask clusters.
+
+Prefect without a server (the default) starts a temporary API in every process that needs one;
+dask worker processes would each start their own on one SQLite file ("database is locked").
+:func:`prefect_api` therefore starts ONE temporary API server on a free loopback port and
+exports its URL, so the flow process and every worker it spawns report to the same place.
+With ``PREFECT_API_URL`` already set (a ``prefect server start`` or Prefect Cloud), that server
+is used and nothing is started.
+
+:func:`open_clusters` gives the scheduler addresses the flows' ``DaskTaskRunner`` s connect to:
+one ``LocalCluster`` sized to the machine (default), an existing scheduler, or two
+``dask_jobqueue.SLURMCluster`` s (CPU workers; GPU workers started with ``--resources GPU=1``).
+Inference tasks are annotated with ``resources={"GPU": 1}`` exactly when GPU workers exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"temporary Prefect server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.25)
+    raise TimeoutError(f"temporary Prefect server at {url} not healthy after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def prefect_api(timeout: float = 120.0) -> Iterator[str]:
+    """Yield the Prefect API URL every process of this run reports to (see module docstring)."""
+    existing = os.environ.get("PREFECT_API_URL")
+    if existing:
+        yield existing
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],
+        env=env, stdout=subprocess.DEVNULL,
+    )
+    try:
+        _wait_healthy(url, proc, timeout)
+        os.environ["PREFECT_API_URL"] = url
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Which dask cluster(s) a run uses.
+
+    Attributes
+    ----------
+    kind
+        ``local`` (a LocalCluster on this machine), ``address`` (an existing scheduler) or
+        ``slurm`` (two dask-jobqueue SLURMClusters: CPU and GPU workers).
+    n_workers
+        Local: worker processes (default: one per core, at most 8). SLURM: CPU jobs.
+    threads_per_worker
+        Threads per worker process (1: numpy/scipy/torch parallelism stays per process).
+    memory_limit
+        Per local worker ("auto" splits the machine's memory).
+    address
+        Scheduler address for ``kind="address"``.
+    gpu_resource
+        ``address``: the scheduler has workers started with ``--resources GPU=1``; inference
+        tasks then ask for that resource.
+    slurm_config
+        YAML file with ``cpu`` and ``gpu`` sections of SLURMCluster keyword arguments
+        (``deploy/slurm.yaml``); ``gpu_jobs`` GPU jobs are started.
+    gpu_jobs
+        SLURM GPU worker jobs.
+    """
+
+    kind: str = "local"
+    n_workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    address: str | None = None
+    gpu_resource: bool = False
+    slurm_config: str | None = None
+    gpu_jobs: int = 1
+    local_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("local", "address", "slurm"):
+            raise ValueError(f"unknown cluster kind {self.kind!r}")
+        if self.kind == "address" and not self.address:
+            raise ValueError("cluster kind 'address' needs an address")
+        if self.kind == "slurm" and not self.slurm_config:
+            raise ValueError("cluster kind 'slurm' needs a slurm_config YAML")
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Scheduler addresses of a run: CPU stages and GPU (inference) stage."""
+
+    cpu_address: str
+    gpu_address: str
+    gpu_resource: bool
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def load_slurm_config(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read ``deploy/slurm.yaml``: ``{"cpu": {...}, "gpu": {...}}`` SLURMCluster kwargs."""
+    import yaml
+
+    from membrain_dist.errors import InputError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(path, f"cannot read SLURM config: {exc}") from exc
+    if not isinstance(data, dict) or not {"cpu", "gpu"} <= set(data):
+        raise InputError(path, "SLURM config needs 'cpu' and 'gpu' sections")
+    return data
+
+
+def slurm_clusters(path: str | os.PathLike) -> tuple[Any, Any]:
+    """The CPU and GPU SLURMClusters of a config (not yet scaled). Needs ``[slurm]``."""
+    from dask_jobqueue import SLURMCluster
+
+    cfg = load_slurm_config(path)
+    gpu = dict(cfg["gpu"])
+    extra = list(gpu.pop("worker_extra_args", []))
+    if "--resources" not in extra:
+        extra += ["--resources", "GPU=1"]
+    return SLURMCluster(**cfg["cpu"]), SLURMCluster(worker_extra_args=extra, **gpu)
+
+
+@contextlib.contextmanager
+def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
+    """Start (or connect to) the cluster(s) of ``spec`` for the duration of a run."""
+    if spec.kind == "address":
+        yield Clusters(spec.address, spec.address, spec.gpu_resource)
+        return
+    if spec.kind == "slurm":
+        cpu, gpu = slurm_clusters(spec.slurm_config)
+        try:
+            cpu.adapt(minimum=0, maximum=spec.n_workers or 4)
+            gpu.scale(jobs=spec.gpu_jobs)
+            yield Clusters(cpu.scheduler_address, gpu.scheduler_address, True)
+        finally:
+            gpu.close()
+            cpu.close()
+        return
+    from distributed import LocalCluster
+
+    # One BLAS/OpenMP thread per worker process: parallelism comes from the workers.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(spec.threads_per_worker))
+    kwargs = dict(n_workers=spec.n_workers or default_workers(),
+                  threads_per_worker=spec.threads_per_worker, processes=True,
+                  memory_limit=spec.memory_limit, dashboard_address=":0")
+    kwargs.update(spec.local_kwargs)
+    cluster = LocalCluster(**kwargs)
+    try:
+        log.info("dask LocalCluster: %d workers, dashboard %s", kwargs["n_workers"],
+                 cluster.dashboard_link)
+        yield Clusters(cluster.scheduler_address, cluster.scheduler_address, False)
+    finally:
+        cluster.close()
+
+
+def task_runner(address: str):  # -> DaskTaskRunner
+    """A DaskTaskRunner on an already running scheduler."""
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=address)

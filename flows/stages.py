@@ -1,0 +1,113 @@
+"""Stage subflows: each maps one stage over (tomogram, membrane) pairs on a dask cluster.
+
+Each subflow gets its ``DaskTaskRunner`` from the caller (``.with_options(task_runner=...)``),
+so the CPU stages and the inference stage can run on different clusters (SLURM CPU and GPU
+workers). A failure is isolated to its tomogram: the other tomograms finish, and the failed
+ones are returned with the reason, for the caller to report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask
+from prefect import flow, get_run_logger
+
+from membrain_dist import pipeline
+from membrain_dist.config import PipelineConfig
+from membrain_dist.manifest import TomogramEntry
+
+from .tasks import cluster_task, convert_task, geometry_task, outputs_task, score_task
+
+Failures = dict[str, str]
+
+
+def gather(futures: Mapping[Any, Any]) -> tuple[dict[Any, Any], dict[Any, str]]:
+    """Wait for Prefect futures; split into results and failure messages (by key)."""
+    ok, bad = {}, {}
+    for key, fut in futures.items():
+        fut.wait()
+        state = fut.state
+        if state.is_completed():
+            ok[key] = fut.result()
+        else:
+            bad[key] = state.message or state.type.value
+    return ok, bad
+
+
+def _fail_by_tomogram(bad: Mapping[Any, str]) -> Failures:
+    out: Failures = {}
+    for key, msg in bad.items():
+        name = key[0] if isinstance(key, tuple) else key
+        out.setdefault(name, msg)
+    return out
+
+
+@flow(name="convert", log_prints=False)
+def convert_flow(entries: Sequence[TomogramEntry], root: str,
+                 cfg: PipelineConfig) -> tuple[dict[str, list[int]], Failures]:
+    """MRC -> chunked Zarr for every tomogram; returns membrane ids per tomogram."""
+    logger = get_run_logger()
+    futs = {e.name: convert_task.submit(e, root, cfg.convert) for e in entries}
+    ok, bad = gather(futs)
+    for name, ids in ok.items():
+        logger.info("converted %s: %d membranes", name, len(ids))
+    for name, msg in bad.items():
+        logger.error("could not convert %s: %s", name, msg)
+    return ok, _fail_by_tomogram(bad)
+
+
+@flow(name="geometry")
+def geometry_flow(entries: Sequence[TomogramEntry], membranes: Mapping[str, list[int]],
+                  root: str, cfg: PipelineConfig) -> tuple[dict[tuple[str, int], int], Failures]:
+    """Sampling, normal voting and cube extraction for every membrane."""
+    logger = get_run_logger()
+    futs = {}
+    for e in entries:
+        if e.name not in membranes:
+            continue
+        sides = pipeline.side_specs(e, membranes[e.name])
+        for mid in membranes[e.name]:
+            futs[(e.name, mid)] = geometry_task.submit(root, e.name, mid, cfg.geometry, sides[mid])
+    ok, bad = gather(futs)
+    logger.info("geometry: %d membranes, %d points", len(ok), sum(ok.values()))
+    return ok, _fail_by_tomogram(bad)
+
+
+@flow(name="inference")
+def inference_flow(keys: Sequence[tuple[str, int]], root: str, model_dir: str,
+                   cfg: PipelineConfig, gpu_resource: bool = False
+                   ) -> tuple[dict[tuple[str, int], int], Failures]:
+    """CNN scores for every membrane's cubes; on GPU workers when the cluster has them."""
+    logger = get_run_logger()
+    ctx = dask.annotate(resources={"GPU": 1}) if gpu_resource else contextlib.nullcontext()
+    with ctx:
+        futs = {k: score_task.submit(root, k[0], k[1], model_dir, cfg.inference) for k in keys}
+    ok, bad = gather(futs)
+    logger.info("inference: %d membranes, %d cubes scored", len(ok), sum(ok.values()))
+    return ok, _fail_by_tomogram(bad)
+
+
+@flow(name="particles")
+def particles_flow(keys: Sequence[tuple[str, int]], entries: Sequence[TomogramEntry], root: str,
+                   out_dir: str, cfg: PipelineConfig) -> tuple[dict[str, dict], Failures]:
+    """Mean Shift + orientation per membrane, then STAR and QC per tomogram."""
+    logger = get_run_logger()
+    futs = {k: cluster_task.submit(root, k[0], k[1], cfg.cluster, cfg.orientation) for k in keys}
+    ok, bad = gather(futs)
+    failed = _fail_by_tomogram(bad)
+    by_name = {e.name: e for e in entries}
+    names = sorted({k[0] for k in keys} - set(failed), key=list(by_name).index)
+    out_futs = {n: outputs_task.submit(root, n, out_dir,
+                                       None if by_name[n].particles is None
+                                       else str(by_name[n].particles),
+                                       cfg.cluster.score_threshold) for n in names}
+    summaries, bad_out = gather(out_futs)
+    for i, n in enumerate(names, 1):
+        if n in summaries:
+            logger.info("[%d/%d] %s: %d particles from %d points", i, len(names), n,
+                        summaries[n]["particles"], summaries[n]["points"])
+    failed.update(bad_out)
+    return summaries, failed

@@ -1,0 +1,79 @@
+"""Prefect tasks: thin wrappers of :mod:`membrain_dist.pipeline` stage functions.
+
+Tasks receive store paths, names, membrane ids and small frozen configs, never arrays; every
+stage function skips work whose stored provenance is current, so a rerun after an interruption
+recomputes only what is missing. Retries cover transient failures (a lost worker, a flaky
+shared filesystem); a bad input raises ``InputError`` and is not retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from membrain_dist import pipeline
+from membrain_dist.clustering import ClusterConfig
+from membrain_dist.config import InferenceConfig
+from membrain_dist.convert import ConvertConfig
+from membrain_dist.errors import InputError
+from membrain_dist.geometry import GeometryConfig
+from membrain_dist.manifest import TomogramEntry
+from membrain_dist.orientation import OrientationConfig
+from membrain_dist.sides import SideSpec
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: never retry bad input, retry anything else."""
+    try:
+        state.result()
+    except InputError:
+        return False
+    except Exception:  # noqa: BLE001 - decide on the exception type only
+        return True
+    return False
+
+
+_COMMON = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_bad_input,
+               cache_policy=NO_CACHE)
+
+
+@task(name="convert", task_run_name="convert-{entry.name}", **_COMMON)
+def convert_task(entry: TomogramEntry, root: str, cfg: ConvertConfig) -> list[int]:
+    return pipeline.convert_entry(entry, root, cfg)
+
+
+@task(name="geometry", task_run_name="geometry-{name}-m{membrane_id}", **_COMMON)
+def geometry_task(root: str, name: str, membrane_id: int, cfg: GeometryConfig,
+                  side: SideSpec) -> int:
+    return pipeline.geometry_membrane(root, name, membrane_id, cfg, side)
+
+
+@task(name="score", task_run_name="score-{name}-m{membrane_id}", **_COMMON)
+def score_task(root: str, name: str, membrane_id: int, model_dir: str,
+               cfg: InferenceConfig) -> int:
+    return pipeline.score_membrane(root, name, membrane_id, model_dir, cfg)
+
+
+@task(name="cluster", task_run_name="cluster-{name}-m{membrane_id}", **_COMMON)
+def cluster_task(root: str, name: str, membrane_id: int, ccfg: ClusterConfig,
+                 ocfg: OrientationConfig) -> int:
+    return pipeline.cluster_membrane(root, name, membrane_id, ccfg, ocfg)
+
+
+@task(name="outputs", task_run_name="outputs-{name}", **_COMMON)
+def outputs_task(root: str, name: str, out_dir: str, gt_star: str | None,
+                 score_threshold: float) -> dict:
+    return pipeline.write_tomogram_outputs(root, name, out_dir, gt_star, score_threshold)
+
+
+@task(name="campaign-star", cache_policy=NO_CACHE)
+def campaign_star_task(out_dir: str, names: Sequence[str]) -> str:
+    return str(pipeline.write_campaign_star(out_dir, names))
+
+
+def as_str(path: Path | str | None) -> str | None:
+    return None if path is None else str(path)

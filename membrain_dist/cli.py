@@ -1,0 +1,401 @@
+"""``membrain-dist``: the command line.
+
+Thin by design: parse, validate, then call a Prefect flow (or, with ``--sequential``, the plain
+in-process pipeline). Heavy imports happen inside the command that needs them, so ``--help``
+is instant. Exit codes: 0 success, 1 failure, 2 bad input (the message names the file),
+3 some tomograms of a campaign failed while the others finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("membrain_dist")
+
+EXIT_BAD_INPUT = 2
+EXIT_PARTIAL = 3
+
+
+# --------------------------------------------------------------------------- shared options
+def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local dask worker processes (default: one per core, at most 8)")
+    g.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="use an existing dask scheduler (tcp://host:8786) instead of a local cluster")
+    g.add_argument("--gpu-resource", action="store_true",
+                   help="with --scheduler: GPU workers were started with --resources GPU=1; "
+                        "inference asks for them")
+    g.add_argument("--slurm", metavar="YAML", default=None,
+                   help="start dask-jobqueue SLURM clusters from this config (deploy/slurm.yaml)")
+    g.add_argument("--sequential", action="store_true",
+                   help="run in this process without dask or Prefect (debugging, reference)")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="TOML", default=None,
+                   help="stage parameters, one [table] per stage (see docs/ARCHITECTURE.md)")
+    p.add_argument("--store", default=None,
+                   help="campaign Zarr store (default: <out>/campaign.zarr)")
+
+
+def _cluster_spec(args: argparse.Namespace):
+    from flows.runtime import ClusterSpec
+
+    if args.slurm:
+        return ClusterSpec(kind="slurm", slurm_config=args.slurm, n_workers=args.workers)
+    if args.scheduler:
+        return ClusterSpec(kind="address", address=args.scheduler,
+                           gpu_resource=args.gpu_resource)
+    return ClusterSpec(n_workers=args.workers)
+
+
+def _base_config(args: argparse.Namespace):
+    from .config import PipelineConfig
+
+    return PipelineConfig.from_toml(args.config) if args.config else PipelineConfig()
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("distributed", "prefect", "httpx", "numexpr", "matplotlib", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if verbose < 1 else "INFO")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _in_prefect(fn, *a, **kw):
+    """Run a flow with one shared Prefect API for this process and its dask workers."""
+    from flows.runtime import prefect_api
+
+    with prefect_api() as url:
+        log.info("Prefect API: %s", url)
+        return fn(*a, **kw)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .synth import SynthConfig, generate_campaign
+
+    cfg = SynthConfig()
+    if args.shape:
+        cfg = replace(cfg, shape_zyx=tuple(args.shape))
+    manifest = generate_campaign(Path(args.out), n_tomos=args.n_tomos, seed=args.seed, cfg=cfg,
+                                 n_train=args.n_train, n_val=args.n_val)
+    print(manifest)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .manifest import read_manifest
+    from .pipeline import convert_entry, validate_entries
+
+    cfg = _base_config(args).with_overrides("convert", chunk=args.chunk)
+    entries = read_manifest(args.manifest)
+    validate_entries(entries)
+    if args.sequential:
+        for e in entries:
+            ids = convert_entry(e, args.store, cfg.convert)
+            log.info("%s: %d membranes", e.name, len(ids))
+        return 0
+    from flows.convert import convert_campaign
+
+    ok, bad = _in_prefect(convert_campaign, args.manifest, args.store, cfg, _cluster_spec(args))
+    for name, msg in bad.items():
+        print(f"FAILED {name}: {msg}", file=sys.stderr)
+    return EXIT_PARTIAL if bad else 0
+
+
+def _train_config(args: argparse.Namespace):
+    cfg = _base_config(args)
+    cfg = cfg.with_overrides("labels", template=args.template, max_distance=args.max_distance,
+                             max_membranes=args.max_membranes,
+                             ellipsoid_radii_zyx=tuple(args.ellipsoid_radii)
+                             if args.ellipsoid_radii else None)
+    cfg = cfg.with_overrides("train", lr=args.lr, weight_decay=args.weight_decay,
+                             max_epochs=args.epochs, batch_size=args.batch_size,
+                             patience=args.patience, device=args.device, seed=args.seed,
+                             channels=args.channels)
+    if args.particle_diameter:
+        from .clustering import ClusterConfig
+
+        cc = ClusterConfig.from_particle_size(args.particle_diameter)
+        from dataclasses import replace
+
+        cfg = replace(cfg, cluster=cc)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _train_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = args.store or str(out / "campaign.zarr")
+    t0 = time.time()
+    if args.sequential:
+        metrics = _train_sequential(args.manifest, str(out), store, cfg)
+    else:
+        from flows.train import train_campaign
+
+        metrics = _in_prefect(train_campaign, args.manifest, str(out), store, cfg,
+                              _cluster_spec(args))
+    print(f"model: {out}  best epoch {metrics.get('best_epoch')}  "
+          f"val loss {metrics.get('best_val_loss', float('nan')):.4f}  "
+          f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.train import split_training
+
+    from . import pipeline
+    from .manifest import read_manifest
+
+    train, val = split_training(read_manifest(manifest), manifest)
+    pipeline.validate_entries([*train, *val])
+    for e in (*train, *val):
+        ids = pipeline.convert_entry(e, store, cfg.convert)
+        sides = pipeline.side_specs(e, ids)
+        for mid in ids:
+            pipeline.geometry_membrane(store, e.name, mid, cfg.geometry, sides[mid])
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), transient=False) as bar:
+        tid = bar.add_task("", total=cfg.train.max_epochs)
+
+        def progress(s) -> None:
+            bar.update(tid, completed=s.epoch, total=s.max_epochs,
+                       description=f"epoch {s.epoch} val {s.val_loss:.3f} "
+                                   f"best {s.best_val_loss:.3f}@{s.best_epoch}")
+
+        return pipeline.fit_model(store, train, val, cfg, model_dir, progress)
+
+
+def _predict_config(args: argparse.Namespace):
+    from . import pipeline
+
+    cfg = pipeline.model_pipeline_config(args.model)
+    if args.config:
+        from .config import PipelineConfig
+
+        override = PipelineConfig.from_toml(args.config)
+        cfg = override  # an explicit config file wins entirely
+    cfg = cfg.with_overrides("cluster", score_threshold=args.threshold)
+    cfg = cfg.with_overrides("inference", device=args.device, batch_size=args.batch_size)
+    return cfg
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import pipeline
+    from .manifest import read_manifest
+
+    cfg = _predict_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = args.store or str(out / "campaign.zarr")
+    pipeline.model_fingerprint(args.model)
+    t0 = time.time()
+    if args.sequential:
+        summaries = pipeline.predict_sequential(read_manifest(args.manifest), store, args.model,
+                                                out, cfg)
+        failures: dict[str, str] = {}
+        total = sum(s["particles"] for s in summaries)
+    else:
+        from flows.predict import predict_campaign
+
+        result = _in_prefect(predict_campaign, args.manifest, args.model, str(out), store, cfg,
+                             _cluster_spec(args))
+        failures = result.failures
+        total = sum(s["particles"] for s in result.summaries.values())
+    for name, msg in failures.items():
+        print(f"FAILED {name}: {msg}", file=sys.stderr)
+    print(f"{total} particles written to {out} ({time.time() - t0:.0f} s)")
+    return EXIT_PARTIAL if failures else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_campaign, format_table
+
+    per_tomo, overall = evaluate_campaign(args.pred, args.gt, args.radius, args.symmetry)
+    print(format_table(per_tomo, overall))
+    if args.json:
+        data = {"overall": overall, "per_tomogram": json.loads(per_tomo.to_json(orient="records")),
+                "radius": args.radius, "symmetry": args.symmetry}
+        Path(args.json).write_text(json.dumps(data, indent=2))
+    return 0
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from flows.campaign import run_campaign
+
+    cfg = _train_config(args)
+    summary = _in_prefect(run_campaign, args.manifest, args.out, cfg, args.model,
+                          _cluster_spec(args), args.symmetry)
+    _print_evaluation(summary)
+    return EXIT_PARTIAL if summary["failures"] else 0
+
+
+def _print_evaluation(summary: dict) -> None:
+    ev = summary.get("evaluation")
+    if not ev:
+        return
+    o = ev["overall"]
+    print(f"F1 {o['f1']:.3f} (precision {o['precision']:.3f}, recall {o['recall']:.3f}); "
+          f"one-to-one F1 {o['f1_matched']:.3f}; "
+          f"in-plane error {o['angle_mean'] if o['angle_mean'] is not None else float('nan'):.1f} deg "
+          f"mean over {o['n_angles']} matched particles (C{ev['symmetry']})")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .synth import generate_campaign
+
+    out = Path(args.out)
+    manifest = out / "data" / "manifest.csv"
+    if not manifest.is_file():
+        print(f"synthetic campaign: {args.n_tomos} tomograms (1 for training) in {out / 'data'}")
+        generate_campaign(out / "data", n_tomos=args.n_tomos, seed=args.seed or 0, n_train=1)
+    ns = argparse.Namespace(**vars(args))
+    ns.template = str(out / "data" / "template.mrc")
+    ns.manifest = str(manifest)
+    cfg = _train_config(ns)
+    cfg = replace(cfg, train=replace(cfg.train, max_epochs=args.epochs or 60, patience=10))
+    from flows.campaign import run_campaign
+
+    t0 = time.time()
+    summary = _in_prefect(run_campaign, str(manifest), str(out / "run"), cfg, None,
+                          _cluster_spec(args), 2)
+    print(f"demo finished in {time.time() - t0:.0f} s; predictions in {summary['predictions']}")
+    _print_evaluation(summary)
+    return EXIT_PARTIAL if summary["failures"] else 0
+
+
+# --------------------------------------------------------------------------- parser
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--template", default=None,
+                   help="particle template MRC (Mahalanobis labels); default Euclidean")
+    g.add_argument("--ellipsoid-radii", type=float, nargs=3, metavar=("RZ", "RY", "RX"),
+                   help="particle semi-axes in voxels (normal, short, long) instead of a template")
+    g.add_argument("--max-distance", type=float, default=None,
+                   help="label clip distance, voxels (default 7)")
+    g.add_argument("--max-membranes", type=int, default=None,
+                   help="train on at most N annotated membranes (1: the paper's one-membrane setting)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=None, help="default 1e-3")
+    g.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping)")
+    g.add_argument("--patience", type=int, default=None, help="early-stopping patience, epochs")
+    g.add_argument("--batch-size", type=int, default=None, help="default 1024 (paper)")
+    g.add_argument("--channels", type=int, default=None,
+                   help="CNN width (MemBrain v1: 32; default 16, 5x faster on CPU)")
+    g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--particle-diameter", type=float, default=None,
+                   help="expected particle size in voxels; sets the clustering defaults")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="membrain-dist",
+        description="Find membrane-embedded particles in cryo-ET tomograms (MemBrain, "
+                    "distributed over dask, orchestrated by Prefect).")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv: dask and Prefect too)")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="synthetic campaign: train, predict, evaluate (F1, angles)")
+    p.add_argument("--out", default="membrain-demo", help="working folder (default ./membrain-demo)")
+    p.add_argument("--n-tomos", type=int, default=4, help="tomograms (1 trains, rest are tested)")
+    _add_train_options(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_demo, config=None, store=None, model=None, particle_diameter=None)
+
+    p = sub.add_parser("synth", help="write a synthetic campaign (MRC, STAR, manifest)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-tomos", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=1)
+    p.add_argument("--n-val", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert", help="MRC tomograms + segmentations -> chunked Zarr store")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--chunk", type=int, default=None, help="chunk edge in voxels (default 128)")
+    p.add_argument("--config", default=None)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train the scoring CNN on annotated tomograms")
+    p.add_argument("--manifest", required=True, help="CSV; rows with split train (and val)")
+    p.add_argument("--out", required=True, help="model directory (created)")
+    _add_config_options(p)
+    _add_train_options(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="pick particles: <out>/<name>.star per manifest row")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--model", required=True, help="model directory written by train")
+    p.add_argument("--out", required=True, help="prediction directory (created)")
+    _add_config_options(p)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep points with predicted distance below this, voxels (default 3)")
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=None, help="inference batch size")
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="precision / recall / F1 and in-plane angle error")
+    p.add_argument("--pred", required=True, help="prediction folder or STAR")
+    p.add_argument("--gt", required=True, help="ground-truth STAR, folder or manifest")
+    p.add_argument("--radius", type=float, default=4.5, help="hit radius, voxels (paper 4.5)")
+    p.add_argument("--symmetry", type=int, default=1, help="in-plane symmetry order (PSII: 2)")
+    p.add_argument("--json", default=None, help="also write the figures as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("campaign", help="train on the train rows, predict and evaluate the rest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="use this model instead of training")
+    p.add_argument("--symmetry", type=int, default=1)
+    _add_config_options(p)
+    _add_train_options(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_campaign)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .errors import InputError
+
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        print(f"membrain-dist: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

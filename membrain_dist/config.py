@@ -1,0 +1,133 @@
+"""Pipeline configuration: one dataclass per stage, gathered in :class:`PipelineConfig`.
+
+Each stage module owns its config (``ConvertConfig``, ``GeometryConfig``, ``TrainConfig``,
+``ClusterConfig``, ``OrientationConfig``); this module only adds the label and inference
+settings and the aggregate, which serialises to JSON (stored with models and results) and
+reads overrides from a TOML file with one table per stage::
+
+    [geometry]
+    band_width = 12.0
+    [cluster]
+    score_threshold = 2.5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .clustering import ClusterConfig
+from .convert import ConvertConfig
+from .errors import InputError
+from .geometry import GeometryConfig
+from .orientation import OrientationConfig
+from .training import TrainConfig
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """How training labels are made (stage 3).
+
+    Attributes
+    ----------
+    max_distance
+        Labels are clipped here (voxels; v1: 7).
+    template
+        Template MRC of the particle (low-pass density, protein bright, its own frame: x = long
+        in-plane axis, z = membrane normal). Gives the Mahalanobis shape; rotated per particle
+        when the STAR has angles. None: Euclidean distances (the paper's ablation baseline).
+    ellipsoid_radii_zyx
+        Alternative to a template: particle semi-axes in voxels (normal, second, long axis).
+    annotated_only
+        Train only on membranes that carry at least one annotated particle (an unannotated
+        membrane may hold unlabelled particles, which would be taught as negatives).
+    max_membranes
+        Use at most this many annotated membranes (the most populated first): 1 reproduces
+        the paper's "one annotated membrane" setting. None: all.
+    """
+
+    max_distance: float = 7.0
+    template: str | None = None
+    ellipsoid_radii_zyx: tuple[float, float, float] | None = None
+    annotated_only: bool = True
+    max_membranes: int | None = None
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Batched CNN inference.
+
+    Attributes
+    ----------
+    batch_size
+        Cubes per forward pass (CPU: a few hundred is as fast as larger; GPU: thousands).
+    device
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    """
+
+    batch_size: int = 1024
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """All stage configurations with the paper's / MemBrain v1's defaults."""
+
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    orientation: OrientationConfig = field(default_factory=OrientationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, section: str, **values: Any) -> PipelineConfig:
+        """A copy with ``values`` replaced in one stage's config (None values ignored)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        return replace(self, **{section: replace(getattr(self, section), **values)})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | os.PathLike = "<config>") -> PipelineConfig:
+        """Build from ``{stage: {field: value}}``; unknown stages or fields are an InputError."""
+        cfg = cls()
+        known = {f.name: f for f in fields(cls)}
+        for section, values in data.items():
+            if section not in known or not isinstance(values, dict):
+                raise InputError(source, f"unknown config section [{section}]; "
+                                         f"expected one of {sorted(known)}")
+            sub = getattr(cfg, section)
+            names = {f.name for f in fields(sub)}
+            bad = sorted(set(values) - names)
+            if bad:
+                raise InputError(source, f"[{section}] has unknown keys {bad}; "
+                                         f"known: {sorted(names)}")
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            try:
+                cfg = replace(cfg, **{section: replace(sub, **values)})
+            except (TypeError, ValueError) as exc:
+                raise InputError(source, f"[{section}]: {exc}") from exc
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> PipelineConfig:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InputError(path, f"cannot read config: {exc}") from exc
+        return cls.from_dict(data, path)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild one stage config from its ``asdict`` form (lists back to tuples)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v
+                  for k, v in data.items() if k in names})

@@ -137,7 +137,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from flows.train import split_training
+
+    from .manifest import read_manifest
+    from .pipeline import validate_entries
+
     cfg = _train_config(args)
+    train, val = split_training(read_manifest(args.manifest), args.manifest)
+    validate_entries([*train, *val])  # bad input fails here, before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = args.store or str(out / "campaign.zarr")
@@ -200,6 +207,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import pipeline
     from .manifest import read_manifest
 
+    read_manifest(args.manifest)  # a broken manifest fails here, before any work
+    pipeline.model_fingerprint(args.model)
     cfg = _predict_config(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

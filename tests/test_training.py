@@ -54,8 +54,13 @@ def test_training_learns_and_is_reproducible():
     # the returned model is the best checkpoint
     with torch.inference_mode():
         pred = res.model(torch.from_numpy(xv))
-    loss = torch.nn.functional.smooth_l1_loss(pred, torch.from_numpy(yv)).item()
-    assert loss == pytest.approx(res.best_val_loss, rel=1e-4)
+    per_row = torch.nn.functional.smooth_l1_loss(pred, torch.from_numpy(yv), reduction="none")
+    near = torch.from_numpy(yv < yv.max() - 1e-4)
+    if CFG.balance > 0 and near.any() and not near.all():
+        loss = (CFG.balance * per_row[near].mean() + (1 - CFG.balance) * per_row[~near].mean())
+    else:
+        loss = per_row.mean()
+    assert loss.item() == pytest.approx(res.best_val_loss, rel=1e-4)
 
     # same seed, same data (zarr this time): identical history and weights
     xz = zarr.create_array(store={}, shape=x.shape, chunks=(50, S, S, S), dtype="float32")
@@ -104,3 +109,17 @@ def test_split_validation_single_membrane_is_a_spatial_slab():
     assert y[mask].min() >= y[~mask].max() or y[mask].max() <= y[~mask].min()
     rows = split_validation(np.zeros(50, int), 0.2, 0)
     assert rows.sum() == 10 and rows[-10:].all()
+
+
+def test_balanced_epochs_draw_the_requested_share_of_near_rows():
+    from membrain_dist.training import _epoch_order
+
+    y = torch.full((10_000,), 7.0)
+    y[:100] = torch.linspace(0.0, 6.0, 100)  # 1 % near a particle
+    gen = torch.Generator().manual_seed(0)
+    order = _epoch_order(y, 0.5, gen)
+    assert order.shape == (10_000,)
+    share = (order < 100).float().mean().item()
+    assert share == pytest.approx(0.5, abs=0.03)
+    plain = _epoch_order(y, 0.0, gen)
+    assert torch.equal(torch.sort(plain).values, torch.arange(10_000))

@@ -1,0 +1,82 @@
+"""The command-line contract of CONVENTIONS.md, driven as a user (or the outside benchmark)
+drives it: subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from membrain_dist.manifest import read_manifest, write_manifest
+
+CLI = [sys.executable, "-m", "membrain_dist.cli"]
+
+
+def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "evaluate", "convert", "demo", "synth"])
+def test_help(command: str) -> None:
+    res = run(command, "--help", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "--manifest" in res.stdout or "--out" in res.stdout or "--pred" in res.stdout
+
+
+def test_predict_refuses_missing_tomogram_before_any_work(campaign: Path, trained_model: Path,
+                                                          tmp_path: Path) -> None:
+    entries = read_manifest(campaign)
+    broken = tmp_path / "broken.csv"
+    shutil.copy(entries[0].segmentation, tmp_path / "seg.mrc")
+    write_manifest(entries[:1], broken)
+    text = broken.read_text().replace(str(entries[0].tomogram), str(tmp_path / "missing.mrc"))
+    broken.write_text(text)
+    res = run("predict", "--manifest", str(broken), "--model", str(trained_model),
+              "--out", str(tmp_path / "pred"), timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "missing.mrc" in res.stderr or "broken.csv" in res.stderr
+    assert not (tmp_path / "pred" / "campaign.zarr").exists()
+
+
+def test_predict_refuses_a_tampered_model(test_manifest: Path, trained_model: Path,
+                                          tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    meta = json.loads((model / "model.json").read_text())
+    meta["weights_sha256"] = "0" * 64
+    (model / "model.json").write_text(json.dumps(meta))
+    res = run("predict", "--manifest", str(test_manifest), "--model", str(model),
+              "--out", str(tmp_path / "pred"), "--sequential", timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "weights.safetensors" in res.stderr or "model.json" in res.stderr
+
+
+def test_train_through_the_flows_writes_a_loadable_model(campaign: Path, tmp_path: Path) -> None:
+    """`train --manifest --out` on the default local dask cluster + temporary Prefect API."""
+    from membrain_dist.model import load_model
+
+    out = tmp_path / "model"
+    res = run("train", "--manifest", str(campaign), "--out", str(out), "--epochs", "2",
+              "--template", str(campaign.parent / "template.mrc"), "--workers", "2")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    model, meta = load_model(out)
+    assert meta.voxel_size_A == pytest.approx(14.08)
+    assert meta.metrics["epochs_run"] >= 1
+    assert (out / "pipeline.json").is_file()
+
+
+def test_evaluate_reports_figures_as_json(sequential_prediction: Path, test_manifest: Path,
+                                          tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    res = run("evaluate", "--pred", str(sequential_prediction), "--gt", str(test_manifest),
+              "--symmetry", "2", "--json", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    names = {e.name for e in read_manifest(test_manifest)}
+    assert {r["tomogram"] for r in data["per_tomogram"]} == names
+    o = data["overall"]
+    assert 0.0 <= o["precision"] <= 1.0 and 0.0 <= o["recall"] <= 1.0

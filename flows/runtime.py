@@ -168,6 +168,29 @@ def slurm_clusters(path: str | os.PathLike) -> tuple[Any, Any]:
     return SLURMCluster(**cfg["cpu"]), SLURMCluster(worker_extra_args=extra, **gpu)
 
 
+def _loopback_api_warning() -> str | None:
+    """Why SLURM workers on other nodes cannot report to the current Prefect API, or None.
+
+    :func:`prefect_api` binds its temporary server to 127.0.0.1; SLURM jobs inherit
+    ``PREFECT_API_URL`` from the flow process, but on a compute node 127.0.0.1 is the node
+    itself, so task runs there cannot reach the API.
+    """
+    from urllib.parse import urlparse
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return ("PREFECT_API_URL is not set: SLURM workers start their own temporary Prefect "
+                "API; run a Prefect server reachable from compute nodes and export "
+                "PREFECT_API_URL (deploy/README.md)")
+    host = urlparse(url).hostname or ""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return (f"PREFECT_API_URL={url} is a loopback address: SLURM workers on compute "
+                "nodes cannot reach it; start the server on an address compute nodes reach "
+                "(prefect server start --host <login-node>) and export that URL "
+                "(deploy/README.md)")
+    return None
+
+
 @contextlib.contextmanager
 def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
     """Start (or connect to) the cluster(s) of ``spec`` for the duration of a run."""
@@ -175,6 +198,8 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
         yield Clusters(spec.address, spec.address, spec.gpu_resource)
         return
     if spec.kind == "slurm":
+        if problem := _loopback_api_warning():
+            log.warning(problem)
         cpu, gpu = slurm_clusters(spec.slurm_config)
         try:
             cpu.adapt(minimum=0, maximum=spec.n_workers or 4)

@@ -8,10 +8,13 @@ helper axis (tomogram x, or y when n is near x): the in-plane angle is arbitrary
 deterministic; training augments rotations about z. ``R`` is a proper rotation in XYZ
 (``axes.matrix_zyx_to_xyz(R)`` has determinant +1), so cubes are never mirror images.
 
-A batch of points is interpolated with one ``scipy.ndimage.map_coordinates`` call on a float32
-block read from the tomogram covering the batch (points are block-sorted, so the block is
-compact). Intensities are normalised per tomogram: ``clip(polarity (x - center) / scale, ±3)``
-(v1 clipped z-scores at ±3; we keep the ±3 range instead of rescaling to [0, 1]).
+A batch of points is interpolated on a float32 block read from the tomogram covering the batch
+(points are block-sorted, so the block is compact): trilinear (order 1, default) by
+``_trilinear_cubes``, eight float32 corner gathers per sample over small sub-batches that stay in
+cache (~3x faster than ``map_coordinates``, equal to it up to float32 round-off); orders 0 and
+3 by one ``scipy.ndimage.map_coordinates`` call. Intensities are normalised per tomogram:
+``clip(polarity (x - center) / scale, ±3)`` (v1 clipped z-scores at ±3; we keep the ±3 range
+instead of rescaling to [0, 1]).
 """
 
 from __future__ import annotations
@@ -100,6 +103,74 @@ def _sample_coords(points: np.ndarray, frames: np.ndarray, size: int) -> np.ndar
     return coords
 
 
+# points per sub-batch of _trilinear_cubes: ~15 work arrays of chunk x s^3 float32 stay in cache
+_TRILINEAR_CHUNK = 48
+
+
+def _trilinear_cubes(block: np.ndarray, points: np.ndarray, frames: np.ndarray, size: int,
+                     chunk: int = _TRILINEAR_CHUNK) -> np.ndarray:
+    """Cubes ``(B, s, s, s)`` float32 by trilinear interpolation of ``block`` (float32, zyx).
+
+    ``points`` are in block voxel coordinates. Equals ``map_coordinates(block, coords, order=1,
+    mode="nearest")`` of ``_sample_coords`` up to float32 round-off: sample positions are
+    clamped to the block (constant edge extension) and the block is edge-padded by one voxel, so
+    the eight corners ``floor(c) + {0, 1}^3`` are always inside. Everything stays float32 / int32
+    and is processed ``chunk`` points at a time in preallocated buffers.
+    """
+    d, h, w = block.shape
+    padded = np.pad(np.asarray(block, np.float32), ((0, 1), (0, 1), (0, 1)), mode="edge")
+    hp, wp = h + 1, w + 1
+    flat = padded.ravel()
+    sy, sz = wp, hp * wp
+    # contiguous views shifted by each corner's flat offset: take(view, idx) = flat[idx + off]
+    corners = [flat[off:] for off in (0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1)]
+    lim = (np.float32(d - 1), np.float32(h - 1), np.float32(w - 1))
+    o = cube_offsets(size)
+    n = points.shape[0]
+    out = np.empty((n, size, size, size), np.float32)
+    shp = (min(chunk, n), size, size, size)
+    frac = [np.empty(shp, np.float32) for _ in range(3)]
+    fl = np.empty(shp, np.float32)
+    ind = [np.empty(shp, np.int32) for _ in range(3)]
+    g = [np.empty(shp, np.float32) for _ in range(8)]
+    pts = np.asarray(points, np.float32)
+    frm = np.asarray(frames, np.float32)
+    for a0 in range(0, n, chunk):
+        p, r = pts[a0 : a0 + chunk], frm[a0 : a0 + chunk]
+        b = p.shape[0]
+        for a in range(3):
+            c, f, i = frac[a][:b], fl[:b], ind[a][:b]
+            # (b, s, s) plane term p + k n + j v, then + i u along the last axis
+            plane = (p[:, a, None, None] + r[:, a, 2, None, None] * o[None, :, None]
+                     + r[:, a, 1, None, None] * o[None, None, :])
+            np.add(plane[..., None], (r[:, a, 0, None] * o[None, :])[:, None, None, :], out=c)
+            np.clip(c, np.float32(0), lim[a], out=c)
+            np.floor(c, out=f)
+            np.copyto(i, f, casting="unsafe")
+            c -= f
+        idx = ind[0][:b]
+        idx *= hp
+        idx += ind[1][:b]
+        idx *= wp
+        idx += ind[2][:b]
+        gb = [x[:b] for x in g]
+        for view, x in zip(corners, gb, strict=True):
+            np.take(view, idx, out=x)
+        fz, fy, fx = (x[:b] for x in frac)
+        for lo, hi in ((0, 1), (2, 3), (4, 5), (6, 7)):  # along x
+            gb[hi] -= gb[lo]
+            gb[hi] *= fx
+            gb[lo] += gb[hi]
+        for lo, hi in ((0, 2), (4, 6)):  # along y
+            gb[hi] -= gb[lo]
+            gb[hi] *= fy
+            gb[lo] += gb[hi]
+        gb[4] -= gb[0]  # along z
+        gb[4] *= fz
+        np.add(gb[0], gb[4], out=out[a0 : a0 + b])
+    return out
+
+
 def _margin(size: int, order: int) -> int:
     # half cube diagonal + interpolation support (+ spline prefilter decay for order > 1)
     return int(math.ceil(math.sqrt(3) * (size - 1) / 2)) + 2 + (6 if order > 1 else 0)
@@ -131,7 +202,8 @@ def extract_batches(
     order
         Interpolation order: 1 trilinear (default, fast), 3 cubic spline (v1).
     batch_size
-        Points per ``map_coordinates`` call; memory ~ batch x s^3 x 16 B plus the block.
+        Points per block read; memory ~ the block plus (order 1) ~1 MB of work buffers, or
+        (orders 0, 3: one ``map_coordinates`` call per batch) batch x s^3 x 16 B.
     intensity
         Normalisation applied to each block before interpolation; None keeps raw values.
 
@@ -152,7 +224,11 @@ def extract_batches(
         if intensity is not None:
             block = normalise_intensity(block, intensity)
         frames = rotation_frames(nrm[start : start + batch_size])
-        coords = _sample_coords(p - lo.astype(np.float32), frames, size)
+        local = p - lo.astype(np.float32)
+        if order == 1:
+            yield start, _trilinear_cubes(block, local, frames, size)
+            continue
+        coords = _sample_coords(local, frames, size)
         if order > 1:
             block = ndimage.spline_filter(block, order=order, output=np.float32, mode="nearest")
         cubes = ndimage.map_coordinates(

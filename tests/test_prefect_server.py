@@ -1,0 +1,237 @@
+"""Against a REAL Prefect server (``prefect server start``, private SQLite in tmp): a project
+flow reports its run state and table artifact there; ``prefect deploy`` registers
+deploy/prefect.yaml (schedule, parameters, work pool) and the server accepts runs of it; and
+``flows.runtime.prefect_api`` starts, exports and stops its temporary API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _server_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_ENABLED="false", PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``prefect server start`` on a free loopback port; yields (api_url, PREFECT_HOME)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=_server_env(home), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited ({proc.returncode}): "
+                                   f"{(home / 'server.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("prefect server not healthy after 90 s")
+            time.sleep(0.25)
+        yield url, home
+    finally:
+        # the server's process group: `prefect server start` and anything it spawned
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert not _healthy(url)
+
+
+@contextlib.contextmanager
+def _use_api(url: str):
+    """Point this process at ``url``: the settings object (flows started here) AND the
+    environment (anything spawned here), as flows.runtime.prefect_api does."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+
+
+def _write_stars(tmp: Path) -> tuple[Path, Path]:
+    """Ground truth: 3 particles of t1; predictions: 2 of them (shifted 1 voxel) + 1 far off."""
+    from membrain_dist.star import particles_frame, write_particles
+
+    gt_zyx = np.array([[10, 10, 10], [20, 30, 40], [40, 20, 30]], np.float32)
+    pred_zyx = np.array([[11, 10, 10], [20, 31, 40], [5, 50, 50]], np.float32)
+    gt = tmp / "gt.star"
+    write_particles(gt, particles_frame("t1", gt_zyx, None, (64, 64, 64), 10.0))
+    pred = tmp / "pred"
+    pred.mkdir()
+    write_particles(pred / "t1.star", particles_frame("t1", pred_zyx, None, (64, 64, 64), 10.0))
+    return pred, gt
+
+
+def test_flow_state_and_artifact_on_server(server, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    from flows.evaluate import evaluate_predictions
+
+    url, _ = server
+    pred, gt = _write_stars(tmp_path)
+    with _use_api(url):
+        state = evaluate_predictions(str(pred), str(gt), radius=2.0,
+                                     json_out=str(tmp_path / "ev.json"), return_state=True)
+        assert state.is_completed(), state
+        result = state.result()
+        flow_run_id = state.state_details.flow_run_id
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+            arts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert run.state is not None and run.state.type.value == "COMPLETED"
+    assert run.flow_id is not None and run.name
+    assert result["overall"]["precision"] == pytest.approx(2 / 3)
+    assert result["overall"]["recall"] == pytest.approx(2 / 3)
+    assert json.loads((tmp_path / "ev.json").read_text())["overall"]["n_gt"] == 3
+    assert len(arts) == 1 and arts[0].type == "table"
+    assert arts[0].flow_run_id == flow_run_id
+    table = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
+    assert [row["tomogram"] for row in table] == ["t1", "ALL"]
+    assert table[-1]["n_pred"] == 3 and table[-1]["n_gt"] == 3
+    with _use_api(url), get_client(sync_client=True) as client:
+        assert client.read_flow(run.flow_id).name == "membrain-evaluate"
+
+
+def test_prefect_deploy_registers_the_project(server):
+    """`prefect deploy --all --prefect-file deploy/prefect.yaml`, as deploy/README.md says."""
+    from prefect import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    url, home = server
+    env = dict(_server_env(home), PREFECT_API_URL=url)
+    subprocess.run([PREFECT, "--no-prompt", "work-pool", "create", "membrain-slurm", "--type",
+                    "process"], env=env, cwd=ROOT, check=True, capture_output=True, timeout=60)
+    out = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file",
+                          "deploy/prefect.yaml"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with _use_api(url), get_client(sync_client=True) as client:
+        deps = {d.name: d for d in client.read_deployments()}
+        assert set(deps) == {"nightly-campaign", "predict", "train"}
+        nightly = deps["nightly-campaign"]
+        assert nightly.entrypoint == "flows/campaign.py:run_campaign"
+        assert nightly.work_pool_name == "membrain-slurm"
+        assert nightly.parameters["cluster"] == {"kind": "slurm",
+                                                 "slurm_config": "deploy/slurm.yaml",
+                                                 "n_workers": 8, "gpu_jobs": 1}
+        assert nightly.parameters["model_dir"]
+        (sched,) = nightly.schedules
+        assert sched.schedule.cron == "0 2 * * *" and sched.schedule.timezone
+        assert sched.active
+        assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+            "directory": "/shared/software/membrain-dist"}}]
+        assert nightly.enforce_parameter_schema
+        for name in ("predict", "train"):
+            assert not deps[name].schedules
+        assert client.read_flow(nightly.flow_id).name == "membrain-campaign"
+
+        # the server validates run parameters against the registered flow signature
+        predict = deps["predict"]
+        run = client.create_flow_run_from_deployment(
+            predict.id, parameters={"manifest": "/data/m.csv", "model_dir": "/data/model",
+                                    "out_dir": "/data/pred", "store": "/data/pred/c.zarr"})
+        assert run.state is not None and run.state.type.value == "SCHEDULED"
+        assert run.parameters["cluster"]["kind"] == "slurm"
+        with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
+            client.create_flow_run_from_deployment(predict.id, parameters={"manifest": "m.csv"})
+        with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
+            client.create_flow_run_from_deployment(
+                deps["nightly-campaign"].id, parameters={"cluster": {"kind": "slurm", "gpu_jobs": "x"}})
+
+
+def test_prefect_api_starts_exports_and_stops(monkeypatch, tmp_path):
+    import psutil
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.runtime import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # the temporary API's SQLite lives here
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with prefect_api(timeout=90) as url:
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/api")
+        assert os.environ["PREFECT_API_URL"] == url
+        assert PREFECT_API_URL.value() == url
+        assert _healthy(url)
+        new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        servers = [p for p in new if any("uvicorn" in a for a in p.cmdline())]
+        assert len(servers) == 1
+        server = servers[0]
+        port = url.split(":")[2].split("/")[0]
+        assert port in server.cmdline()
+    assert "PREFECT_API_URL" not in os.environ
+    assert PREFECT_API_URL.value() != url
+    assert not _healthy(url)
+    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    assert (tmp_path / "prefect.db").exists()
+
+
+def test_prefect_api_reuses_an_existing_server(server, monkeypatch):
+    import psutil
+
+    from flows.runtime import prefect_api
+
+    url, _ = server
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with prefect_api() as got:
+        assert got == url
+        assert {p.pid for p in psutil.Process().children(recursive=True)} == before
+    assert os.environ["PREFECT_API_URL"] == url  # not ours to remove

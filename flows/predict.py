@@ -12,6 +12,7 @@ from membrain_dist import pipeline
 from membrain_dist.config import PipelineConfig
 from membrain_dist.errors import InputError
 from membrain_dist.manifest import TomogramEntry, read_manifest
+from membrain_dist.store import sweep_orphans
 
 from .runtime import ClusterSpec, open_clusters, task_runner
 from .stages import Failures, convert_flow, geometry_flow, inference_flow, particles_flow
@@ -77,6 +78,7 @@ def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, 
     keys = [k for k in scored if k[0] not in failures]
     summaries, bad = particles_flow.with_options(task_runner=cpu)(keys, good, store, out_dir, cfg)
     failures.update(bad)
+    sweep_orphans(store, [e.name for e in good])  # left by workers lost mid-write
     done = [e.name for e in entries if e.name in summaries]
     result = PredictResult(summaries, failures)
     if done:

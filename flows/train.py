@@ -11,6 +11,7 @@ from membrain_dist import pipeline
 from membrain_dist.config import PipelineConfig
 from membrain_dist.errors import InputError
 from membrain_dist.manifest import TomogramEntry, read_manifest
+from membrain_dist.store import sweep_orphans
 
 from .runtime import ClusterSpec, open_clusters, task_runner
 from .stages import convert_flow, geometry_flow
@@ -61,6 +62,7 @@ def train_campaign(manifest: str, model_dir: str, store: str,
         if bad:
             raise InputError(manifest, f"training tomograms failed to convert: {bad}")
         _, bad = geometry_flow.with_options(task_runner=runner)(rows, membranes, store, cfg)
+        sweep_orphans(store, [e.name for e in rows])  # left by workers lost mid-write
         if bad:
             raise RuntimeError(f"geometry failed for training tomograms: {bad}")
         Path(model_dir).mkdir(parents=True, exist_ok=True)

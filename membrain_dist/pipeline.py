@@ -490,5 +490,6 @@ def predict_sequential(
             cluster_membrane(root, entry.name, mid, cfg.cluster, cfg.orientation)
         summaries.append(write_tomogram_outputs(root, entry.name, out_dir, entry.particles,
                                                 cfg.cluster.score_threshold))
+    store.sweep_orphans(root, [e.name for e in entries])
     write_campaign_star(out_dir, [e.name for e in entries])
     return summaries

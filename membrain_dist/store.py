@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ __all__ = [
     "LABELS_KEY",
     "GEOMETRY_KEY",
     "TMP_MARKER",
+    "sweep_orphans",
     "TomogramMeta",
     "open_store",
     "read_meta",
@@ -230,6 +231,34 @@ def _swap_into_place(root: str | os.PathLike, tmp_key: str, key: str) -> None:
         raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep_orphans(root: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Delete the temporary and replaced nodes that killed writers left for tomograms ``names``.
+
+    A writer killed with SIGKILL (a lost dask worker, an out-of-memory kill) cannot remove its
+    ``<key>.tmp-<uuid>`` (or a ``<key>.old-<uuid>`` it was replacing). Readers never take
+    those for outputs, but they waste disk. Call this once every task that writes these
+    tomograms has finished (the flows do, at the end of a run). Returns the removed keys.
+    """
+    base = Path(root)
+    removed: list[str] = []
+    if not base.is_dir():
+        return removed
+    for name in names:
+        candidates = list(base.glob(f"{name}{TMP_MARKER}*")) + list(base.glob(f"{name}{_TRASH_MARKER}*"))
+        tomo = base / name
+        if tomo.is_dir():
+            candidates += [p for p in tomo.rglob("*")
+                           if TMP_MARKER in p.name or _TRASH_MARKER in p.name]
+        for path in sorted(candidates, key=lambda p: len(p.parts)):
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.relative_to(base).as_posix())
+    if removed:
+        log.warning("%s: removed %d nodes left by interrupted writers: %s", root, len(removed),
+                    removed[:5])
+    return removed
 
 
 @contextmanager

@@ -83,3 +83,36 @@ def test_provenance_is_current():
     assert store.is_current(attrs, prov)
     assert not store.is_current(attrs, store.provenance("convert", {"chunk": 16}, {"path": "a"}))
     assert not store.is_current({}, prov)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from membrain_dist import store
+with store.atomic_group(sys.argv[1], "t1/geometry/m2") as g:
+    g.create_array("zyx", data=np.ones((5, 3), np.float32))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_sweep_removes_what_a_killed_writer_left(tmp_path):
+    """A SIGKILLed writer leaves its temporary group; the sweep removes it, nothing else."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "s.zarr"
+    with store.atomic_group(root, "t1/geometry/m1") as g:
+        g.create_array("zyx", data=np.zeros((4, 3), np.float32))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(root)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    geometry = root / "t1" / "geometry"
+    left = [p.name for p in geometry.iterdir() if store.TMP_MARKER in p.name]
+    assert len(left) == 1 and left[0].startswith("m2")
+    assert not (geometry / "m2").exists()  # never taken for a finished group
+
+    assert store.sweep_orphans(root, ["other"]) == []  # other tomograms are not touched
+    removed = store.sweep_orphans(root, ["t1"])
+    assert removed == [f"t1/geometry/{left[0]}"]
+    assert sorted(p.name for p in geometry.iterdir()) == ["m1", "zarr.json"]
+    np.testing.assert_array_equal(zarr.open_group(str(root), path="t1/geometry/m1", mode="r")["zyx"][...],
+                                  np.zeros((4, 3), np.float32))

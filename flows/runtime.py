@@ -218,13 +218,35 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
                   threads_per_worker=spec.threads_per_worker, processes=True,
                   memory_limit=spec.memory_limit, dashboard_address=":0")
     kwargs.update(spec.local_kwargs)
-    cluster = LocalCluster(**kwargs)
+    import dask
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ":
+                          worker_environ(spec.threads_per_worker)}):
+        cluster = LocalCluster(**kwargs)
     try:
         log.info("dask LocalCluster: %d workers, dashboard %s", kwargs["n_workers"],
                  cluster.dashboard_link)
         yield Clusters(cluster.scheduler_address, cluster.scheduler_address, False)
     finally:
         cluster.close()
+
+
+def worker_environ(threads: int) -> dict[str, str]:
+    """Environment of spawned dask workers: dask's, without ``MALLOC_TRIM_THRESHOLD_``.
+
+    Setting that variable switches off glibc's dynamic mmap threshold, so every array
+    temporary above 128 kB is a fresh ``mmap`` whose pages are faulted in and zeroed again:
+    the geometry stage ran at half speed in such workers (benchmarks/scale.py measured
+    ~3 k against ~6 k points/s). Our tasks' memory is bounded by the membrane's box, so
+    glibc's default trimming is enough.
+    """
+    import dask
+
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
 
 
 def task_runner(address: str):  # -> DaskTaskRunner

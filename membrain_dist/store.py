@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.errors import ContainsGroupError
 from zarr.storage import LocalStore
 
 __all__ = [
@@ -211,9 +212,17 @@ def tomogram_dataarray(root: str | os.PathLike, name: str) -> xr.DataArray:
 
 
 def _ensure_parent(root: str | os.PathLike, key: str) -> zarr.Group:
-    store = open_store(root, "a")
     parent = key.strip("/").rpartition("/")[0]
-    return store.require_group(parent) if parent else store
+    for attempt in range(5):
+        # zarr checks, then creates: a worker writing a sibling may create the root or a
+        # parent group in between; the group is there then, so look again
+        try:
+            store = open_store(root, "a")
+            return store.require_group(parent) if parent else store
+        except ContainsGroupError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _swap_into_place(root: str | os.PathLike, tmp_key: str, key: str) -> None:

@@ -116,3 +116,22 @@ def test_sweep_removes_what_a_killed_writer_left(tmp_path):
     assert sorted(p.name for p in geometry.iterdir()) == ["m1", "zarr.json"]
     np.testing.assert_array_equal(zarr.open_group(str(root), path="t1/geometry/m1", mode="r")["zyx"][...],
                                   np.zeros((4, 3), np.float32))
+
+
+def _write_sibling(args: tuple[str, int]) -> int:
+    root, i = args
+    store.write_array_atomic(root, f"t{i // 8}/picks/m{i}", np.full(3, i, np.float32), None)
+    return i
+
+
+def test_concurrent_writers_create_shared_parents(tmp_path):
+    """Worker processes writing sibling arrays race to create the root and parent groups."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = str(tmp_path / "s.zarr")
+    with ProcessPoolExecutor(4) as pool:
+        done = list(pool.map(_write_sibling, [(root, i) for i in range(64)]))
+    assert done == list(range(64))
+    for i in range(64):
+        a = zarr.open_array(root, path=f"t{i // 8}/picks/m{i}", mode="r")
+        np.testing.assert_array_equal(a[...], np.full(3, i, np.float32))

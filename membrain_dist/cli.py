@@ -20,6 +20,7 @@ log = logging.getLogger("membrain_dist")
 
 EXIT_BAD_INPUT = 2
 EXIT_PARTIAL = 3
+DEMO_EPOCHS = 25  # e3 of the F1 study: best validation loss at epoch ~25 with lr 1e-3
 
 
 # --------------------------------------------------------------------------- shared options
@@ -280,7 +281,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ns.template = str(out / "data" / "template.mrc")
     ns.manifest = str(manifest)
     cfg = _train_config(ns)
-    cfg = replace(cfg, train=replace(cfg.train, max_epochs=args.epochs or 60, patience=10))
+    cfg = replace(cfg, train=replace(cfg.train, max_epochs=args.epochs or DEMO_EPOCHS,
+                                     patience=args.patience or 6))
     from flows.campaign import run_campaign
 
     t0 = time.time()
@@ -302,7 +304,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="label clip distance, voxels (default 7)")
     g.add_argument("--max-membranes", type=int, default=None,
                    help="train on at most N annotated membranes (1: the paper's one-membrane setting)")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-4)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
     g.add_argument("--weight-decay", type=float, default=None, help="default 1e-3")
     g.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping)")
     g.add_argument("--patience", type=int, default=None, help="early-stopping patience, epochs")
@@ -329,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic campaign: train, predict, evaluate (F1, angles)")
     p.add_argument("--out", default="membrain-demo", help="working folder (default ./membrain-demo)")
-    p.add_argument("--n-tomos", type=int, default=4, help="tomograms (1 trains, rest are tested)")
+    p.add_argument("--n-tomos", type=int, default=6, help="tomograms (1 trains, rest are tested)")
     _add_train_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_demo, config=None, store=None, model=None, particle_diameter=None)

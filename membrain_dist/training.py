@@ -49,7 +49,9 @@ class TrainConfig:
     Attributes
     ----------
     lr : float
-        Adam learning rate. 1e-4: the middle of the paper's grid (3e-5 .. 3e-4).
+        Adam learning rate. 1e-3, above the paper's grid (3e-5 .. 3e-4): one annotated
+        tomogram gives ~10 steps of 1024 per epoch, and 1e-4 was still far from converged
+        after 40 epochs; 1e-3 reaches its best validation loss in ~20-25 epochs.
     weight_decay : float
         Adam (L2) weight decay. 1e-3: the top of the paper's grid (0 .. 1e-3); v1 shipped 0.01,
         outside the grid the paper reports, so we stay inside it and leave 0.01 one flag away.
@@ -83,7 +85,7 @@ class TrainConfig:
         CPU threads for torch (None: the dask worker's thread count, else torch's default).
     """
 
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-3
     batch_size: int = 1024
     max_epochs: int = 300

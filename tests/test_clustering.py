@@ -33,8 +33,9 @@ def _scores(points: np.ndarray, centres: np.ndarray, rng=None, noise: float = 0.
 def test_config_from_particle_size_and_angstrom():
     cfg = ClusterConfig.from_particle_size(10.0)
     assert cfg.bandwidth == 5.0 and cfg.max_extent == 10.0 and cfg.merge_distance == 2.5
-    assert cfg.min_bandwidth == pytest.approx(1.25) and cfg.score_threshold == 3.0
-    assert ClusterConfig.from_particle_size(4.0).max_extent == 6.0  # 2 x threshold wins
+    assert cfg.min_bandwidth == pytest.approx(1.25) and cfg.score_threshold == 3.5
+    assert cfg == ClusterConfig()  # the class defaults are those of a 10-voxel particle
+    assert ClusterConfig.from_particle_size(4.0).max_extent == 7.0  # 2 x threshold wins
     assert ClusterConfig.from_particle_size(10.0, min_points=6).min_points == 6
     a = dataclasses.replace(cfg, units="A", bandwidth=50.0, score_threshold=30.0)
     v = a.in_voxels(10.0)
@@ -54,7 +55,8 @@ def test_known_centres_recovered():
     pts = _plane_grid()
     pts = pts + rng.normal(0.0, 0.2, pts.shape)
     scores = _scores(pts, centres, rng, noise=0.3)
-    res = hierarchical_mean_shift(pts, scores, ClusterConfig.from_particle_size(10.0))
+    cfg = ClusterConfig.from_particle_size(10.0)
+    res = hierarchical_mean_shift(pts, scores, cfg)
     assert len(res) == 4
     d, nearest = cKDTree(res.centres).query(centres)
     assert np.all(d < 1.0), d
@@ -64,8 +66,8 @@ def test_known_centres_recovered():
     for k, members in enumerate(res.members(pts)):
         assert members.shape[0] == res.n_points[k]
         assert np.all(np.linalg.norm(members - res.centres[k], axis=1) < 5.0)
-    assert np.all(res.labels[scores >= 3.0] == -1)
-    assert np.all(res.mean_score < 3.0) and np.all(res.min_score <= res.mean_score)
+    assert np.all(res.labels[scores >= cfg.score_threshold] == -1)
+    assert np.all(res.mean_score < cfg.score_threshold) and np.all(res.min_score <= res.mean_score)
 
 
 def test_touching_particles_split_by_hierarchy():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -16,6 +17,8 @@ from membrain_dist.store import sweep_orphans
 from .runtime import ClusterSpec, open_clusters, task_runner
 from .stages import convert_flow, geometry_flow
 
+console = logging.getLogger("membrain_dist.training")
+
 
 @task(name="fit-model", cache_policy=NO_CACHE)
 def fit_task(root: str, train: list[TomogramEntry], val: list[TomogramEntry],
@@ -23,10 +26,12 @@ def fit_task(root: str, train: list[TomogramEntry], val: list[TomogramEntry],
     logger = get_run_logger()
 
     def progress(stats) -> None:
+        args = ("epoch %d/%d  train %.4f  val %.4f  best %.4f @ %d  (%.1f s)", stats.epoch,
+                stats.max_epochs, stats.train_loss, stats.val_loss, stats.best_val_loss,
+                stats.best_epoch, stats.seconds)
+        console.info(*args)  # the terminal (the CLI shows INFO of membrain_dist)
         if stats.epoch % 5 == 0 or stats.epoch == stats.max_epochs:
-            logger.info("epoch %d/%d  train %.4f  val %.4f  best %.4f @ %d", stats.epoch,
-                        stats.max_epochs, stats.train_loss, stats.val_loss,
-                        stats.best_val_loss, stats.best_epoch)
+            logger.info(*args)  # the Prefect UI
 
     return pipeline.fit_model(root, train, val, cfg, model_dir, progress)
 

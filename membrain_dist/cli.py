@@ -70,6 +70,8 @@ def _setup_logging(verbose: int) -> None:
     for noisy in ("distributed", "prefect", "httpx", "numexpr", "matplotlib", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if verbose < 1 else "INFO")
+    # distributed sets its loggers' levels from dask's config when it is imported (after this)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning" if verbose < 2 else "info")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 

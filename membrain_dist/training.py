@@ -171,11 +171,12 @@ def split_validation(
     """Validation mask that holds out whole membranes.
 
     Neighbouring points of one membrane see overlapping cubes, so a random row split would leak.
-    With two or more groups, groups are taken in a seeded random order until about
-    ``val_fraction`` of the rows are held out (at least one group, never all). With a single
-    group (one annotated membrane, which the paper says must suffice) a spatial slab is held
-    out instead: the ``val_fraction`` of points furthest along the points' principal axis when
-    ``zyx`` is given, else the last ``val_fraction`` of rows (the geometry stage emits points in
+    With three or more groups, groups are taken in a seeded random order until about
+    ``val_fraction`` of the rows are held out (at least one group, never all). With one or two
+    groups (one annotated membrane, which the paper says must suffice, or a tomogram with two:
+    holding one out would take half the data) a spatial slab of every group is held out
+    instead: the ``val_fraction`` of its points furthest along their principal axis when
+    ``zyx`` is given, else its last ``val_fraction`` of rows (the geometry stage emits points in
     raster order, so that is a slab as well).
 
     Parameters
@@ -199,8 +200,8 @@ def split_validation(
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     ids, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
-    target = val_fraction * n
-    if len(ids) >= 2:
+    if len(ids) >= _MIN_GROUPS_HELD_OUT_WHOLE:
+        target = val_fraction * n
         order = np.random.default_rng(seed).permutation(len(ids))
         before = np.cumsum(counts[order]) - counts[order]  # rows held out before this group
         take = before < target
@@ -209,18 +210,29 @@ def split_validation(
         chosen = np.zeros(len(ids), dtype=bool)
         chosen[order[take]] = True
         return chosen[inverse]
-    k = max(1, min(n - 1, int(round(target))))
-    if zyx is not None:
-        p = np.asarray(zyx, dtype=np.float64).reshape(n, 3)
-        p = p - p.mean(axis=0)
-        axis = np.linalg.eigh(p.T @ p)[1][:, -1]
-        proj = p @ axis
-        mask = np.zeros(n, dtype=bool)
-        mask[np.argsort(proj, kind="stable")[n - k :]] = True
-        return mask
+    p = None if zyx is None else np.asarray(zyx, dtype=np.float64).reshape(n, 3)
     mask = np.zeros(n, dtype=bool)
-    mask[n - k :] = True
+    for k in range(len(ids)):
+        rows = np.flatnonzero(inverse == k)
+        if len(rows) >= 2:
+            mask[rows[_slab(len(rows), val_fraction, None if p is None else p[rows])]] = True
+    if not mask.any():  # groups of one row each: hold out one row
+        mask[-1] = True
     return mask
+
+
+_MIN_GROUPS_HELD_OUT_WHOLE = 3
+
+
+def _slab(n: int, fraction: float, zyx: np.ndarray | None) -> np.ndarray:
+    """Indices of the ``fraction`` of ``n`` points furthest along their principal axis (the last
+    rows without coordinates); at least one, never all."""
+    k = max(1, min(n - 1, int(round(fraction * n))))
+    if zyx is None:
+        return np.arange(n - k, n)
+    p = zyx - zyx.mean(axis=0)
+    axis = np.linalg.eigh(p.T @ p)[1][:, -1]
+    return np.argsort(p @ axis, kind="stable")[n - k :]
 
 
 def _to_tensor(a: Any, device: torch.device, name: str, ndim: int) -> torch.Tensor:

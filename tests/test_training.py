@@ -111,6 +111,21 @@ def test_split_validation_single_membrane_is_a_spatial_slab():
     assert rows.sum() == 10 and rows[-10:].all()
 
 
+def test_split_validation_two_membranes_hold_out_a_slab_of_each():
+    """Holding out one of two membranes would take half the data: a slab of each instead."""
+    rng = np.random.default_rng(1)
+    zyx = np.concatenate([
+        np.stack([rng.uniform(0, 5, 600), rng.uniform(0, 100, 600), rng.uniform(0, 30, 600)], 1),
+        np.stack([rng.uniform(50, 55, 400), rng.uniform(0, 20, 400), rng.uniform(0, 80, 400)], 1),
+    ])
+    groups = np.repeat([7, 9], [600, 400])
+    mask = split_validation(groups, 0.2, 0, zyx=zyx)
+    assert mask[:600].sum() == 120 and mask[600:].sum() == 80
+    for rows, axis in ((slice(0, 600), 1), (slice(600, 1000), 2)):  # each membrane's long axis
+        v, m = zyx[rows, axis], mask[rows]
+        assert v[m].min() >= v[~m].max() or v[m].max() <= v[~m].min()
+
+
 def test_balanced_epochs_draw_the_requested_share_of_near_rows():
     from membrain_dist.training import _epoch_order
 

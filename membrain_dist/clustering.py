@@ -70,9 +70,10 @@ class ClusterConfig:
     Attributes
     ----------
     score_threshold : float
-        Keep points whose predicted distance is below this (v1: 3.0; 3.5 gave the best F1 on
-        the synthetic campaign with class-balanced training, which predicts near-particle
-        points a little higher than v1's unbalanced loss).
+        Keep points whose predicted distance is below this (v1: 3.0). Default 4.0: class-
+        balanced training predicts near-particle points a little higher than v1's loss; on two
+        synthetic campaigns the best threshold was 3.5 and 4.5 (README, Figures). Tune it per
+        model (``--config``: ``[cluster] score_threshold``); ``evaluate`` on annotated data tells.
     bandwidth : float
         Gaussian kernel sigma of the first, coarsest level (default: particle radius).
     min_bandwidth : float
@@ -98,7 +99,7 @@ class ClusterConfig:
         ``"voxel"`` (all pipeline functions expect this) or ``"A"``; :meth:`in_voxels` converts.
     """
 
-    score_threshold: float = 3.5
+    score_threshold: float = 4.0
     bandwidth: float = 5.0
     min_bandwidth: float = 1.25
     bandwidth_factor: float = 0.7
@@ -129,7 +130,7 @@ class ClusterConfig:
         d = float(diameter_vox)
         if not d > 0:
             raise ValueError(f"particle diameter must be > 0, got {diameter_vox}")
-        thr = float(overrides.get("score_threshold", 3.5))  # type: ignore[arg-type]
+        thr = float(overrides.get("score_threshold", 4.0))  # type: ignore[arg-type]
         params: dict[str, object] = dict(
             score_threshold=thr,
             bandwidth=d / 2,

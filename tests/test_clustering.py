@@ -33,9 +33,9 @@ def _scores(points: np.ndarray, centres: np.ndarray, rng=None, noise: float = 0.
 def test_config_from_particle_size_and_angstrom():
     cfg = ClusterConfig.from_particle_size(10.0)
     assert cfg.bandwidth == 5.0 and cfg.max_extent == 10.0 and cfg.merge_distance == 2.5
-    assert cfg.min_bandwidth == pytest.approx(1.25) and cfg.score_threshold == 3.5
+    assert cfg.min_bandwidth == pytest.approx(1.25) and cfg.score_threshold == 4.0
     assert cfg == ClusterConfig()  # the class defaults are those of a 10-voxel particle
-    assert ClusterConfig.from_particle_size(4.0).max_extent == 7.0  # 2 x threshold wins
+    assert ClusterConfig.from_particle_size(4.0).max_extent == 8.0  # 2 x threshold wins
     assert ClusterConfig.from_particle_size(10.0, min_points=6).min_points == 6
     a = dataclasses.replace(cfg, units="A", bandwidth=50.0, score_threshold=30.0)
     v = a.in_voxels(10.0)

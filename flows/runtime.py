@@ -220,8 +220,9 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
     kwargs.update(spec.local_kwargs)
     import dask
 
-    with dask.config.set({"distributed.nanny.pre-spawn-environ":
-                          worker_environ(spec.threads_per_worker)}):
+    env = worker_environ(spec.threads_per_worker)
+    # the nanny lets a variable of this process win over its pre-spawn config: set both
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}), _environ(env):
         cluster = LocalCluster(**kwargs)
     try:
         log.info("dask LocalCluster: %d workers, dashboard %s", kwargs["n_workers"],
@@ -231,19 +232,41 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
         cluster.close()
 
 
-def worker_environ(threads: int) -> dict[str, str]:
-    """Environment of spawned dask workers: dask's, without ``MALLOC_TRIM_THRESHOLD_``.
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables of this process for the block, then restore them."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    Setting that variable switches off glibc's dynamic mmap threshold, so every array
-    temporary above 128 kB is a fresh ``mmap`` whose pages are faulted in and zeroed again:
-    the geometry stage ran at half speed in such workers (benchmarks/scale.py measured
-    ~3 k against ~6 k points/s). Our tasks' memory is bounded by the membrane's box, so
-    glibc's default trimming is enough.
+
+# glibc malloc tuning of the workers (bytes): see worker_environ
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+
+
+def worker_environ(threads: int) -> dict[str, str]:
+    """Environment of spawned dask workers: dask's, with glibc's heap tuned for big temporaries.
+
+    dask sets ``MALLOC_TRIM_THRESHOLD_=65536`` (and a parent process may carry it). Setting
+    it switches off glibc's dynamic mmap threshold, so every array temporary above 128 kB is
+    a fresh ``mmap`` whose pages are faulted in and zeroed again: the geometry stage ran at
+    half speed in such workers (benchmarks/scale.py: ~3 k against ~6 k points/s; a numpy
+    loop of 800 kB temporaries: 29.9 s against 17.8 s). An unset variable cannot be passed
+    down, so both thresholds are set explicitly: temporaries up to 32 MiB reuse the heap,
+    larger ones are mapped and unmapped, and free heap above 256 MiB is returned to the OS
+    (16.2 s on that loop). Task memory stays bounded by the membrane's box.
     """
     import dask
 
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
-    env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    env.update(MALLOC_ENV)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     return env

@@ -175,11 +175,7 @@ def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
 
     train, val = split_training(read_manifest(manifest), manifest)
     pipeline.validate_entries([*train, *val])
-    for e in (*train, *val):
-        ids = pipeline.convert_entry(e, store, cfg.convert)
-        sides = pipeline.side_specs(e, ids)
-        for mid in ids:
-            pipeline.geometry_membrane(store, e.name, mid, cfg.geometry, sides[mid])
+    pipeline.prepare_sequential([*train, *val], store, cfg)
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), transient=False) as bar:
         tid = bar.add_task("", total=cfg.train.max_epochs)

@@ -471,6 +471,21 @@ def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
 
 
 # --------------------------------------------------------------------------- sequential path
+def prepare_sequential(
+    entries: Sequence[TomogramEntry], root: str | os.PathLike, cfg: PipelineConfig
+) -> dict[str, list[int]]:
+    """Stages 0-2 (convert, sampling, voting, sides, extraction) for every entry in this
+    process; returns the membrane ids per tomogram. Finished work is skipped."""
+    membranes = {}
+    for entry in entries:
+        ids = convert_entry(entry, root, cfg.convert)
+        sides = side_specs(entry, ids)
+        for mid in ids:
+            geometry_membrane(root, entry.name, mid, cfg.geometry, sides[mid])
+        membranes[entry.name] = ids
+    return membranes
+
+
 def predict_sequential(
     entries: Sequence[TomogramEntry],
     root: str | os.PathLike,

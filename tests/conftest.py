@@ -37,11 +37,7 @@ def trained_model(campaign: Path, tmp_path_factory: pytest.TempPathFactory) -> P
                   labels=replace(cfg.labels, template=str(campaign.parent / "template.mrc")))
     train = [e for e in read_manifest(campaign) if e.split == "train"]
     root = work / "train.zarr"
-    for e in train:
-        ids = pipeline.convert_entry(e, root, cfg.convert)
-        sides = pipeline.side_specs(e, ids)
-        for mid in ids:
-            pipeline.geometry_membrane(root, e.name, mid, cfg.geometry, sides[mid])
+    pipeline.prepare_sequential(train, root, cfg)
     model_dir = work / "model"
     pipeline.fit_model(root, train, [], cfg, model_dir)
     return model_dir

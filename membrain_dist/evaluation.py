@@ -264,9 +264,13 @@ def _star_tables(path: Path) -> dict[str, pd.DataFrame]:
     of ``<name>.star`` files (the file's stem is the name)."""
     if path.is_dir():
         out: dict[str, pd.DataFrame] = {}
+        campaign: list[pd.DataFrame] = []
         for f in sorted(path.glob("*.star")):
             df = star.read_particles(f)
-            names = set(df["rlnTomoName"].unique())
+            names = set(df["rlnTomoName"].astype(str).unique())
+            if len(names) > 1:  # a campaign table (predict's particles.star): per-name files win
+                campaign.append(df)
+                continue
             if names - {f.stem}:
                 log.warning(
                     "%s: rlnTomoName %s differs from the file name; using %r",
@@ -275,6 +279,9 @@ def _star_tables(path: Path) -> dict[str, pd.DataFrame]:
                     f.stem,
                 )
             out[f.stem] = df
+        for df in campaign:
+            for k, g in df.groupby(df["rlnTomoName"].astype(str), sort=True):
+                out.setdefault(str(k), g.reset_index(drop=True))
         return out
     df = star.read_particles(path)
     return {str(k): g.reset_index(drop=True) for k, g in df.groupby("rlnTomoName", sort=True)}

@@ -96,7 +96,7 @@ def _write(path, name, zyx, mats=None):
     star.write_particles(path, df)
 
 
-def test_campaign_sums_counts(tmp_path):
+def test_campaign_sums_counts(tmp_path, caplog):
     import pandas as pd
 
     pred_dir = tmp_path / "pred"
@@ -105,6 +105,10 @@ def test_campaign_sums_counts(tmp_path):
     _write(pred_dir / "b.star", "b", GT[:1])  # b: 1 prediction, a hit
     _write(pred_dir / "c.star", "c", np.zeros((0, 3)))  # an empty prediction file
     _write(pred_dir / "extra.star", "extra", GT)  # no ground truth: ignored
+    # predict's campaign table beside them: the per-tomogram files win over its rows
+    star.write_particles(pred_dir / "particles.star", pd.concat(
+        [star.particles_frame(n, GT, None, (100, 100, 100), 10.0) for n in ("a", "b")],
+        ignore_index=True))
     gt_a = star.particles_frame("a", GT, None, (100, 100, 100), 10.0)
     gt_b = star.particles_frame("b", GT, None, (100, 100, 100), 10.0)
     gt_c = star.particles_frame("c", GT[:2], None, (100, 100, 100), 10.0)  # no predictions
@@ -112,6 +116,7 @@ def test_campaign_sums_counts(tmp_path):
     star.write_particles(gt_path, pd.concat([gt_a, gt_b, gt_c], ignore_index=True))
 
     df, overall = evaluate_campaign(pred_dir, gt_path, radius=4.5, symmetry=2)
+    assert "differs from the file name" not in caplog.text
     assert df["tomogram"].tolist() == ["a", "b", "c"]
     assert df["n_pred"].tolist() == [4, 1, 0] and df["n_gt"].tolist() == [3, 3, 2]
     # summed counts: predictions 5, hits 3 + 1; GT 8, hit 2 + 1

@@ -268,8 +268,9 @@ def _star_tables(path: Path) -> dict[str, pd.DataFrame]:
         for f in sorted(path.glob("*.star")):
             df = star.read_particles(f)
             names = set(df["rlnTomoName"].astype(str).unique())
-            if len(names) > 1:  # a campaign table (predict's particles.star): per-name files win
-                campaign.append(df)
+            others = names - {f.stem}
+            if len(names) > 1 or (others and all((path / f"{n}.star").is_file() for n in others)):
+                campaign.append(df)  # a campaign table (predict's particles.star): files win
                 continue
             if names - {f.stem}:
                 log.warning(

@@ -117,6 +117,14 @@ def test_campaign_sums_counts(tmp_path, caplog):
 
     df, overall = evaluate_campaign(pred_dir, gt_path, radius=4.5, symmetry=2)
     assert "differs from the file name" not in caplog.text
+    # a campaign of one tomogram: its particles.star names only that tomogram
+    one = tmp_path / "one"
+    one.mkdir()
+    _write(one / "a.star", "a", PRED)
+    _write(one / "particles.star", "a", PRED)
+    df_one, _ = evaluate_campaign(one, gt_path, radius=4.5, symmetry=2)
+    assert "differs from the file name" not in caplog.text
+    assert df_one.set_index("tomogram").loc["a", "n_pred"] == 4
     assert df["tomogram"].tolist() == ["a", "b", "c"]
     assert df["n_pred"].tolist() == [4, 1, 0] and df["n_gt"].tolist() == [3, 3, 2]
     # summed counts: predictions 5, hits 3 + 1; GT 8, hit 2 + 1

@@ -26,13 +26,15 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXP
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import cloudpickle  # noqa: E402
+import common  # noqa: E402
 import numpy as np  # noqa: E402
+from common import best_of, peak_rss_mb  # noqa: E402
 from scipy.ndimage import binary_dilation  # noqa: E402
 
 from membrain_dist import store  # noqa: E402
@@ -47,6 +49,8 @@ from membrain_dist.extraction import (  # noqa: E402
 from membrain_dist.geometry import GeometryConfig, process_membrane  # noqa: E402
 from membrain_dist.normals import vote_normals  # noqa: E402
 from membrain_dist.sampling import sample_membrane  # noqa: E402
+
+cloudpickle.register_pickle_by_value(common)  # workers need not import benchmarks/
 
 log = logging.getLogger("benchmarks.geometry")
 NAME = "bench"
@@ -129,16 +133,6 @@ def _extract_map_coordinates(tomo: np.ndarray, pts: np.ndarray, nrm: np.ndarray,
     return out
 
 
-def _best(fn, repeats: int) -> tuple[float, object]:
-    """Shortest wall time of ``repeats`` calls and the last result."""
-    best, res = float("inf"), None
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        res = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, res
-
-
 def _warm() -> int:
     """Imports and first-call costs of a worker, paid before the timed map."""
     rng = np.random.default_rng(0)
@@ -152,18 +146,6 @@ def _warm() -> int:
 
 def _clear(root: Path) -> None:
     shutil.rmtree(root / NAME / store.GEOMETRY_KEY, ignore_errors=True)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (MB): VmHWM (ru_maxrss survives exec, so workers would report
-    the parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed_task(root: str, name: str, mid: int, cfg: GeometryConfig) -> tuple[int, float, float]:
@@ -204,7 +186,7 @@ def run_cluster(root: Path, ids: list[int], cfg: GeometryConfig, n_workers: int,
         n = sum(r[0] for r in res)
         cpu = sum(r[1] for r in res)
         task_wall = sum(r[2] for r in res)
-        rss = client.run(_peak_rss_mb)
+        rss = client.run(peak_rss_mb)
     return {"n_workers": n_workers, "seconds": dt, "points": int(n), "points_per_s": n / dt,
             "task_cpu_s": cpu, "task_wall_s": task_wall,
             # CPU share a task got while running: < 1 means the cores were shared with others
@@ -241,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             _clear(root)
             return sum(process_membrane(root, NAME, mid, cfg) for mid in ids)
 
-        stage_s, n_points = _best(stage, args.repeats)
+        stage_s, n_points = best_of(stage, args.repeats)
         # per-stage breakdown on the pure functions (in memory)
         labels, tomo = data["labels"], data["tomo"]
         br = {"sampling": 0.0, "voting": 0.0, "extraction_order1": 0.0,
@@ -250,16 +232,16 @@ def main(argv: list[str] | None = None) -> dict:
         pts_all, nrm_all = [], []
         inten = Intensity(0, 1, -1)
         for m in data["membranes"]:
-            dt, sp = _best(lambda m=m: sample_membrane(labels.__getitem__, m["id"], m["bbox"],
+            dt, sp = best_of(lambda m=m: sample_membrane(labels.__getitem__, m["id"], m["bbox"],
                                                        labels.shape), args.repeats)
             br["sampling"] += dt
-            dt, nv = _best(lambda sp=sp: vote_normals(sp.zyx, sp.raw_normal, sp.weight),
+            dt, nv = best_of(lambda sp=sp: vote_normals(sp.zyx, sp.raw_normal, sp.weight),
                            args.repeats)
             br["voting"] += dt
-            br["extraction_order1"] += _best(
+            br["extraction_order1"] += best_of(
                 lambda sp=sp, nv=nv: extract_cubes(tomo, sp.zyx, nv, intensity=inten),
                 args.repeats)[0]
-            br["extraction_order1_map_coordinates"] += _best(
+            br["extraction_order1_map_coordinates"] += best_of(
                 lambda sp=sp, nv=nv: _extract_map_coordinates(tomo, sp.zyx, nv, inten),
                 args.repeats)[0]
             t = time.perf_counter()  # slow, once
@@ -277,9 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
         norm_tomo = np.clip(-tomo, -3, 3)
         # per point: the loop's one-off setup (edge-padding the whole tomogram) is timed with
         # zero points and subtracted, so the reference is not charged for it
-        ref_setup_s, _ = _best(lambda: _reference_extract_loop(norm_tomo, pts[:0], nrm[:0]),
+        ref_setup_s, _ = best_of(lambda: _reference_extract_loop(norm_tomo, pts[:0], nrm[:0]),
                                args.repeats)
-        ref_total_s, _ = _best(lambda: _reference_extract_loop(norm_tomo, pts[sub], nrm[sub]),
+        ref_total_s, _ = best_of(lambda: _reference_extract_loop(norm_tomo, pts[sub], nrm[sub]),
                                args.repeats)
         ref_pps = len(sub) / max(ref_total_s - ref_setup_s, 1e-9)
 
@@ -311,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
             "speedup_vs_reference": (n_points / stage_s) / ref_pps,
             "speedup_vs_reference_order3": (n_bd / (br["sampling"] + br["voting"]
                                                     + br["extraction_order3"])) / ref_pps,
-            "peak_rss_mb_main": _peak_rss_mb(),
+            "peak_rss_mb_main": peak_rss_mb(),
             "cpu_count": os.cpu_count(),
             "load_average_at_start": load_start,
             "load_average_after_single_core": list(os.getloadavg()),

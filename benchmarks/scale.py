@@ -30,7 +30,7 @@ Measured per size, in one run:
    during that stage (VmHWM, reset before the stage through ``/proc/self/clear_refs``; not
    ``ru_maxrss``, which cannot be reset and survives exec, so a spawned worker would report its
    parent's peak). Workers get the environment the CLI's own LocalCluster gives them
-   (``flows.runtime.worker_environ``; recorded in the JSON). Worker scaling = throughput
+   (``flows.runtime.spawn_environment``; recorded in the JSON). Worker scaling = throughput
    with 2 workers / with 1.
 2. **Naive references in the same run** (this process, one thread, on subsamples of the
    stored data), reported as ratios to the library's 1-worker (= 1 core) rate:
@@ -69,7 +69,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -80,12 +79,18 @@ from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import cloudpickle  # noqa: E402
+import common  # noqa: E402
 import numpy as np  # noqa: E402
+from common import best_of, peak_rss_mb, reset_peak_rss  # noqa: E402
 
+from flows import runtime as flows_runtime  # noqa: E402
 from membrain_dist import pipeline, store  # noqa: E402
 from membrain_dist.config import PipelineConfig  # noqa: E402
 from membrain_dist.manifest import TomogramEntry, read_manifest  # noqa: E402
 from membrain_dist.synth import SynthConfig, benchmark_config, generate_campaign  # noqa: E402
+
+cloudpickle.register_pickle_by_value(common)  # workers need not import benchmarks/
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -112,28 +117,6 @@ def parse_size(text: str) -> tuple[int, int, int]:
 
 def size_tag(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (MB): VmHWM. ``ru_maxrss`` only where /proc is missing: it
-    survives exec, so a spawned dask worker would report its parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False when unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
@@ -176,15 +159,6 @@ def _load_benchmark(name: str) -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    best, res = float("inf"), None
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        res = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, res
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -231,7 +205,7 @@ def _generate_child(folder: Path, shape: tuple[int, int, int], seed: int) -> Non
     cfg = size_config(shape)
     t0 = time.perf_counter()
     manifest = generate_campaign(folder, n_tomos=1, seed=seed, cfg=cfg, n_train=0, n_val=0)
-    info = {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
+    info = {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
             "manifest": str(manifest), "seed": seed, "config": _cfg_json(cfg)}
     _write_json(folder / "gen.json", info)
 
@@ -301,25 +275,17 @@ def ensure_model(work: Path, model_arg: Path | None, epochs: int) -> tuple[Path,
 
 
 # --------------------------------------------------------------------------- dask stages
-def worker_environ() -> dict[str, Any]:
-    """Environment of the worker processes: exactly what the CLI's own LocalCluster gives them
-    (``flows.runtime.worker_environ``: dask's defaults without ``MALLOC_TRIM_THRESHOLD_``, the
-    BLAS/OpenMP pools pinned to 1 thread)."""
-    from flows.runtime import worker_environ as flows_worker_environ
-
-    return flows_worker_environ(1)
-
-
 @contextlib.contextmanager
 def local_cluster(n_workers: int) -> Iterator[Any]:
-    """A fresh LocalCluster (processes, 1 thread each, BLAS/OpenMP pinned to 1) and its Client."""
+    """A fresh LocalCluster (processes, 1 thread each) whose workers get the environment the
+    CLI's own LocalCluster gives them (``flows.runtime.spawn_environment``), and its Client."""
     import dask
     from distributed import Client, LocalCluster
 
-    env = worker_environ()
+    from flows.runtime import spawn_environment
+
     # one task at a time per worker: the largest-first order is kept (greedy packing)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
-                          "distributed.scheduler.worker-saturation": 1.0}), \
+    with spawn_environment(1), dask.config.set({"distributed.scheduler.worker-saturation": 1.0}), \
             LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                          dashboard_address=None) as cluster, Client(cluster) as client:
         yield client
@@ -327,14 +293,14 @@ def local_cluster(n_workers: int) -> Iterator[Any]:
 
 def run_stage(client: Any, calls: Sequence[tuple[Callable[..., Any], tuple]]) -> dict:
     """Map ``calls`` (largest first) over the workers; wall time, task CPU, per-worker peak RSS."""
-    reset = client.run(_reset_peak_rss)
+    reset = client.run(reset_peak_rss)
     t0 = time.perf_counter()
     # retries as the Prefect tasks have (flows/tasks.py): a lost worker is not a lost benchmark
     futs = [client.submit(_timed, fn, *args, pure=False, priority=len(calls) - i, retries=2)
             for i, (fn, args) in enumerate(calls)]
     res = client.gather(futs)
     seconds = time.perf_counter() - t0
-    rss = client.run(_peak_rss_mb)
+    rss = client.run(peak_rss_mb)
     cpu, wall = sum(r[1] for r in res), sum(r[2] for r in res)
     return {"seconds": seconds, "results": [r[0] for r in res], "tasks": len(calls),
             "task_cpu_s": cpu, "task_wall_s": wall, "cpu_share": cpu / wall if wall > 0 else None,
@@ -491,9 +457,9 @@ def reference_geometry(root: Path, name: str, cfg: PipelineConfig, n: int, repea
     vol = normalise_intensity(block, Intensity.from_attrs(meta.intensity, clip=cfg.geometry.intensity_clip))
     local = (pts - lo).astype(np.float32)
     # the loop's one-off setup (edge-padding the volume) is timed with zero points and subtracted
-    setup_s, _ = _best_of(lambda: _reference_extract_loop(vol, local[:0], nrm[:0], cfg.geometry.cube_size),
+    setup_s, _ = best_of(lambda: _reference_extract_loop(vol, local[:0], nrm[:0], cfg.geometry.cube_size),
                           repeats)
-    total_s, cubes = _best_of(lambda: _reference_extract_loop(vol, local, nrm, cfg.geometry.cube_size),
+    total_s, cubes = best_of(lambda: _reference_extract_loop(vol, local, nrm, cfg.geometry.cube_size),
                               repeats)
     stored = np.asarray(_cubes(root, name, mid)[int(idx[0]):int(idx[-1]) + 1])[idx - idx[0]]
     corr = float(np.corrcoef(cubes.ravel(), stored.ravel())[0, 1])
@@ -524,7 +490,7 @@ def reference_inference(root: Path, name: str, model_dir: Path, n: int, batch_si
     t = time.perf_counter()
     r = ref(model, cubes, dev)
     ref_s = time.perf_counter() - t
-    batched_s, b = _best_of(lambda: predict_distances(model, cubes, batch_size, "cpu"), 2)
+    batched_s, b = best_of(lambda: predict_distances(model, cubes, batch_size, "cpu"), 2)
     return {"cubes": int(len(cubes)), "cubes_per_s": len(cubes) / ref_s, "threads": 1,
             "batched_same_cubes_per_s": len(cubes) / batched_s,
             "max_abs_diff_vs_batched": float(np.abs(r - b).max()) if len(cubes) else None,
@@ -553,7 +519,7 @@ def reference_clustering(root: Path, name: str, cfg: PipelineConfig, n: int,
     _, mid, pts, sc = best
     idx = _patch(pts, n, rng)
     pts, sc = pts[idx].astype(np.float64), sc[idx]
-    lib_s, cl = _best_of(lambda: hierarchical_mean_shift(pts, sc, cfg.cluster), 3)
+    lib_s, cl = best_of(lambda: hierarchical_mean_shift(pts, sc, cfg.cluster), 3)
     t = time.perf_counter()
     ms = MeanShift(bandwidth=cfg.cluster.bandwidth, n_jobs=1).fit(pts)
     ref_s = time.perf_counter() - t
@@ -601,7 +567,7 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
                         driver_peak = max(driver_peak, ps.memory_info().rss)
                     time.sleep(0.2)
                 wall = time.perf_counter() - t0
-            rss = client.run(_peak_rss_mb)
+            rss = client.run(peak_rss_mb)
     text = logf.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"predict failed ({proc.returncode}): {' '.join(cmd)}\n{text[-3000:]}")
@@ -613,7 +579,7 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
            "prefect_api_startup_s": api_s, "n_workers": n_workers, "threads_per_worker": 1,
            "under_600_s": wall < E2E_TARGET_S, "particles": particles,
            "peak_rss_mb_per_worker": sorted(float(v) for v in rss.values()),
-           "driver_peak_rss_mb_polled": driver_peak / MB,
+           "driverpeak_rss_mb_polled": driver_peak / MB,
            "command": " ".join(cmd), "cli_last_line": text.strip().splitlines()[-1] if text.strip() else ""}
     if not keep:
         shutil.rmtree(e2e, ignore_errors=True)
@@ -725,7 +691,7 @@ def print_size_table(tag: str, r: dict) -> None:
               f"(< 600 s: {ok}; + {e['prefect_api_startup_s']:.1f} s Prefect API start-up), "
               f"{e['particles']} particles, peak RSS/worker "
               f"{'/'.join(f'{x:.0f}' for x in e['peak_rss_mb_per_worker'])} MB, "
-              f"CLI driver {e['driver_peak_rss_mb_polled']:.0f} MB")
+              f"CLI driver {e['driverpeak_rss_mb_polled']:.0f} MB")
         print("share of E2E time (2-worker stage timings): " + ", ".join(
             f"{k} {100 * v:.0f}%" for k, v in e["stage_share"].items()))
     p = r.get("profile")
@@ -884,7 +850,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "machine": _machine(), "model": model_info,
         "settings": {"repeats": args.repeats, "threads_per_worker": 1, "worker_counts": [1, 2],
                      "inference_device_stages": "cpu", "inference_batch_size": cfg.inference.batch_size,
-                     "worker_environ": worker_environ(), "load_average_start": list(os.getloadavg()),
+                     "worker_environ": flows_runtime.worker_environ(1),
+                     "load_average_start": list(os.getloadavg()),
                      "timing": "wall clock; stages: best of repeats, warm workers; E2E: cold workers"},
         "sizes": {},
     }

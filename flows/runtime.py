@@ -211,18 +211,12 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
         return
     from distributed import LocalCluster
 
-    # One BLAS/OpenMP thread per worker process: parallelism comes from the workers.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, str(spec.threads_per_worker))
     kwargs = dict(n_workers=spec.n_workers or default_workers(),
                   threads_per_worker=spec.threads_per_worker, processes=True,
                   memory_limit=spec.memory_limit, dashboard_address=":0")
     kwargs.update(spec.local_kwargs)
-    import dask
-
-    env = worker_environ(spec.threads_per_worker)
-    # the nanny lets a variable of this process win over its pre-spawn config: set both
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}), _environ(env):
+    # BLAS/OpenMP pools of threads_per_worker and the malloc tuning, in the workers only
+    with spawn_environment(spec.threads_per_worker):
         cluster = LocalCluster(**kwargs)
     try:
         log.info("dask LocalCluster: %d workers, dashboard %s", kwargs["n_workers"],
@@ -270,6 +264,20 @@ def worker_environ(threads: int) -> dict[str, str]:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     return env
+
+
+@contextlib.contextmanager
+def spawn_environment(threads: int) -> Iterator[dict[str, str]]:
+    """Workers spawned in this block (LocalCluster nannies) get :func:`worker_environ`.
+
+    The nanny lets a variable of this process win over its pre-spawn config, so both are set;
+    restarted workers keep what their nanny read at start.
+    """
+    import dask
+
+    env = worker_environ(threads)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}), _environ(env):
+        yield env
 
 
 def task_runner(address: str):  # -> DaskTaskRunner

@@ -2,13 +2,14 @@
 
 Usage::
 
-    python benchmarks/geometry.py [--shape 128 320 320] [--membranes 10] [--ref-points 200]
+    python benchmarks/geometry.py [--shape 128 320 320] [--membranes 10] [--ref-points 300]
 
-Measures, in one run:
-1. points/s of ``geometry.process_membrane`` over all membranes on one core (in process),
-   with a per-stage breakdown on the pure functions;
-2. the naive v1-style reference (a Python loop, one cubic ``map_coordinates`` rotation of a
-   25^3 crop per point) on a subsample, per point;
+Measures, in one run, on the same tomogram, points and normals:
+1. ``points_per_s``: sampling + voting + sides + extraction (order 1) of every membrane in one
+   process on one core, in memory (the work the issue names), with a per-stage breakdown;
+   and the whole stage on the Zarr store (``process_membrane``: chunk reads, cube writes);
+2. the naive v1-style reference: the same sampling and voting, then a Python loop with one
+   cubic ``map_coordinates`` rotation of a 25^3 crop per point (on a subsample), per point;
 3. the speed-up of mapping ``process_membrane`` over the membranes with a dask
    ``LocalCluster`` of 1 vs 2 single-threaded worker processes (tasks get paths and ids).
 
@@ -22,6 +23,7 @@ import os
 
 for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
     os.environ[_v] = "1"
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # as the CLI: no INFO chatter
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -49,6 +51,7 @@ from membrain_dist.extraction import (  # noqa: E402
 from membrain_dist.geometry import GeometryConfig, process_membrane  # noqa: E402
 from membrain_dist.normals import vote_normals  # noqa: E402
 from membrain_dist.sampling import sample_membrane  # noqa: E402
+from membrain_dist.sides import assign_sides, enclosed_volume  # noqa: E402
 
 cloudpickle.register_pickle_by_value(common)  # workers need not import benchmarks/
 
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[128, 320, 320])
     ap.add_argument("--membranes", type=int, default=10)
-    ap.add_argument("--ref-points", type=int, default=200)
+    ap.add_argument("--ref-points", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="timings: best of this many runs")
     ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "geometry.json")
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         stage_s, n_points = best_of(stage, args.repeats)
         # per-stage breakdown on the pure functions (in memory)
         labels, tomo = data["labels"], data["tomo"]
-        br = {"sampling": 0.0, "voting": 0.0, "extraction_order1": 0.0,
+        br = {"sampling": 0.0, "voting": 0.0, "sides": 0.0, "extraction_order1": 0.0,
               "extraction_order1_map_coordinates": 0.0, "extraction_order3": 0.0}
         n_bd = 0
         pts_all, nrm_all = [], []
@@ -238,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
             dt, nv = best_of(lambda sp=sp: vote_normals(sp.zyx, sp.raw_normal, sp.weight),
                            args.repeats)
             br["voting"] += dt
+            br["sides"] += best_of(lambda sp=sp, nv=nv: assign_sides(
+                sp.zyx, nv, cavity=enclosed_volume(sp.coarse_mask),
+                cavity_origin=sp.coarse_origin, cavity_factor=sp.coarse_factor,
+                neighbours=cfg.orient_neighbours), args.repeats)[0]
             br["extraction_order1"] += best_of(
                 lambda sp=sp, nv=nv: extract_cubes(tomo, sp.zyx, nv, intensity=inten),
                 args.repeats)[0]
@@ -263,7 +270,12 @@ def main(argv: list[str] | None = None) -> dict:
                                args.repeats)
         ref_total_s, _ = best_of(lambda: _reference_extract_loop(norm_tomo, pts[sub], nrm[sub]),
                                args.repeats)
-        ref_pps = len(sub) / max(ref_total_s - ref_setup_s, 1e-9)
+        ref_loop_pps = len(sub) / max(ref_total_s - ref_setup_s, 1e-9)
+        # the reference samples and votes exactly as we do (shared code), then loops
+        shared_s = br["sampling"] + br["voting"]
+        ref_pps = 1.0 / (shared_s / n_bd + 1.0 / ref_loop_pps)
+        ours_s = shared_s + br["sides"] + br["extraction_order1"]
+        ours_pps = n_bd / ours_s
 
         result = {
             "shape_zyx": list(args.shape),
@@ -271,27 +283,32 @@ def main(argv: list[str] | None = None) -> dict:
             "n_points": int(n_points),
             "cube_size": cfg.cube_size,
             "order": cfg.order,
-            "seconds": stage_s,
-            "points_per_s": n_points / stage_s,
+            "points_per_s": ours_pps,
+            "points_per_s_description": (
+                "sampling + voting + sides + order-1 extraction of all membranes, one process, "
+                "one core, in memory (sum of the per-stage best-of-repeats times)"),
+            "stage_on_store_seconds": stage_s,
+            "stage_on_store_points_per_s": n_points / stage_s,
             "breakdown_points_per_s": {k: n_bd / v for k, v in br.items()},
-            "pipeline_in_memory_points_per_s": n_bd / (br["sampling"] + br["voting"]
-                                                       + br["extraction_order1"]),
-            "pipeline_in_memory_order3_points_per_s": n_bd / (br["sampling"] + br["voting"]
+            "pipeline_in_memory_order3_points_per_s": n_bd / (shared_s + br["sides"]
                                                               + br["extraction_order3"]),
             "reference_points_per_s": ref_pps,
+            "reference_loop_points_per_s": ref_loop_pps,
             "reference_points": int(len(sub)),
             "reference_description": (
-                "v1-style Python loop over points, same tomogram (pre-normalised) and the same "
-                "sampled points/voted normals: per point a 25^3 crop around the rounded point is "
-                "rotated by one cubic-spline scipy.ndimage.map_coordinates call (prefilter on, "
-                "mode nearest) and centre-cropped to 12^3; best of repeats; the one-off edge "
-                "padding of the tomogram (reference_setup_s) is excluded from the per-point rate"),
+                "v1 style: the same sampling and voting (shared code, timed above), then a "
+                "Python loop over points on the same tomogram (pre-normalised): per point a 25^3 "
+                "crop around the rounded point is rotated by one cubic-spline "
+                "scipy.ndimage.map_coordinates call (prefilter on, mode nearest) and "
+                "centre-cropped to 12^3; loop timed on a subsample, best of repeats; the one-off "
+                "edge padding of the tomogram (reference_setup_s) is excluded"),
             "reference_setup_s": ref_setup_s,
             "reference_total_s_incl_setup": ref_total_s,
             "repeats": args.repeats,
             "timing": "best of repeats (wall clock), one process, BLAS/OpenMP threads = 1",
-            "speedup_vs_reference": (n_points / stage_s) / ref_pps,
-            "speedup_vs_reference_order3": (n_bd / (br["sampling"] + br["voting"]
+            "speedup_vs_reference": ours_pps / ref_pps,
+            "speedup_vs_reference_stage_on_store": (n_points / stage_s) / ref_pps,
+            "speedup_vs_reference_order3": (n_bd / (shared_s + br["sides"]
                                                     + br["extraction_order3"])) / ref_pps,
             "peak_rss_mb_main": peak_rss_mb(),
             "cpu_count": os.cpu_count(),
@@ -312,11 +329,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         rows = [
             ("points", f"{n_points}"),
-            ("stage on store, 1 core (points/s)", f"{result['points_per_s']:.0f}"),
+            ("sampling+voting+sides+extraction, 1 core (points/s)", f"{ours_pps:.0f}"),
             *((f"  {k} alone (points/s)", f"{v:.0f}")
               for k, v in result["breakdown_points_per_s"].items()),
-            ("reference v1 loop (points/s)", f"{ref_pps:.1f}"),
-            ("speed-up vs reference (stage, order 1)", f"{result['speedup_vs_reference']:.1f}x"),
+            ("whole stage on the store, 1 core (points/s)",
+             f"{result['stage_on_store_points_per_s']:.0f}"),
+            ("reference: same sampling+voting, v1 loop (points/s)",
+             f"{ref_pps:.1f} (loop alone {ref_loop_pps:.1f})"),
+            ("speed-up vs reference (order 1)", f"{result['speedup_vs_reference']:.1f}x"),
+            ("speed-up vs reference (whole stage on the store)",
+             f"{result['speedup_vs_reference_stage_on_store']:.1f}x"),
             ("speed-up vs reference (in memory, order 3)",
              f"{result['speedup_vs_reference_order3']:.1f}x"),
         ]

@@ -137,6 +137,7 @@ def predict_distances(
     cubes: Any,
     batch_size: int = 4096,
     device: str | torch.device = "cpu",
+    rotations: int = 1,
 ) -> np.ndarray:
     """Predicted distance (voxels) from each cube's centre to the nearest particle centre.
 
@@ -151,6 +152,9 @@ def predict_distances(
         Cubes per forward pass (rounded to whole zarr chunks along axis 0).
     device : str
         ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+    rotations : int
+        Average the predictions of this many quarter turns (1, 2 or 4) of each cube about
+        cube axis 0, the membrane normal (``InferenceConfig.rotations``).
 
     Returns
     -------
@@ -158,6 +162,8 @@ def predict_distances(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if rotations not in (1, 2, 4):
+        raise ValueError(f"rotations must be 1, 2 or 4, got {rotations}")
     dev = torch.device(resolve_device(device))
     n = int(cubes.shape[0])
     model = inference_model(model, dev)
@@ -171,7 +177,11 @@ def predict_distances(
             x = torch.from_numpy(batch).unsqueeze(1).contiguous(memory_format=layout)
             if cuda:
                 x = x.pin_memory().to(dev, non_blocking=True)
-            out[start : start + len(batch)] = model(x).float()
+            pred = model(x).float()
+            for k in range(1, rotations):  # (B, 1, z, y, x): turn in the y-x plane
+                xr = torch.rot90(x, k, dims=(3, 4)).contiguous(memory_format=layout)
+                pred += model(xr).float()
+            out[start : start + len(batch)] = pred / rotations
     result = out.cpu().numpy()
     log.debug("predicted %d cubes on %s in batches of %d", n, dev, step)
     return result

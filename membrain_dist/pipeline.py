@@ -127,7 +127,8 @@ def score_membrane(
     if gattrs is None:
         raise KeyError(f"{root}: no geometry for {gkey}")
     prov = store.provenance(
-        "scores", {"model": model_fingerprint(model_dir)}, {"geometry": gattrs["provenance"]}
+        "scores", {"model": model_fingerprint(model_dir), "rotations": cfg.rotations},
+        {"geometry": gattrs["provenance"]}
     )
     skey = f"{gkey}/scores"
     sattrs = _array_attrs(root, skey)
@@ -140,7 +141,8 @@ def score_membrane(
     model, _ = get_model(model_dir, device)
     _check_model(model_dir, meta.voxel_size_A if meta else None)
     cubes = zarr.open_array(store=str(root), path=f"{gkey}/cubes", mode="r")
-    scores = predict_distances(model, cubes, batch_size=cfg.batch_size, device=device)
+    scores = predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
+                               rotations=cfg.rotations)
     n = int(scores.shape[0])
     store.write_array_atomic(root, skey, scores.astype(np.float32),
                              chunks=(max(1, min(n, 65536)),), attrs={"provenance": prov})

@@ -96,3 +96,21 @@ def test_threads_follow_the_dask_worker():
             assert client.submit(configure_threads, 1, pure=False).result() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_rotations_average_quarter_turns_about_the_normal(model, cubes):
+    x = torch.from_numpy(cubes)
+    with torch.inference_mode():  # the mean over explicit turns in the (y, x) plane of a cube
+        turns = [model(torch.rot90(x, k, dims=(2, 3)).contiguous()).numpy() for k in range(4)]
+    np.testing.assert_allclose(predict_distances(model, cubes, rotations=4), np.mean(turns, 0),
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(predict_distances(model, cubes, rotations=2),
+                               np.mean(turns[:2], 0), atol=1e-5, rtol=0)
+    # the averaged score no longer depends on the arbitrary in-plane angle of the cube ...
+    turned = np.ascontiguousarray(np.rot90(cubes, 1, axes=(2, 3)))  # (N, z, y, x)
+    np.testing.assert_allclose(predict_distances(model, turned, rotations=4),
+                               predict_distances(model, cubes, rotations=4), atol=1e-5, rtol=0)
+    # ... which a single pass does (so the check above is not vacuous)
+    assert np.abs(predict_distances(model, turned) - predict_distances(model, cubes)).max() > 1e-3
+    with pytest.raises(ValueError, match="rotations"):
+        predict_distances(model, cubes, rotations=3)

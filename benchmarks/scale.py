@@ -87,6 +87,7 @@ from common import best_of, peak_rss_mb, reset_peak_rss  # noqa: E402
 from flows import runtime as flows_runtime  # noqa: E402
 from membrain_dist import pipeline, store  # noqa: E402
 from membrain_dist.config import PipelineConfig  # noqa: E402
+from membrain_dist.inference import default_batch_size  # noqa: E402
 from membrain_dist.manifest import TomogramEntry, read_manifest  # noqa: E402
 from membrain_dist.synth import SynthConfig, benchmark_config, generate_campaign  # noqa: E402
 
@@ -538,7 +539,8 @@ def _cli() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "membrain_dist.cli"]
 
 
-def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep: bool) -> dict:
+def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep: bool,
+            rotations: int = 1) -> dict:
     """``membrain-dist predict --scheduler`` against a fresh LocalCluster; wall time and RSS."""
     import psutil
 
@@ -554,7 +556,8 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
         with local_cluster(n_workers) as client:
             addr = client.scheduler.address
             cmd = [*_cli(), "predict", "--manifest", str(manifest), "--model", str(model_dir),
-                   "--out", str(out), "--store", str(root), "--scheduler", addr]
+                   "--out", str(out), "--store", str(root), "--scheduler", addr,
+                   "--rotations", str(rotations)]
             logf = e2e / "predict.log"
             driver_peak = 0
             with open(logf, "w") as fh:
@@ -783,7 +786,7 @@ def bench_size(shape: tuple[int, int, int], args: argparse.Namespace, model_dir:
         if not args.keep_stores:
             shutil.rmtree(run_dir / "w2", ignore_errors=True)
     log.info("%s: end to end (CLI)", tag)
-    e2e = run_e2e(manifest, model_dir, run_dir, 2, args.keep_stores)
+    e2e = run_e2e(manifest, model_dir, run_dir, 2, args.keep_stores, cfg.inference.rotations)
     stage_s = {k: res["stages"][k]["2"]["seconds"] for k in STAGES}
     e2e["stage_share"] = {**{k: v / e2e["seconds"] for k, v in stage_s.items()},
                           "other (start-up, Prefect, scheduling)":
@@ -809,6 +812,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="scratch folder: generated data, model, stores (default benchmarks/data/scale)")
     ap.add_argument("--model", type=Path, default=None, help="trained model directory (default: train one)")
     ap.add_argument("--train-epochs", type=int, default=4, help="epochs of the model trained when no --model")
+    ap.add_argument("--rotations", type=int, choices=(1, 2, 4), default=1,
+                    help="inference passes per cube (predict --rotations; default 1, the "
+                         "predict default, whatever the model carries)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the naive references")
     ap.add_argument("--repeats", type=int, default=1, help="stage timings: best of this many passes")
     ap.add_argument("--profile", action="store_true",
@@ -840,7 +846,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     t0 = time.perf_counter()
     model_dir, model_info = ensure_model(args.work, args.model, args.train_epochs)
     cfg = pipeline.model_pipeline_config(model_dir)
-    cfg = cfg.with_overrides("inference", device="cpu")  # stage timings: CPU throughput per core
+    # stage timings: CPU throughput per core; one pass per cube unless asked (a model may carry
+    # rotations=4, the demo's quality setting, at 4x the inference cost)
+    cfg = cfg.with_overrides("inference", device="cpu", rotations=args.rotations)
     model_meta = json.loads((model_dir / "model.json").read_text())
     model_info.update(channels=model_meta.get("channels"), cube_size=model_meta.get("cube_size"),
                       fingerprint=pipeline.model_fingerprint(model_dir))
@@ -849,7 +857,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "benchmark": "scale", "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": _machine(), "model": model_info,
         "settings": {"repeats": args.repeats, "threads_per_worker": 1, "worker_counts": [1, 2],
-                     "inference_device_stages": "cpu", "inference_batch_size": cfg.inference.batch_size,
+                     "inference_device_stages": "cpu",
+                     "inference_batch_size": cfg.inference.batch_size or default_batch_size("cpu"),
+                     "inference_rotations": cfg.inference.rotations,
                      "worker_environ": flows_runtime.worker_environ(1),
                      "load_average_start": list(os.getloadavg()),
                      "timing": "wall clock; stages: best of repeats, warm workers; E2E: cold workers"},

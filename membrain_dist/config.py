@@ -64,7 +64,8 @@ class InferenceConfig:
     Attributes
     ----------
     batch_size
-        Cubes per forward pass (CPU: a few hundred is as fast as larger; GPU: thousands).
+        Cubes per forward pass; None: 256 on a CPU, 4096 on a GPU
+        (``inference.default_batch_size``).
     device
         ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     rotations
@@ -75,14 +76,14 @@ class InferenceConfig:
         inference cost. Saved with a model by ``train`` and used by ``predict`` unless given.
     """
 
-    batch_size: int = 1024
+    batch_size: int | None = None
     device: str = "auto"
     rotations: int = 1
 
     def __post_init__(self) -> None:
         if self.rotations not in (1, 2, 4):
             raise ValueError(f"rotations must be 1, 2 or 4, got {self.rotations}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 

@@ -454,7 +454,10 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
-    """The geometry/cluster settings a model was trained with (defaults when absent)."""
+    """The geometry/cluster settings a model was trained with (defaults when absent).
+
+    Of the inference section only ``rotations`` is taken: batch size and device belong to the
+    machine that predicts, not to the model."""
     path = Path(model_dir) / PIPELINE_FILE
     if not path.is_file():
         return PipelineConfig()
@@ -466,7 +469,10 @@ def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
     kw = {}
     for section in ("convert", "geometry", "labels", "inference", "cluster", "orientation"):
         if section in data:
-            kw[section] = config_from_dict(type(getattr(base, section)), data[section])
+            values = data[section]
+            if section == "inference":
+                values = {k: v for k, v in values.items() if k == "rotations"}
+            kw[section] = config_from_dict(type(getattr(base, section)), values)
     from dataclasses import replace
 
     return replace(base, **kw)

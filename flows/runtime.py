@@ -157,15 +157,27 @@ def load_slurm_config(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def slurm_clusters(path: str | os.PathLike) -> tuple[Any, Any]:
-    """The CPU and GPU SLURMClusters of a config (not yet scaled). Needs ``[slurm]``."""
+    """The CPU and GPU SLURMClusters of a config (not yet scaled). Needs ``[slurm]``.
+
+    Each job script first exports :data:`MALLOC_ENV` (a variable of the nanny's own
+    environment wins over dask's pre-spawn default, see :func:`worker_environ`), unless the
+    config's ``job_script_prologue`` already sets that variable.
+    """
     from dask_jobqueue import SLURMCluster
 
     cfg = load_slurm_config(path)
-    gpu = dict(cfg["gpu"])
+    cpu, gpu = (_with_malloc_exports(dict(cfg[k])) for k in ("cpu", "gpu"))
     extra = list(gpu.pop("worker_extra_args", []))
     if "--resources" not in extra:
         extra += ["--resources", "GPU=1"]
-    return SLURMCluster(**cfg["cpu"]), SLURMCluster(worker_extra_args=extra, **gpu)
+    return SLURMCluster(**cpu), SLURMCluster(worker_extra_args=extra, **gpu)
+
+
+def _with_malloc_exports(section: dict[str, Any]) -> dict[str, Any]:
+    prologue = [str(line) for line in section.get("job_script_prologue") or []]
+    exports = [f"export {k}={v}" for k, v in MALLOC_ENV.items()
+               if not any(k in line for line in prologue)]
+    return {**section, "job_script_prologue": exports + prologue}
 
 
 def _loopback_api_warning() -> str | None:

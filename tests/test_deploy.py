@@ -121,6 +121,12 @@ def test_job_script_matches_yaml(job_scripts, slurm_cfg, section, index):
         assert line in script
     # the venv is activated before the worker starts
     assert script.index("activate") < script.index("distributed.cli.dask_worker")
+    # the workers' heap tuning travels in the job script (the nanny's environment wins over
+    # dask's MALLOC_TRIM_THRESHOLD_=65536 default)
+    from flows.runtime import MALLOC_ENV
+
+    for k, v in MALLOC_ENV.items():
+        assert script.index(f"export {k}={v}") < script.index("distributed.cli.dask_worker")
 
 
 @pytest.mark.filterwarnings("ignore:Port .* is already in use")

@@ -158,7 +158,8 @@ def predict_distances(
     Parameters
     ----------
     model : nn.Module
-        A :class:`~membrain_dist.model.MemBrainCNN` (moved to ``device`` and put in eval mode).
+        A :class:`~membrain_dist.model.MemBrainCNN`; left as it is (an eval-mode copy with
+        BatchNorm folded in runs, :func:`inference_model`).
     cubes : (N, s, s, s) array-like
         numpy array, ``zarr.Array`` or anything sliceable along axis 0 to numpy; float32
         rotation-normalised cubes, axis 0 along the normal. Read one batch at a time.

@@ -114,3 +114,18 @@ def test_rotations_average_quarter_turns_about_the_normal(model, cubes):
     assert np.abs(predict_distances(model, turned) - predict_distances(model, cubes)).max() > 1e-3
     with pytest.raises(ValueError, match="rotations"):
         predict_distances(model, cubes, rotations=3)
+
+
+def test_inference_model_folds_batchnorm_and_leaves_the_model_alone(model, cubes):
+    from torch import nn
+
+    from membrain_dist.inference import inference_model
+
+    folded = inference_model(model, "cpu")
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in model.modules()) == 4  # untouched
+    x = torch.from_numpy(cubes[:16]).unsqueeze(1)
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            folded(x.contiguous(memory_format=torch.channels_last_3d)).numpy(),
+            model(x).numpy(), atol=1e-5, rtol=0)

@@ -41,7 +41,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_rotations_option(p) -> None:
-    p.add_argument("--rotations", type=int, choices=(1, 2, 4), default=None,
+    p.add_argument("--rotations", type=int, choices=(1, 2, 4), default=None,  # ROTATIONS
                    help="average the scores of 1, 2 or 4 quarter turns of each cube about the "
                         "membrane normal (inference cost x1/x2/x4; default 1, or what the model "
                         "was trained with); saved with a trained model")

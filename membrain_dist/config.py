@@ -81,8 +81,9 @@ class InferenceConfig:
     rotations: int = 1
 
     def __post_init__(self) -> None:
-        if self.rotations not in (1, 2, 4):
-            raise ValueError(f"rotations must be 1, 2 or 4, got {self.rotations}")
+        from .inference import check_rotations
+
+        check_rotations(self.rotations)
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

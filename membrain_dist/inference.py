@@ -107,6 +107,9 @@ def get_model(
     return _cached_model(str(path), stamp, resolve_device(device))
 
 
+#: allowed numbers of quarter turns averaged per cube (``rotations``)
+ROTATIONS = (1, 2, 4)
+
 #: cubes per forward pass when none is given. CPU: 256 keeps a pass's activations (16 channels
 #: x 10^3 voxels x 4 B per cube: 16 MB) under the dask workers' 32 MiB mmap threshold
 #: (``flows.runtime.MALLOC_ENV``); at 1024 every pass maps and faults in fresh pages (1,231 vs
@@ -117,6 +120,11 @@ DEFAULT_BATCH = {"cpu": 256, "cuda": 4096}
 def default_batch_size(device: str | torch.device) -> int:
     """Cubes per forward pass on ``device`` when the configuration leaves it open."""
     return DEFAULT_BATCH.get(torch.device(device).type, DEFAULT_BATCH["cpu"])
+
+
+def check_rotations(rotations: int) -> None:
+    if rotations not in ROTATIONS:
+        raise ValueError(f"rotations must be one of {ROTATIONS}, got {rotations}")
 
 
 def _read_size_for(cubes: Any, batch_size: int) -> int:
@@ -178,8 +186,7 @@ def predict_distances(
     -------
     (N,) float32 numpy array.
     """
-    if rotations not in (1, 2, 4):
-        raise ValueError(f"rotations must be 1, 2 or 4, got {rotations}")
+    check_rotations(rotations)
     dev = torch.device(resolve_device(device))
     batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
     if batch_size < 1:

@@ -61,6 +61,10 @@ _LENGTH_FIELDS = (
 )
 
 
+#: predicted distance (voxels) below which points are clustered, unless configured
+DEFAULT_SCORE_THRESHOLD = 4.0
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """Parameters of :func:`hierarchical_mean_shift`. Lengths in voxels (or Å, see ``units``).
@@ -99,7 +103,7 @@ class ClusterConfig:
         ``"voxel"`` (all pipeline functions expect this) or ``"A"``; :meth:`in_voxels` converts.
     """
 
-    score_threshold: float = 4.0
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
     bandwidth: float = 5.0
     min_bandwidth: float = 1.25
     bandwidth_factor: float = 0.7
@@ -130,7 +134,7 @@ class ClusterConfig:
         d = float(diameter_vox)
         if not d > 0:
             raise ValueError(f"particle diameter must be > 0, got {diameter_vox}")
-        thr = float(overrides.get("score_threshold", 4.0))  # type: ignore[arg-type]
+        thr = float(overrides.get("score_threshold", DEFAULT_SCORE_THRESHOLD))  # type: ignore[arg-type]
         params: dict[str, object] = dict(
             score_threshold=thr,
             bandwidth=d / 2,

@@ -159,23 +159,27 @@ def load_slurm_config(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 def slurm_clusters(path: str | os.PathLike) -> tuple[Any, Any]:
     """The CPU and GPU SLURMClusters of a config (not yet scaled). Needs ``[slurm]``.
 
-    Each job script first exports :data:`MALLOC_ENV` (a variable of the nanny's own
-    environment wins over dask's pre-spawn default, see :func:`worker_environ`), unless the
-    config's ``job_script_prologue`` already sets that variable.
+    Each job script first exports :func:`worker_exports` (the heap tuning of :data:`MALLOC_ENV`,
+    which in the nanny's own environment wins over dask's pre-spawn default, see
+    :func:`worker_environ`, and :data:`CLUSTER_DASK_CONFIG`), unless the config's
+    ``job_script_prologue`` already mentions that variable. The schedulers, started in this
+    process, get :func:`cluster_dask_config`.
     """
+    import dask
     from dask_jobqueue import SLURMCluster
 
     cfg = load_slurm_config(path)
-    cpu, gpu = (_with_malloc_exports(dict(cfg[k])) for k in ("cpu", "gpu"))
+    cpu, gpu = (_with_worker_exports(dict(cfg[k])) for k in ("cpu", "gpu"))
     extra = list(gpu.pop("worker_extra_args", []))
     if "--resources" not in extra:
         extra += ["--resources", "GPU=1"]
-    return SLURMCluster(**cpu), SLURMCluster(worker_extra_args=extra, **gpu)
+    with dask.config.set(cluster_dask_config()):
+        return SLURMCluster(**cpu), SLURMCluster(worker_extra_args=extra, **gpu)
 
 
-def _with_malloc_exports(section: dict[str, Any]) -> dict[str, Any]:
+def _with_worker_exports(section: dict[str, Any]) -> dict[str, Any]:
     prologue = [str(line) for line in section.get("job_script_prologue") or []]
-    exports = [f"export {k}={v}" for k, v in MALLOC_ENV.items()
+    exports = [f"export {k}={v}" for k, v in worker_exports().items()
                if not any(k in line for line in prologue)]
     return {**section, "job_script_prologue": exports + prologue}
 
@@ -227,7 +231,7 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
                   threads_per_worker=spec.threads_per_worker, processes=True,
                   memory_limit=spec.memory_limit, dashboard_address=":0")
     kwargs.update(spec.local_kwargs)
-    # BLAS/OpenMP pools of threads_per_worker and the malloc tuning, in the workers only
+    # BLAS/OpenMP pools of threads_per_worker, the malloc tuning and the cluster's dask config
     with spawn_environment(spec.threads_per_worker):
         cluster = LocalCluster(**kwargs)
     try:
@@ -257,6 +261,44 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
 
 
+# dask settings of the clusters a run starts (dotted keys), see cluster_dask_config
+CLUSTER_DASK_CONFIG: dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "200ms",
+}
+
+
+def dask_env_name(key: str) -> str:
+    """The environment variable dask reads for a dotted config key."""
+    return "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+
+
+def cluster_dask_config() -> dict[str, Any]:
+    """:data:`CLUSTER_DASK_CONFIG` less what this process's environment sets explicitly.
+
+    Two of dask's monitors are tuned for interactive work, not for a campaign that keeps every
+    core busy with tasks of seconds:
+
+    - the workers' statistical profiler samples every thread's stack each 10 ms, holding the
+      GIL; its only use is the dask dashboard's Profile page (runs are monitored in Prefect).
+      On 2 busy workers it cost the geometry stage 4-5 % of its throughput
+      (benchmarks/geometry.py; on 1 worker nothing: the sampler ran on the idle core);
+    - every scheduler, nanny and worker checks its event loop's health each 20 ms. An idle
+      2-worker LocalCluster spent 0.40 s CPU per 8 s in the flow process (scheduler and
+      nannies) and 0.20 s in each worker; checking each 200 ms: 0.22 s and 0.08 s. Blocked
+      loops are still reported (after ``distributed.admin.tick.limit``, 3 s).
+
+    A variable such as ``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True`` in the environment
+    keeps dask's own setting.
+    """
+    return {k: v for k, v in CLUSTER_DASK_CONFIG.items() if dask_env_name(k) not in os.environ}
+
+
+def worker_exports() -> dict[str, str]:
+    """Environment a SLURM job script exports for its workers: heap tuning and dask config."""
+    return {**MALLOC_ENV, **{dask_env_name(k): str(v) for k, v in CLUSTER_DASK_CONFIG.items()}}
+
+
 def worker_environ(threads: int) -> dict[str, str]:
     """Environment of spawned dask workers: dask's, with glibc's heap tuned for big temporaries.
 
@@ -280,15 +322,19 @@ def worker_environ(threads: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def spawn_environment(threads: int) -> Iterator[dict[str, str]]:
-    """Workers spawned in this block (LocalCluster nannies) get :func:`worker_environ`.
+    """Workers spawned in this block (LocalCluster nannies) get :func:`worker_environ`, and
+    schedulers, nannies and workers created in it :func:`cluster_dask_config`.
 
     The nanny lets a variable of this process win over its pre-spawn config, so both are set;
-    restarted workers keep what their nanny read at start.
+    it hands its worker the dask config of this process as it was when the nanny was created
+    (a worker's own environment loses to it), so that config is set here too. Restarted
+    workers keep what their nanny read at start.
     """
     import dask
 
     env = worker_environ(threads)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}), _environ(env):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **cluster_dask_config()}), \
+            _environ(env):
         yield env
 
 

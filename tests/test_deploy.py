@@ -122,10 +122,12 @@ def test_job_script_matches_yaml(job_scripts, slurm_cfg, section, index):
     # the venv is activated before the worker starts
     assert script.index("activate") < script.index("distributed.cli.dask_worker")
     # the workers' heap tuning travels in the job script (the nanny's environment wins over
-    # dask's MALLOC_TRIM_THRESHOLD_=65536 default)
+    # dask's MALLOC_TRIM_THRESHOLD_=65536 default), and so does their dask config (profiler off, 200 ms loop checks)
     from flows.runtime import MALLOC_ENV
 
-    for k, v in MALLOC_ENV.items():
+    exports = {**MALLOC_ENV, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+               "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "200ms"}
+    for k, v in exports.items():
         assert script.index(f"export {k}={v}") < script.index("distributed.cli.dask_worker")
 
 

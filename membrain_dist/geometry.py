@@ -249,7 +249,7 @@ def process_membrane(
             read_volume, shape, zyx, normal, size=s, order=cfg.order,
             batch_size=cfg.batch_size, intensity=intensity,
         ):
-            cubes[start : start + batch.shape[0]] = batch
+            store.write_rows(cubes, start, batch)
         g.attrs.update({
             "provenance": prov,
             "n_points": n,

@@ -122,7 +122,8 @@ def test_job_script_matches_yaml(job_scripts, slurm_cfg, section, index):
     # the venv is activated before the worker starts
     assert script.index("activate") < script.index("distributed.cli.dask_worker")
     # the workers' heap tuning travels in the job script (the nanny's environment wins over
-    # dask's MALLOC_TRIM_THRESHOLD_=65536 default), and so does their dask config (profiler off, 200 ms loop checks)
+    # dask's MALLOC_TRIM_THRESHOLD_=65536 default), and so does their dask config (profiler
+    # off, 200 ms loop checks)
     from flows.runtime import MALLOC_ENV
 
     exports = {**MALLOC_ENV, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",

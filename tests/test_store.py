@@ -135,3 +135,17 @@ def test_concurrent_writers_create_shared_parents(tmp_path):
     for i in range(64):
         a = zarr.open_array(root, path=f"t{i // 8}/picks/m{i}", mode="r")
         np.testing.assert_array_equal(a[...], np.full(3, i, np.float32))
+
+
+@pytest.mark.parametrize("start, n", [(0, 8), (8, 16), (3, 9), (13, 2), (0, 30)])
+def test_write_rows_chunk_by_chunk(tmp_path, start: int, n: int):
+    """write_rows equals one slice assignment, aligned to the chunks or not, and leaves the
+    rows around it untouched."""
+    rng = np.random.default_rng(start + n)
+    a = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=(30, 2, 3), chunks=(8, 2, 3),
+                          dtype=np.float32, fill_value=-1.0)
+    rows = rng.normal(size=(n, 2, 3)).astype(np.float32)
+    store.write_rows(a, start, rows)
+    expected = np.full((30, 2, 3), -1.0, np.float32)
+    expected[start : start + n] = rows
+    np.testing.assert_array_equal(a[...], expected)

@@ -12,7 +12,8 @@ Measures, in one run, on the same tomogram, points and normals:
    cubic ``map_coordinates`` rotation of a 25^3 crop per point (on a subsample), per point;
 3. the speed-up of mapping ``process_membrane`` over the membranes with a dask
    ``LocalCluster`` of 1 vs 2 single-threaded worker processes (tasks get paths and ids),
-   workers set up as the CLI's; ``--cluster-rounds`` alternating rounds, best of each.
+   workers set up as the CLI's; the median over ``--cluster-rounds`` rounds of 1 then 2
+   workers (back to back, so that the machine's drift cancels).
 
 Timings are the best of ``--repeats`` runs (the machine may be shared: the load average is
 recorded). Prints a table and writes ``benchmarks/results/geometry.json``.
@@ -192,25 +193,36 @@ def _cluster_round(root: Path, ids: list[int], cfg: GeometryConfig, n_workers: i
             "peak_rss_mb_per_worker": sorted(float(v) for v in rss.values())}
 
 
-def run_clusters(root: Path, ids: list[int], cfg: GeometryConfig, rounds: int,
-                 worker_counts: tuple[int, ...] = (1, 2)) -> dict[int, dict]:
-    """Timed maps on 1 and 2 workers, alternating (1, 2, 1, 2, ...) for ``rounds`` rounds.
+def run_clusters(root: Path, ids: list[int], cfg: GeometryConfig, rounds: int) -> list[dict]:
+    """``rounds`` rounds of timed maps, each a 1-worker then a 2-worker map: ``[{1: .., 2: ..}]``.
 
-    The machine's speed drifts by +-10 % over tens of seconds (a shared VM): alternating puts
-    both counts in the same periods, so the best of each compares like with like. Returns per
-    worker count the best round, with every round's seconds under ``"round_seconds"``.
+    The machine's speed drifts by +-10 % over tens of seconds (a shared VM): a round's two maps
+    run back to back, so their ratio compares like with like.
     """
-    runs: dict[int, list[dict]] = {n: [] for n in worker_counts}
-    for _ in range(max(1, rounds)):
-        for n in worker_counts:
-            runs[n].append(_cluster_round(root, ids, cfg, n))
-    best = {}
-    for n, rs in runs.items():
-        b = dict(min(rs, key=lambda r: r["seconds"]))
-        b["round_seconds"] = [r["seconds"] for r in rs]
-        b["peak_rss_mb_per_worker"] = max((r["peak_rss_mb_per_worker"] for r in rs), key=max)
-        best[n] = b
-    return best
+    return [{n: _cluster_round(root, ids, cfg, n) for n in (1, 2)} for _ in range(max(1, rounds))]
+
+
+def scaling_summary(rounds: list[dict]) -> dict:
+    """Worker scaling from the rounds of :func:`run_clusters`: the median over rounds of the
+    2-worker over the 1-worker throughput (headline), the best of each, and the runs."""
+    ratios = [r[2]["points_per_s"] / r[1]["points_per_s"] for r in rounds]
+    # CPU-share normalised: what 2 workers give when each gets a whole core
+    norm = [x * r[1]["cpu_share"] / r[2]["cpu_share"] for x, r in zip(ratios, rounds, strict=True)]
+    best = {n: min((r[n] for r in rounds), key=lambda x: x["seconds"]) for n in (1, 2)}
+    return {
+        "worker_scaling": float(np.median(ratios)),
+        "worker_scaling_description": (
+            "median over rounds of (2-worker points/s) / (1-worker points/s); a round is a "
+            "1-worker then a 2-worker map of process_membrane over all membranes, each on a "
+            "fresh LocalCluster set up as the CLI's (flows.runtime.spawn_environment)"),
+        "worker_scaling_per_round": ratios,
+        "worker_scaling_best_of_each": best[2]["points_per_s"] / best[1]["points_per_s"],
+        "worker_scaling_cpu_normalised": float(np.median(norm)),
+        "peak_rss_mb_per_worker_max": max(max(r[n]["peak_rss_mb_per_worker"])
+                                          for r in rounds for n in (1, 2)),
+        "cluster_rounds": [[r[1], r[2]] for r in rounds],
+        "cluster_runs": [best[1], best[2]],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,8 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--membranes", type=int, default=10)
     ap.add_argument("--ref-points", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3, help="timings: best of this many runs")
-    ap.add_argument("--cluster-rounds", type=int, default=5,
-                    help="alternating 1- and 2-worker timed maps (best of each is reported)")
+    ap.add_argument("--cluster-rounds", type=int, default=7,
+                    help="rounds of a 1-worker then a 2-worker timed map (scaling: median)")
     ap.add_argument("--no-cluster", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "geometry.json")
     args = ap.parse_args(argv)
@@ -334,23 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
             "load_average_after_single_core": list(os.getloadavg()),
         }
         if not args.no_cluster:
-            best = run_clusters(root, ids, cfg, args.cluster_rounds)
-            one, two = best[1], best[2]
-            result["worker_scaling"] = two["points_per_s"] / one["points_per_s"]
-            result["worker_scaling_description"] = (
-                "best of the 2-worker rounds over best of the 1-worker rounds (points/s); "
-                "rounds alternate 1, 2, 1, 2, ... each on a fresh LocalCluster set up as the "
-                "CLI's (flows.runtime.spawn_environment)")
-            pairs = [a / b for a, b in zip(one["round_seconds"], two["round_seconds"],
-                                           strict=True)]
-            result["worker_scaling_per_round"] = pairs
-            result["worker_scaling_median_of_rounds"] = float(np.median(pairs))
-            # scaling in CPU-normalised throughput (points per task-CPU-second x workers):
-            # what 2 workers give when each gets a whole core
-            result["worker_scaling_cpu_normalised"] = (
-                (two["points"] / two["seconds"]) / (one["points"] / one["seconds"])
-                * (one["cpu_share"] / two["cpu_share"]))
-            result["cluster_runs"] = [one, two]
+            result.update(scaling_summary(run_clusters(root, ids, cfg, args.cluster_rounds)))
             result["load_average_at_end"] = list(os.getloadavg())
 
         rows = [
@@ -370,15 +366,14 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         if "worker_scaling" in result:
             for r in result["cluster_runs"]:
-                rows.append((f"dask {r['n_workers']} worker(s) (points/s)",
-                             f"{r['points_per_s']:.0f}  peak RSS/worker "
-                             f"{max(r['peak_rss_mb_per_worker']):.0f} MB  "
-                             f"CPU share {r['cpu_share']:.2f}"))
-            rows.append(("worker scaling 1 -> 2 (best of each)",
-                         f"{result['worker_scaling']:.2f}x"))
-            rows.append(("  median over rounds",
-                         f"{result['worker_scaling_median_of_rounds']:.2f}x  "
-                         f"({', '.join(f'{x:.2f}' for x in pairs)})"))
+                rows.append((f"dask {r['n_workers']} worker(s), best round (points/s)",
+                             f"{r['points_per_s']:.0f}  CPU share {r['cpu_share']:.2f}"))
+            rows.append(("peak RSS per worker, all rounds",
+                         f"{result['peak_rss_mb_per_worker_max']:.0f} MB"))
+            rows.append(("worker scaling 1 -> 2 (median of rounds)",
+                         f"{result['worker_scaling']:.2f}x  (rounds: "
+                         f"{', '.join(f'{x:.2f}' for x in result['worker_scaling_per_round'])})"))
+            rows.append(("  best of each", f"{result['worker_scaling_best_of_each']:.2f}x"))
             rows.append(("  CPU-share normalised",
                          f"{result['worker_scaling_cpu_normalised']:.2f}x"))
         w = max(len(a) for a, _ in rows)

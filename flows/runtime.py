@@ -159,11 +159,10 @@ def load_slurm_config(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 def slurm_clusters(path: str | os.PathLike) -> tuple[Any, Any]:
     """The CPU and GPU SLURMClusters of a config (not yet scaled). Needs ``[slurm]``.
 
-    Each job script first exports :func:`worker_exports` (the heap tuning of :data:`MALLOC_ENV`,
-    which in the nanny's own environment wins over dask's pre-spawn default, see
-    :func:`worker_environ`, and :data:`CLUSTER_DASK_CONFIG`), unless the config's
-    ``job_script_prologue`` already mentions that variable. The schedulers, started in this
-    process, get :func:`cluster_dask_config`.
+    Each job script first exports :func:`worker_exports`, each variable unless the config's
+    ``job_script_prologue`` already mentions it: the heap tuning of :data:`MALLOC_ENV` (in the
+    nanny's own environment it wins over dask's pre-spawn default, see :func:`worker_environ`)
+    and :func:`cluster_dask_config`. The schedulers, started in this process, get the latter.
     """
     import dask
     from dask_jobqueue import SLURMCluster
@@ -295,8 +294,10 @@ def cluster_dask_config() -> dict[str, Any]:
 
 
 def worker_exports() -> dict[str, str]:
-    """Environment a SLURM job script exports for its workers: heap tuning and dask config."""
-    return {**MALLOC_ENV, **{dask_env_name(k): str(v) for k, v in CLUSTER_DASK_CONFIG.items()}}
+    """Environment a SLURM job script exports for its workers: heap tuning and dask config
+    (a dask variable of this process's environment reaches the jobs as it is, sbatch exports
+    the submitting environment)."""
+    return {**MALLOC_ENV, **{dask_env_name(k): str(v) for k, v in cluster_dask_config().items()}}
 
 
 def worker_environ(threads: int) -> dict[str, str]:

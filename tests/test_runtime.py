@@ -53,3 +53,18 @@ def test_local_workers_monitors_tuned_unless_asked(monkeypatch, user_value, expe
             Client(cl.cpu_address) as client:
         (state,) = client.run(_monitors).values()
     assert state == (expected, expected, "200ms")
+
+
+def test_job_script_exports_leave_a_user_setting(monkeypatch):
+    """SLURM jobs get the dask settings as exports, except one the submitting environment sets
+    (sbatch passes that on as it is); the heap tuning is always exported."""
+    from flows.runtime import worker_exports
+
+    name = dask_env_name("distributed.worker.profile.enabled")
+    monkeypatch.delenv(name, raising=False)
+    assert worker_exports()[name] == "False"
+    monkeypatch.setenv(name, "True")
+    exports = worker_exports()
+    assert name not in exports
+    assert exports[dask_env_name("distributed.admin.tick.interval")] == "200ms"
+    assert set(MALLOC_ENV) <= set(exports)

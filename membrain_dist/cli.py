@@ -40,7 +40,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
                    help="run in this process without dask or Prefect (debugging, reference)")
 
 
-def _add_rotations_option(p) -> None:
+def _add_rotations_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--rotations", type=int, choices=(1, 2, 4), default=None,  # ROTATIONS
                    help="average the scores of 1, 2 or 4 quarter turns of each cube about the "
                         "membrane normal (inference cost x1/x2/x4; default 1, or what the model "

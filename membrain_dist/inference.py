@@ -12,8 +12,8 @@ Conv3d + BatchNorm3d pair is folded into one convolution (eval-mode BatchNorm is
 per channel), and on the CPU weights and inputs use the channels-last (NDHWC) layout, for which
 torch's CPU convolutions are fastest: together 1.8x the cubes/s of the plain model at batch
 1024 on one core of this project's 2-core machine. With passes of 256 cubes (see
-``DEFAULT_BATCH``) the inference stage of ``benchmarks/scale.py`` ran at 1,805-1,927 cubes/s
-per core (16 channels), against ~780 before.
+``DEFAULT_BATCH``) the inference stage of ``benchmarks/scale.py`` ran at 1,805-2,045 cubes/s
+per core (16 channels; two full runs), against ~780 before.
 
 Threads: torch keeps one process-wide intra-op thread pool. Inside a dask worker,
 :func:`configure_threads` sets it to the worker's ``nthreads`` (the cores the worker was started

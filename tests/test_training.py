@@ -9,7 +9,14 @@ import pytest
 import torch
 import zarr
 
-from membrain_dist.training import EpochStats, TrainConfig, split_validation, train
+from membrain_dist.training import (
+    EpochStats,
+    TrainConfig,
+    draw_epoch,
+    split_validation,
+    stratified_subset,
+    train,
+)
 
 S = 8  # small cubes and a narrow network keep the test to a few seconds on 2 cores
 
@@ -126,7 +133,7 @@ def test_split_validation_two_membranes_hold_out_a_slab_of_each():
         assert v[m].min() >= v[~m].max() or v[m].max() <= v[~m].min()
 
 
-def test_balanced_epochs_draw_the_requested_share_of_near_rows():
+def test_full_epochs_draw_the_requested_share_of_near_rows():
     from membrain_dist.training import _epoch_order
 
     y = torch.full((10_000,), 7.0)
@@ -138,3 +145,82 @@ def test_balanced_epochs_draw_the_requested_share_of_near_rows():
     assert share == pytest.approx(0.5, abs=0.03)
     plain = _epoch_order(y, 0.0, gen)
     assert torch.equal(torch.sort(plain).values, torch.arange(10_000))
+
+
+def _near_mask(n: int, n_near: int, seed: int = 0) -> torch.Tensor:
+    near = torch.zeros(n, dtype=torch.bool)
+    near[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_near]] = True
+    return near
+
+
+@pytest.mark.parametrize("balance, n_far", [(0.5, 300), (0.25, 900), (0.75, 100)])
+def test_balanced_epoch_holds_every_near_row_and_the_configured_far_count(balance, n_far):
+    near = _near_mask(10_000, 300)
+    rows = draw_epoch(near, balance, min_cubes=16, gen=torch.Generator().manual_seed(0))
+    counts = torch.bincount(rows, minlength=len(near))
+    assert torch.equal(counts[near], torch.ones(300, dtype=counts.dtype))  # each near row once
+    assert int(counts[~near].sum()) == n_far  # far rows: near * (1 - balance) / balance ...
+    assert int(counts[~near].max()) == 1  # ... drawn without replacement
+    assert not torch.equal(rows, torch.sort(rows).values)  # shuffled
+
+
+def test_balanced_epochs_change_between_epochs_and_repeat_with_the_seed():
+    near = _near_mask(5_000, 200)
+    gen = torch.Generator().manual_seed(7)
+    first, second = draw_epoch(near, 0.5, 16, gen), draw_epoch(near, 0.5, 16, gen)
+    far_first, far_second = set(first[~near[first]].tolist()), set(second[~near[second]].tolist())
+    assert len(far_first) == len(far_second) == 200
+    assert far_first != far_second  # a fresh draw of far rows each epoch
+    again = torch.Generator().manual_seed(7)
+    assert torch.equal(draw_epoch(near, 0.5, 16, again), first)  # reproducible from the seed
+    assert torch.equal(draw_epoch(near, 0.5, 16, again), second)
+
+
+def test_balanced_epoch_repeats_scarce_near_rows_and_caps_far_rows():
+    gen = torch.Generator().manual_seed(0)
+    near = _near_mask(1_000, 10)
+    rows = draw_epoch(near, 0.5, min_cubes=100, gen=gen)  # 10 near rows, 50 wanted
+    counts = torch.bincount(rows, minlength=1_000)
+    assert torch.equal(counts[near], torch.full((10,), 5, dtype=counts.dtype))
+    assert int(counts[~near].sum()) == 50
+    few_far = ~_near_mask(1_000, 20)  # 980 near, 20 far: every far row, once
+    counts = torch.bincount(draw_epoch(few_far, 0.5, 16, gen), minlength=1_000)
+    assert int(counts[~few_far].sum()) == 20 and int(counts[few_far].min()) == 1
+    plenty = _near_mask(1_000, 300)  # 300 near rows, at most 100 of them in an epoch of 200
+    first, second = (torch.bincount(draw_epoch(plenty, 0.5, 16, gen, max_cubes=200),
+                                    minlength=1_000) for _ in range(2))
+    for counts in (first, second):
+        assert int(counts[plenty].sum()) == 100 and int(counts[plenty].max()) == 1
+        assert int(counts[~plenty].sum()) == 100
+    assert not torch.equal(first[plenty], second[plenty])  # another subset of near rows
+    for degenerate in (torch.zeros(50, dtype=torch.bool), torch.ones(50, dtype=torch.bool)):
+        assert torch.equal(torch.sort(draw_epoch(degenerate, 0.5, 16, gen)).values,
+                           torch.arange(50))  # nothing to balance: a permutation
+    assert torch.equal(torch.sort(draw_epoch(near, 0.0, 16, gen)).values, torch.arange(1_000))
+
+
+def test_stratified_subset_is_fixed_and_fills_both_strata():
+    near = _near_mask(20_000, 1_500).numpy()
+    rows = stratified_subset(near, 4_000, 0.5, seed=3)
+    assert len(rows) == 4_000 and len(np.unique(rows)) == 4_000
+    assert near[rows].sum() == 1_500  # short stratum: all of it, the rest from the other
+    assert np.array_equal(rows, stratified_subset(near, 4_000, 0.5, seed=3))
+    half = stratified_subset(near, 2_000, 0.5, seed=3)
+    assert near[half].sum() == 1_000
+    assert np.array_equal(stratified_subset(near, 0, 0.5, 3), np.arange(20_000))
+    assert np.array_equal(stratified_subset(near, 30_000, 0.5, 3), np.arange(20_000))
+    plain = stratified_subset(near, 2_000, 0.0, seed=3)
+    assert len(plain) == 2_000 and near[plain].sum() < 400  # about 7.5 %: no stratification
+
+
+def test_training_sees_bounded_epochs_and_reports_time_left():
+    x, y = _synthetic(600, 4)
+    y[:500] = 3.5  # 100 near rows below the clip of 3.5 ...
+    y[500:] = np.minimum(y[500:], 3.4)
+    cfg = dataclasses.replace(CFG, max_epochs=3, patience=3, min_epoch_cubes=16, val_cubes=64)
+    res = train(x, y, x[:200], y[:200], cfg)
+    assert [h.cubes for h in res.history[1:]] == [200, 200, 200]  # ... and as many far rows
+    assert res.history[1].eta_seconds > 0 and res.history[-1].eta_seconds == 0
+    assert "left" in res.history[1].line() and "epoch 3/3" in res.history[-1].line()
+    full = train(x, y, x[:200], y[:200], dataclasses.replace(cfg, epoch="full", max_epochs=1))
+    assert full.history[1].cubes == 600

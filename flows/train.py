@@ -26,12 +26,8 @@ def fit_task(root: str, train: list[TomogramEntry], val: list[TomogramEntry],
     logger = get_run_logger()
 
     def progress(stats) -> None:
-        args = ("epoch %d/%d  train %.4f  val %.4f  best %.4f @ %d  (%.1f s)", stats.epoch,
-                stats.max_epochs, stats.train_loss, stats.val_loss, stats.best_val_loss,
-                stats.best_epoch, stats.seconds)
-        console.info(*args)  # the terminal (the CLI shows INFO of membrain_dist)
-        if stats.epoch % 5 == 0 or stats.epoch == stats.max_epochs:
-            logger.info(*args)  # the Prefect UI
+        console.info("%s", stats.line())  # the terminal (the CLI shows INFO of membrain_dist)
+        logger.info("%s", stats.line())  # the Prefect UI
 
     return pipeline.fit_model(root, train, val, cfg, model_dir, progress)
 
@@ -54,13 +50,15 @@ def split_training(entries: list[TomogramEntry], manifest: str) -> tuple[list, l
 def train_campaign(manifest: str, model_dir: str, store: str,
                    cfg: PipelineConfig = PipelineConfig(),
                    cluster: ClusterSpec = ClusterSpec()) -> dict:
-    """Convert -> geometry on dask workers, then training (on a GPU worker when there is one,
-    else in this process with all its cores)."""
+    """Convert -> geometry on dask workers, then training: on a GPU worker when there is one,
+    else in this process with all its cores, after the clusters of the first two stages are
+    closed (a local cluster's idle workers and scheduler would take CPU time from it)."""
     logger = get_run_logger()
     entries = read_manifest(manifest)
     train, val = split_training(entries, manifest)
     rows = [*train, *val]
     pipeline.validate_entries(rows)
+    metrics = None
     with open_clusters(cluster) as cl:
         runner = task_runner(cl.cpu_address)
         membranes, bad = convert_flow.with_options(task_runner=runner)(rows, store, cfg)
@@ -80,8 +78,8 @@ def train_campaign(manifest: str, model_dir: str, store: str,
                     return fit_task.submit(store, train, val, cfg, model_dir).result()
 
             metrics = _fit_remote()
-        else:
-            metrics = fit_task(store, train, val, cfg, model_dir)
+    if metrics is None:  # train here, the CPU clusters closed: their workers would idle on its cores
+        metrics = fit_task(store, train, val, cfg, model_dir)
     logger.info("model written to %s (best epoch %s, val loss %.4f)", model_dir,
                 metrics.get("best_epoch"), metrics.get("best_val_loss", float("nan")))
     return metrics

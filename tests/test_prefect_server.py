@@ -216,6 +216,7 @@ def test_prefect_api_starts_exports_and_stops(monkeypatch, tmp_path):
         server = servers[0]
         port = url.split(":")[2].split("/")[0]
         assert port in server.cmdline()
+        assert server.environ().get("PREFECT__SERVER_EPHEMERAL") == "1"  # no scheduler loops
     assert "PREFECT_API_URL" not in os.environ
     assert PREFECT_API_URL.value() != url
     assert not _healthy(url)

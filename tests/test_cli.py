@@ -56,17 +56,45 @@ def test_predict_refuses_a_tampered_model(test_manifest: Path, trained_model: Pa
 
 
 def test_train_through_the_flows_writes_a_loadable_model(campaign: Path, tmp_path: Path) -> None:
-    """`train --manifest --out` on the default local dask cluster + temporary Prefect API."""
+    """`train --manifest --out` on the default local dask cluster + temporary Prefect API:
+    one progress line per epoch, and no dask worker left running while the CPU trains."""
+    import psutil
+
     from membrain_dist.model import load_model
 
     out = tmp_path / "model"
-    res = run("train", "--manifest", str(campaign), "--out", str(out), "--epochs", "2",
-              "--template", str(campaign.parent / "template.mrc"), "--workers", "2")
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    proc = subprocess.Popen(
+        [*CLI, "train", "--manifest", str(campaign), "--out", str(out), "--epochs", "2",
+         "--template", str(campaign.parent / "template.mrc"), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, during_training = [], None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if during_training is None and "epoch 1/2" in line:
+            during_training = _child_commands(proc.pid, psutil)
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    epoch_lines = [ln for ln in lines if "membrain_dist.training: epoch" in ln]
+    assert [ln.split("epoch ")[1].split()[0] for ln in epoch_lines] == ["0/2", "1/2", "2/2"]
+    assert "s left" in epoch_lines[1] and "cubes in" in epoch_lines[1]
+    assert during_training is not None
+    workers = [c for c in during_training if "spawn_main" in c or "dask" in c]
+    assert not workers, workers  # the LocalCluster of convert + geometry is closed by then
     model, meta = load_model(out)
     assert meta.voxel_size_A == pytest.approx(14.08)
     assert meta.metrics["epochs_run"] >= 1
     assert (out / "pipeline.json").is_file()
+
+
+def _child_commands(pid: int, psutil) -> list[str]:
+    """Command lines of the live descendants of ``pid``."""
+    commands = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            commands.append(" ".join(child.cmdline()))
+        except psutil.Error:  # exited meanwhile
+            pass
+    return commands
 
 
 def test_evaluate_reports_figures_as_json(sequential_prediction: Path, test_manifest: Path,

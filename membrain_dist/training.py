@@ -196,10 +196,10 @@ class EpochStats:
     """One epoch's outcome; epoch 0 is the untrained model (both losses without augmentation).
 
     ``train_loss`` of later epochs is the mean over the epoch's augmented batches; ``cubes`` the
-    training cubes it saw. ``eta_seconds`` bounds the time left: the mean epoch time so far
-    times the epochs until early stopping or ``max_epochs``, whichever is first (0 when this
-    epoch is the last). Equality ignores the timings, so two seeded runs compare equal when
-    their losses do.
+    training cubes it saw. Time left, from the mean epoch time so far: ``eta_seconds`` up to
+    ``max_epochs`` (a bound), ``stop_seconds`` up to the early stop should no later epoch
+    improve (both 0 when this epoch is the last). Equality ignores the timings, so two seeded
+    runs compare equal when their losses do.
     """
 
     epoch: int
@@ -211,6 +211,7 @@ class EpochStats:
     seconds: float = field(compare=False)
     cubes: int = 0
     eta_seconds: float = field(default=0.0, compare=False)
+    stop_seconds: float = field(default=0.0, compare=False)
 
     def line(self) -> str:
         """One human-readable progress line."""
@@ -218,7 +219,11 @@ class EpochStats:
         if self.epoch == 0:
             return (f"{head} (untrained)  train {self.train_loss:.4f}  val {self.val_loss:.4f}"
                     f"  ({self.seconds:.1f} s)")
-        eta = f"  <= {_duration(self.eta_seconds)} left" if self.eta_seconds > 0 else ""
+        eta = ""
+        if self.stop_seconds > 0:  # 0: this epoch is the last
+            eta = f"  <= {_duration(self.eta_seconds)} left"
+            if self.stop_seconds < self.eta_seconds:
+                eta += f" ({_duration(self.stop_seconds)} if no better epoch)"
         return (f"{head}  train {self.train_loss:.4f}  val {self.val_loss:.4f}  best "
                 f"{self.best_val_loss:.4f} @ {self.best_epoch}  {self.cubes} cubes in "
                 f"{self.seconds:.1f} s{eta}")
@@ -474,11 +479,15 @@ def _subset(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int
     return x[idx], y[idx]
 
 
-def _eta(history: list[EpochStats], epoch: int, best_epoch: int, cfg: TrainConfig) -> float:
-    """Upper bound on the seconds left after ``epoch`` (see :class:`EpochStats`)."""
-    left = min(cfg.max_epochs - epoch, cfg.patience - (epoch - best_epoch))
+def _eta(history: list[EpochStats], epoch: int, best_epoch: int, cfg: TrainConfig
+         ) -> tuple[float, float]:
+    """Seconds left after ``epoch``: to ``max_epochs``, and to the early stop without a better
+    epoch (see :class:`EpochStats`)."""
     done = [h.seconds for h in history[1:]]
-    return max(0, left) * (sum(done) / len(done)) if done else 0.0
+    mean = sum(done) / len(done) if done else 0.0
+    to_end = cfg.max_epochs - epoch
+    to_stop = min(to_end, cfg.patience - (epoch - best_epoch))
+    return max(0, to_end) * mean, max(0, to_stop) * mean
 
 
 def train(
@@ -628,8 +637,8 @@ def _train(
             seconds = time.perf_counter() - t0
             stats = EpochStats(epoch, cfg.max_epochs, train_loss, val_loss, best_epoch, best_loss,
                                seconds, seen)
-            stats = dataclasses.replace(
-                stats, eta_seconds=_eta([*history, stats], epoch, best_epoch, cfg))
+            eta, stop = _eta([*history, stats], epoch, best_epoch, cfg)
+            stats = dataclasses.replace(stats, eta_seconds=eta, stop_seconds=stop)
             history.append(stats)
             log.debug("%s", stats.line())
             if progress:

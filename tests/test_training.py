@@ -217,10 +217,16 @@ def test_training_sees_bounded_epochs_and_reports_time_left():
     x, y = _synthetic(600, 4)
     y[:500] = 3.5  # 100 near rows below the clip of 3.5 ...
     y[500:] = np.minimum(y[500:], 3.4)
-    cfg = dataclasses.replace(CFG, max_epochs=3, patience=3, min_epoch_cubes=16, val_cubes=64)
+    cfg = dataclasses.replace(CFG, max_epochs=4, patience=2, min_epoch_cubes=16, val_cubes=64,
+                              min_delta=100.0)  # no epoch improves: early stop after 2
     res = train(x, y, x[:200], y[:200], cfg)
-    assert [h.cubes for h in res.history[1:]] == [200, 200, 200]  # ... and as many far rows
-    assert res.history[1].eta_seconds > 0 and res.history[-1].eta_seconds == 0
-    assert "left" in res.history[1].line() and "epoch 3/3" in res.history[-1].line()
+    assert [h.cubes for h in res.history[1:]] == [200, 200]  # ... and as many far rows
+    first = res.history[1]
+    mean = first.seconds
+    assert first.eta_seconds == pytest.approx(3 * mean) and first.stop_seconds == pytest.approx(mean)
+    assert res.history[-1].eta_seconds == pytest.approx(2 * (first.seconds + res.history[2].seconds) / 2)
+    assert res.history[-1].stop_seconds == 0
+    assert "left" in first.line() and "if no better epoch" in first.line()
+    assert "epoch 2/4" in res.history[-1].line() and "left" not in res.history[-1].line()
     full = train(x, y, x[:200], y[:200], dataclasses.replace(cfg, epoch="full", max_epochs=1))
     assert full.history[1].cubes == 600

@@ -193,7 +193,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EpochStats:
-    """One epoch's outcome; epoch 0 is the untrained model (both losses without augmentation).
+    """One epoch's outcome; epoch 0 is the untrained model (both losses without augmentation,
+    its training loss on a stratified subsample of the training rows as for validation).
 
     ``train_loss`` of later epochs is the mean over the epoch's augmented batches; ``cubes`` the
     training cubes it saw. Time left, from the mean epoch time so far: ``eta_seconds`` up to

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -13,11 +12,10 @@ from membrain_dist.config import PipelineConfig
 from membrain_dist.errors import InputError
 from membrain_dist.manifest import TomogramEntry, read_manifest
 from membrain_dist.store import sweep_orphans
+from membrain_dist.training import log_epoch
 
 from .runtime import ClusterSpec, open_clusters, task_runner
 from .stages import convert_flow, geometry_flow
-
-console = logging.getLogger("membrain_dist.training")
 
 
 @task(name="fit-model", cache_policy=NO_CACHE)
@@ -26,7 +24,7 @@ def fit_task(root: str, train: list[TomogramEntry], val: list[TomogramEntry],
     logger = get_run_logger()
 
     def progress(stats) -> None:
-        console.info("%s", stats.line())  # the terminal (the CLI shows INFO of membrain_dist)
+        log_epoch(stats)  # the terminal (the CLI shows INFO of membrain_dist)
         logger.info("%s", stats.line())  # the Prefect UI
 
     return pipeline.fit_model(root, train, val, cfg, model_dir, progress)

@@ -182,9 +182,9 @@ def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
     train, val = split_training(read_manifest(manifest), manifest)
     pipeline.validate_entries([*train, *val])
     pipeline.prepare_sequential([*train, *val], store, cfg)
-    progress_log = logging.getLogger("membrain_dist.training")
-    return pipeline.fit_model(store, train, val, cfg, model_dir,
-                              lambda stats: progress_log.info("%s", stats.line()))
+    from .training import log_epoch
+
+    return pipeline.fit_model(store, train, val, cfg, model_dir, log_epoch)
 
 
 def _predict_config(args: argparse.Namespace):
@@ -266,7 +266,6 @@ def _print_evaluation(summary: dict) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-
     from .synth import generate_campaign
 
     out = Path(args.out)

@@ -136,6 +136,13 @@ def _read_size_for(cubes: Any, batch_size: int) -> int:
     return batch_size
 
 
+def memory_layout(device: str | torch.device) -> torch.memory_format:
+    """Layout of 5D cube batches and weights: channels-last 3D on the CPU (oneDNN's fast path:
+    1.8x for folded inference, 1.25-1.3x for training of the 16-channel network on 2 cores),
+    cuDNN's default contiguous layout on CUDA."""
+    return torch.contiguous_format if torch.device(device).type == "cuda" else torch.channels_last_3d
+
+
 def inference_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
     """An eval-mode copy of ``model`` on ``device`` with each Conv3d + BatchNorm3d folded into
     one Conv3d, channels-last on the CPU. Same outputs up to float32 round-off; ``model`` is
@@ -150,10 +157,7 @@ def inference_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.
             if isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d):
                 parent._modules[a] = fuse_conv_bn_eval(conv, bn)
                 parent._modules[b] = nn.Identity()
-    m = m.to(dev)
-    if dev.type == "cpu":
-        m = m.to(memory_format=torch.channels_last_3d)
-    return m
+    return m.to(dev).to(memory_format=memory_layout(dev))
 
 
 def predict_distances(
@@ -194,7 +198,7 @@ def predict_distances(
     n = int(cubes.shape[0])
     model = inference_model(model, dev)
     cuda = dev.type == "cuda"
-    layout = torch.contiguous_format if cuda else torch.channels_last_3d
+    layout = memory_layout(dev)
     step = _read_size_for(cubes, batch_size)
     out = torch.empty(n, dtype=torch.float32, device=dev)
     with torch.inference_mode():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from membrain_dist import pipeline
 from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import read_manifest, write_manifest
 
@@ -29,6 +30,7 @@ def run_campaign(manifest: str, out_dir: str, cfg: PipelineConfig = PipelineConf
     model = model_dir or str(out / "model")
     if model_dir is None:
         train_campaign(manifest, model, store, cfg, cluster)
+    cfg = pipeline.with_learned_picking(cfg, model)
     entries = [e for e in read_manifest(manifest) if e.split == "test"]
     pred_dir = str(out / "predictions")
     with open_clusters(cluster) as cl:

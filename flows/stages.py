@@ -103,7 +103,7 @@ def particles_flow(keys: Sequence[tuple[str, int]], entries: Sequence[TomogramEn
     out_futs = {n: outputs_task.submit(root, n, out_dir,
                                        None if by_name[n].particles is None
                                        else str(by_name[n].particles),
-                                       cfg.cluster.score_threshold) for n in names}
+                                       cfg.cluster.score_threshold, cfg.picks) for n in names}
     summaries, bad_out = gather(out_futs)
     for i, n in enumerate(names, 1):
         if n in summaries:

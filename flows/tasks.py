@@ -23,6 +23,7 @@ from membrain_dist.errors import InputError
 from membrain_dist.geometry import GeometryConfig
 from membrain_dist.manifest import TomogramEntry
 from membrain_dist.orientation import OrientationConfig
+from membrain_dist.picks import PickConfig
 from membrain_dist.sides import SideSpec
 
 
@@ -66,8 +67,9 @@ def cluster_task(root: str, name: str, membrane_id: int, ccfg: ClusterConfig,
 
 @task(name="outputs", task_run_name="outputs-{name}", **_COMMON)
 def outputs_task(root: str, name: str, out_dir: str, gt_star: str | None,
-                 score_threshold: float) -> dict:
-    return pipeline.write_tomogram_outputs(root, name, out_dir, gt_star, score_threshold)
+                 score_threshold: float, pcfg: PickConfig) -> dict:
+    return pipeline.write_tomogram_outputs(root, name, out_dir, gt_star, score_threshold,
+                                           pcfg=pcfg)
 
 
 @task(name="campaign-star", cache_policy=NO_CACHE)

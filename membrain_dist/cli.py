@@ -170,7 +170,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"model: {out}  best epoch {metrics.get('best_epoch')}  "
           f"val loss {metrics.get('best_val_loss', float('nan')):.4f}  "
           f"({time.time() - t0:.0f} s)")
+    print(_picking_line(metrics))
     return 0
+
+
+def _picking_line(metrics: dict) -> str:
+    """What ``train`` learnt about picking: the calibrated threshold and the pick height."""
+    cal = metrics.get("calibration") or {}
+    height = f"picks {metrics.get('pick_height', 0.0):.2f} voxels off the face"
+    if cal.get("score_threshold") is None:
+        return (f"score threshold not calibrated ({cal.get('annotated', 0)} annotated particles "
+                f"on the validation rows; a val row calibrates it); {height}")
+    return (f"score threshold {cal['score_threshold']:.2f} (bandwidth x{cal['bandwidth_scale']:g}):"
+            f" validation F1 {cal['f1']:.3f} (P {cal['precision']:.3f}, R {cal['recall']:.3f}, "
+            f"{cal['annotated']} annotated particles); {height}")
 
 
 def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:

@@ -1,7 +1,7 @@
 """Pipeline configuration: one dataclass per stage, gathered in :class:`PipelineConfig`.
 
 Each stage module owns its config (``ConvertConfig``, ``GeometryConfig``, ``TrainConfig``,
-``ClusterConfig``, ``OrientationConfig``); this module only adds the label and inference
+``ClusterConfig``, ``OrientationConfig``, ``PickConfig``); this module only adds the label and inference
 settings and the aggregate, which serialises to JSON (stored with models and results) and
 reads overrides from a TOML file with one table per stage::
 
@@ -25,6 +25,7 @@ from .convert import ConvertConfig
 from .errors import InputError
 from .geometry import GeometryConfig
 from .orientation import OrientationConfig
+from .picks import PickConfig
 from .training import TrainConfig
 
 
@@ -99,6 +100,7 @@ class PipelineConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     orientation: OrientationConfig = field(default_factory=OrientationConfig)
+    picks: PickConfig = field(default_factory=PickConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,6 +24,7 @@ equal tomogram axes; this is the same as the identity orientation ``u = x, v = y
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -34,6 +35,11 @@ __all__ = [
     "shape_metric",
     "rotate_metric",
     "distance_labels",
+    "Placement",
+    "place_on_faces",
+    "normal_frames",
+    "in_plane_isotropic",
+    "face_labels",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,3 +255,177 @@ def distance_labels(
         max_distance,
     )
     return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- particle placement
+#: a centre up to this far behind a face (voxels, against its normal) still belongs to it: an
+#: annotation clicked on the mid-plane of a thick segmentation lies inside the mask
+FACE_TOLERANCE = 1.5
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each annotated centre sits on the sampled membrane faces of its tomogram.
+
+    Attributes
+    ----------
+    point : (K,) int64
+        Index of the face point the centre stands on (-1: no face point within the search
+        radius; such a centre labels nothing).
+    height : (K,) float64
+        Signed offset of the centre from that point along the point's normal (voxels; positive
+        = away from the membrane on the point's side).
+    foot_zyx : (K, 3) float64
+        The centre projected onto the face: ``centre - height * normal`` (voxels, zyx).
+    """
+
+    point: np.ndarray
+    height: np.ndarray
+    foot_zyx: np.ndarray
+
+    @property
+    def placed(self) -> np.ndarray:
+        """(K,) bool: centres that stand on a face."""
+        return self.point >= 0
+
+
+def place_on_faces(
+    centres_zyx: np.ndarray,
+    points_zyx: np.ndarray,
+    normals: np.ndarray,
+    search_radius: float = 12.0,
+    tolerance: float = FACE_TOLERANCE,
+) -> Placement:
+    """Stand each annotated centre on the membrane face it belongs to.
+
+    Real annotations sit a few voxels off the segmentation face (a protein's centre, not its
+    footprint), and in a stack or a narrow lumen they lie within reach of other faces too. A
+    centre belongs to the nearest sampled point whose face it is in front of
+    (``(c - p) . n >= -tolerance``); when no point within ``search_radius`` qualifies, to the
+    nearest point. That point's membrane and side are the particle's; the centre's height
+    along the point's normal is what prediction puts back (``PickConfig.height``).
+
+    Parameters
+    ----------
+    centres_zyx : (K, 3)
+        Annotated centres, voxels, zyx.
+    points_zyx, normals : (N, 3)
+        Sampled face points of every membrane of the tomogram (voxels, zyx) and their unit
+        normals, pointing away from the membrane on the point's face.
+    search_radius : float
+        Voxels; centres with no point this close are left unplaced.
+    tolerance : float
+        Voxels a centre may lie behind a face and still count as in front of it.
+
+    Returns
+    -------
+    Placement
+    """
+    c = np.asarray(centres_zyx, dtype=np.float64).reshape(-1, 3)
+    p = np.asarray(points_zyx, dtype=np.float64).reshape(-1, 3)
+    n = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+    k_total = c.shape[0]
+    point = np.full(k_total, -1, np.int64)
+    height = np.zeros(k_total)
+    if k_total == 0 or p.shape[0] == 0:
+        return Placement(point, height, c.copy())
+    k = min(64, p.shape[0])
+    dist, idx = cKDTree(p).query(c, k=k, distance_upper_bound=search_radius)
+    dist, idx = dist.reshape(k_total, k), idx.reshape(k_total, k)
+    valid = np.isfinite(dist)
+    safe = np.where(valid, idx, 0)
+    h = np.einsum("kmi,kmi->km", c[:, None, :] - p[safe], n[safe])
+    in_front = valid & (h >= -tolerance)
+    # first (nearest) qualifying neighbour, else the nearest one
+    first = np.where(in_front.any(axis=1), np.argmax(in_front, axis=1), 0)
+    rows = np.arange(k_total)
+    ok = valid[rows, first]
+    point[ok] = safe[rows, first][ok]
+    height[ok] = h[rows, first][ok]
+    foot = c.copy()
+    foot[ok] -= height[ok, None] * n[point[ok]]
+    return Placement(point, height, foot)
+
+
+def normal_frames(normals: np.ndarray) -> np.ndarray:
+    """Orientations ``(K, 3, 3)`` (columns u, v, n in zyx) with ``n`` the given normal and an
+    arbitrary in-plane ``u``: for shapes made in-plane isotropic (:func:`in_plane_isotropic`),
+    where ``u`` does not matter. ``v = n x u`` in the right-handed xyz frame, as everywhere."""
+    n = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+    n = n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    ref = np.where(np.abs(n[:, 2:3]) < 0.9, [[0.0, 0.0, 1.0]], [[0.0, 1.0, 0.0]])  # zyx: x, y
+    u = ref - np.sum(ref * n, axis=1, keepdims=True) * n
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v = np.cross(u, n)  # zyx arrays: the xyz cross product n x u, reversed
+    return np.stack([u, v, n], axis=2)
+
+
+def in_plane_isotropic(cov: np.ndarray) -> np.ndarray:
+    """A template-frame covariance averaged over all rotations about its normal (template z).
+
+    For annotations without angles the particle's in-plane direction is unknown: its shape
+    about the membrane normal is replaced by its rotational average (normal variance kept,
+    in-plane variances averaged, cross terms zero)."""
+    c = np.asarray(cov, dtype=np.float64)
+    if c.shape != (3, 3):
+        raise ValueError(f"cov must be (3, 3), got {c.shape}")
+    m = (c[1, 1] + c[2, 2]) / 2
+    return np.diag([c[0, 0], m, m])
+
+
+def face_labels(
+    points_zyx: np.ndarray,
+    normals: np.ndarray,
+    membrane: np.ndarray,
+    side: np.ndarray,
+    centres_zyx: np.ndarray,
+    rotations: np.ndarray | None = None,
+    cov: np.ndarray | None = None,
+    max_distance: float = 7.0,
+) -> tuple[np.ndarray, Placement]:
+    """Distance labels of every face point of a tomogram, each particle on its own face only.
+
+    Each centre is stood on one face (:func:`place_on_faces`: a membrane id and a side) and
+    labels only the points of that membrane and side, measured from its foot on the face: the
+    other face of its membrane and the faces of stacked neighbours see it as absent, so the CNN
+    is not taught to fire on a neighbour membrane across a narrow gap. Without ``rotations``
+    (a STAR without angles) a shape ``cov`` is made in-plane isotropic and aligned with the
+    membrane normal at the foot (:func:`in_plane_isotropic`, :func:`normal_frames`), not applied
+    in tomogram axes.
+
+    Parameters
+    ----------
+    points_zyx, normals : (N, 3)
+        Face points of all membranes of the tomogram (voxels, zyx) and their unit normals.
+    membrane, side : (N,) int
+        Membrane id and side (+1 / -1) of each point.
+    centres_zyx : (K, 3)
+        Annotated centres (voxels, zyx); ``rotations`` (K, 3, 3) their orientations or None.
+    cov, max_distance
+        As :func:`distance_labels`.
+
+    Returns
+    -------
+    labels : (N,) float32 voxels in ``[0, max_distance]``; the :class:`Placement` of the centres.
+    """
+    p = np.asarray(points_zyx, dtype=np.float64).reshape(-1, 3)
+    n = np.asarray(normals, dtype=np.float64).reshape(-1, 3)
+    mem = np.asarray(membrane).ravel()
+    sd = np.asarray(side).ravel()
+    placed = place_on_faces(centres_zyx, p, n, search_radius=2 * max_distance)
+    ok = placed.placed
+    pt = np.maximum(placed.point, 0)
+    shape = cov
+    rot = rotations
+    if cov is not None and rot is None:
+        rot = normal_frames(n[pt])
+        shape = in_plane_isotropic(cov)
+    out = np.full(p.shape[0], max_distance, np.float32)
+    face_of_centre = np.stack([mem[pt], sd[pt]], axis=1)
+    for m_id, s in {tuple(f) for f in face_of_centre[ok].tolist()}:
+        mine = ok & (face_of_centre[:, 0] == m_id) & (face_of_centre[:, 1] == s)
+        face = (mem == m_id) & (sd == s)
+        out[face] = distance_labels(p[face], placed.foot_zyx[mine],
+                                    None if rot is None else np.asarray(rot)[mine], shape,
+                                    max_distance)
+    return out, placed

@@ -24,14 +24,16 @@ import pandas as pd
 import zarr
 
 from . import mrc, store
-from .clustering import ClusterConfig, hierarchical_mean_shift
+from .calibration import CalibrationRows
+from .clustering import ClusterConfig
 from .config import InferenceConfig, LabelConfig, PipelineConfig, config_from_dict
 from .convert import ConvertConfig, convert_tomogram, validate_entry
 from .errors import InputError
 from .geometry import GeometryConfig, geometry_key, process_membrane, read_geometry
-from .labels import distance_labels, ellipsoid_covariance, template_covariance
+from .labels import ellipsoid_covariance, face_labels, template_covariance
 from .manifest import TomogramEntry
-from .orientation import OrientationConfig, cluster_orientations
+from .orientation import OrientationConfig
+from .picks import PickConfig, Picks, cluster_points, concat_picks, reduce_picks
 from .sides import SideSpec, parse_sides
 from .star import (
     particles_frame,
@@ -171,48 +173,6 @@ def picks_key(name: str, membrane_id: int) -> str:
     return f"{name}/{PICKS_KEY}/m{int(membrane_id)}"
 
 
-@dataclass(frozen=True)
-class Picks:
-    """Particles found on one membrane (K rows): voxels zyx, in-code matrices."""
-
-    zyx: np.ndarray  # (K, 3) float32
-    matrices: np.ndarray  # (K, 3, 3) float32, columns u, v, n in zyx
-    score: np.ndarray  # (K,) float32: mean predicted distance of the cluster's points (voxels)
-    n_points: np.ndarray  # (K,) int32
-    side: np.ndarray  # (K,) int8
-    from_pca: np.ndarray  # (K,) bool: in-plane angle from PCA (else rot = 0 from the normal)
-
-
-def cluster_points(
-    zyx: np.ndarray,
-    normal: np.ndarray,
-    side: np.ndarray,
-    scores: np.ndarray,
-    ccfg: ClusterConfig,
-    ocfg: OrientationConfig,
-) -> Picks:
-    """Stages 4 + 5 on one membrane's points, each side clustered on its own (pure)."""
-    parts = []
-    for s in np.unique(side):
-        m = side == s
-        pts, nrm = zyx[m], normal[m]
-        cl = hierarchical_mean_shift(pts, scores[m], ccfg)
-        if len(cl) == 0:
-            continue
-        mats, src = cluster_orientations((pts, cl.labels), cl.centres, pts, nrm, ocfg)
-        parts.append(Picks(
-            zyx=cl.centres.astype(np.float32), matrices=mats.astype(np.float32),
-            score=cl.mean_score.astype(np.float32), n_points=cl.n_points.astype(np.int32),
-            side=np.full(len(cl), s, np.int8), from_pca=np.asarray(src) == "pca",
-        ))
-    if not parts:
-        return Picks(np.zeros((0, 3), np.float32), np.zeros((0, 3, 3), np.float32),
-                     np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8),
-                     np.zeros(0, bool))
-    return Picks(*(np.concatenate([getattr(p, f) for p in parts])
-                   for f in ("zyx", "matrices", "score", "n_points", "side", "from_pca")))
-
-
 def cluster_membrane(
     root: str | os.PathLike,
     name: str,
@@ -250,29 +210,31 @@ def read_picks(root: str | os.PathLike, name: str, membrane_id: int) -> Picks:
 
 
 # --------------------------------------------------------------------------- outputs
-def tomogram_particles(root: str | os.PathLike, name: str) -> pd.DataFrame:
-    """All picks of one tomogram as a STAR table (CONVENTIONS.md columns)."""
+def tomogram_particles(
+    root: str | os.PathLike, name: str, pcfg: PickConfig = PickConfig()
+) -> pd.DataFrame:
+    """All picks of one tomogram as a STAR table (CONVENTIONS.md columns), duplicates across
+    faces and membranes suppressed and centres lifted to the annotated height
+    (:func:`membrain_dist.picks.reduce_picks`)."""
     meta = store.read_meta(root, name)
     if meta is None:
         raise KeyError(f"{root}: tomogram {name!r} is not converted")
-    frames = []
+    parts, mids = [], []
     for mid in membrane_ids(root, name):
         p = read_picks(root, name, mid)
-        if p.zyx.shape[0] == 0:
-            continue
-        frames.append(particles_frame(
-            name, p.zyx, p.matrices, meta.shape_zyx, meta.voxel_size_A,
-            extra={"mbScore": p.score, "mbPoints": p.n_points,
-                   "mbMembrane": np.full(p.zyx.shape[0], mid, np.int32), "mbSide": p.side,
-                   "mbOrientationFrom": np.where(p.from_pca, "pca", "normal")},
-        ))
-    if frames:
-        return pd.concat(frames, ignore_index=True)
-    empty = particles_frame(name, np.zeros((0, 3), np.float32), np.zeros((0, 3, 3), np.float32),
-                            meta.shape_zyx, meta.voxel_size_A)
-    for col in ("mbScore", "mbPoints", "mbMembrane", "mbSide", "mbOrientationFrom"):
-        empty[col] = pd.Series(dtype=object if col == "mbOrientationFrom" else float)
-    return empty
+        parts.append(p)
+        mids.append(np.full(p.zyx.shape[0], mid, np.int32))
+    picks, keep = reduce_picks(concat_picks(parts), pcfg)
+    membrane = np.concatenate(mids)[keep] if mids else np.zeros(0, np.int32)
+    df = particles_frame(
+        name, picks.zyx, picks.matrices, meta.shape_zyx, meta.voxel_size_A,
+        extra={"mbScore": picks.score, "mbPoints": picks.n_points, "mbMembrane": membrane,
+               "mbSide": picks.side,
+               "mbOrientationFrom": np.where(picks.from_pca, "pca", "normal")},
+    )
+    if not len(df):
+        df["mbOrientationFrom"] = df["mbOrientationFrom"].astype(object)
+    return df
 
 
 def write_tomogram_outputs(
@@ -282,11 +244,12 @@ def write_tomogram_outputs(
     gt_star: str | os.PathLike | None = None,
     score_threshold: float | None = None,
     qc: bool = True,
+    pcfg: PickConfig = PickConfig(),
 ) -> dict:
     """Write ``<out>/<name>.star`` and ``<out>/qc/<name>.png``; return a small summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = tomogram_particles(root, name)
+    df = tomogram_particles(root, name, pcfg)
     write_particles(out / f"{name}.star", df)
     n_points = 0
     if qc:
@@ -346,16 +309,84 @@ def label_covariance(cfg: LabelConfig) -> np.ndarray | None:
 
 @dataclass
 class TrainingSet:
-    """Labelled cubes of some membranes, in memory (training sets are a few membranes)."""
+    """Labelled cubes of some membranes, in memory (training sets are a few membranes).
+
+    ``truth_zyx`` / ``truth_row`` are the annotated particles standing on these rows' faces:
+    each centre projected onto its face (voxels, zyx) and the row of the point it stands on
+    (what threshold calibration scores picks against); ``heights`` are the centres' offsets
+    from their faces along the normal (voxels), of every placed particle of the annotated
+    tomograms."""
 
     cubes: np.ndarray  # (N, s, s, s) float32
     labels: np.ndarray  # (N,) float32, voxels
     groups: np.ndarray  # (N,) int64: one id per (tomogram, membrane)
     zyx: np.ndarray  # (N, 3) float32
     membranes: list[tuple[str, int, int]]  # (tomogram, membrane id, points)
+    normal: np.ndarray  # (N, 3) float32
+    side: np.ndarray  # (N,) int8
+    truth_zyx: np.ndarray  # (K, 3) float32
+    truth_row: np.ndarray  # (K,) int64
+    heights: np.ndarray  # (H,) float32
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+@dataclass
+class _Labelled:
+    """One membrane's labelled points (before the cubes are read)."""
+
+    near: int
+    tomo: int
+    name: str
+    mid: int
+    geo: dict[str, np.ndarray]
+    labels: np.ndarray
+    truth_zyx: np.ndarray
+    truth_point: np.ndarray  # index into this membrane's points
+
+
+def _label_tomogram(
+    root: str | os.PathLike, t: int, entry: TomogramEntry, cfg: LabelConfig,
+    cov: np.ndarray | None,
+) -> tuple[list[_Labelled], np.ndarray]:
+    """Labels of every membrane of one annotated tomogram, and the placed centres' heights.
+
+    Each centre is stood on one membrane face (:func:`labels.place_on_faces`) and labels only
+    that face's points, from its foot on the face: the other face of its membrane and the
+    faces of neighbouring membranes see it as absent. Without angles in the STAR the shape is
+    made in-plane isotropic about the membrane normal at the foot (:func:`labels.face_labels`)."""
+    df = _particles_of(entry.particles, entry.name)
+    centres = particles_zyx(df)
+    rot = particles_matrices(df) if cov is not None else None
+    mids, geos = [], []
+    for mid in membrane_ids(root, entry.name):
+        geo = read_geometry(root, entry.name, mid)
+        if geo["zyx"].shape[0]:
+            mids.append(mid)
+            geos.append(geo)
+    if not geos:
+        return [], np.zeros(0, np.float32)
+    sizes = np.array([g["zyx"].shape[0] for g in geos])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    member = np.repeat(np.arange(len(geos)), sizes)
+    lab, placed = face_labels(
+        np.concatenate([g["zyx"] for g in geos]), np.concatenate([g["normal"] for g in geos]),
+        member, np.concatenate([g["side"] for g in geos]), centres, rot, cov, cfg.max_distance)
+    ok = placed.placed
+    if (~ok).any():
+        log.warning("%s: %d of %d annotated centres are farther than %.0f voxels from every "
+                    "membrane face and label nothing", entry.particles, int((~ok).sum()),
+                    len(ok), 2 * cfg.max_distance)
+    centre_membrane = member[np.maximum(placed.point, 0)]
+    out = []
+    for j, (mid, geo) in enumerate(zip(mids, geos, strict=True)):
+        mine = ok & (centre_membrane == j)
+        part = lab[offsets[j]:offsets[j + 1]]
+        out.append(_Labelled(int((part < cfg.max_distance / 2).sum()), t, entry.name, mid, geo,
+                             part, placed.foot_zyx[mine].astype(np.float32),
+                             placed.point[mine] - offsets[j]))
+    return out, placed.height[ok].astype(np.float32)
 
 
 def training_set(
@@ -367,39 +398,45 @@ def training_set(
     left out when ``cfg.annotated_only``; ``cfg.max_membranes`` keeps the most populated.
     """
     cov = label_covariance(cfg)
-    candidates = []
+    candidates: list[_Labelled] = []
+    heights = []
     for t, entry in enumerate(entries):
         if entry.particles is None:
             raise InputError(entry.particles or entry.tomogram,
                              f"manifest row {entry.name!r} ({entry.split}) has no particles STAR")
-        df = _particles_of(entry.particles, entry.name)
-        centres = particles_zyx(df)
-        rot = particles_matrices(df) if cov is not None else None
-        for mid in membrane_ids(root, entry.name):
-            geo = read_geometry(root, entry.name, mid)
-            if geo["zyx"].shape[0] == 0:
-                continue
-            lab = distance_labels(geo["zyx"], centres, rot, cov, cfg.max_distance)
-            near = int((lab < cfg.max_distance / 2).sum())
-            if cfg.annotated_only and near == 0:
-                continue
-            candidates.append((near, t, entry.name, mid, geo["zyx"], lab))
+        labelled, h = _label_tomogram(root, t, entry, cfg, cov)
+        heights.append(h)
+        candidates += [c for c in labelled if c.near or not cfg.annotated_only]
     if not candidates:
         raise InputError(entries[0].particles or entries[0].tomogram,
                          "no membrane carries an annotated particle: check the STAR coordinates "
                          "(voxels, X = column) and rlnTomoName")
     if cfg.max_membranes is not None:
-        candidates = sorted(candidates, key=lambda c: (-c[0], c[1], c[3]))[: cfg.max_membranes]
-    cubes, labels, groups, zyx, used = [], [], [], [], []
-    for _, t, name, mid, pts, lab in candidates:
-        g = zarr.open_array(store=str(root), path=f"{geometry_key(name, mid)}/cubes", mode="r")
+        candidates = sorted(candidates, key=lambda c: (-c.near, c.tomo, c.mid))[: cfg.max_membranes]
+    cubes, rows = [], 0
+    truth_row = []
+    for c in candidates:
+        g = zarr.open_array(store=str(root), path=f"{geometry_key(c.name, c.mid)}/cubes", mode="r")
         cubes.append(np.asarray(g[...], dtype=np.float32))
-        labels.append(lab.astype(np.float32))
-        groups.append(np.full(lab.shape[0], t * 1_000_000 + mid, np.int64))
-        zyx.append(pts)
-        used.append((name, mid, int(lab.shape[0])))
-    return TrainingSet(np.concatenate(cubes), np.concatenate(labels), np.concatenate(groups),
-                       np.concatenate(zyx).astype(np.float32), used)
+        truth_row.append(c.truth_point.astype(np.int64) + rows)
+        rows += c.labels.shape[0]
+
+    def cat(key: str, dtype: type) -> np.ndarray:
+        return np.concatenate([c.geo[key] for c in candidates]).astype(dtype)
+
+    return TrainingSet(
+        cubes=np.concatenate(cubes),
+        labels=np.concatenate([c.labels for c in candidates]).astype(np.float32),
+        groups=np.concatenate([np.full(c.labels.shape[0], c.tomo * 1_000_000 + c.mid, np.int64)
+                               for c in candidates]),
+        zyx=cat("zyx", np.float32),
+        membranes=[(c.name, c.mid, int(c.labels.shape[0])) for c in candidates],
+        normal=cat("normal", np.float32),
+        side=cat("side", np.int8),
+        truth_zyx=np.concatenate([c.truth_zyx for c in candidates]).reshape(-1, 3),
+        truth_row=np.concatenate(truth_row),
+        heights=np.concatenate(heights).astype(np.float32),
+    )
 
 
 def common_voxel_size(root: str | os.PathLike, names: Sequence[str]) -> float:
@@ -421,9 +458,15 @@ def fit_model(
     model_dir: str | os.PathLike,
     progress: Callable | None = None,
 ) -> dict:
-    """Train the CNN on stored geometry and write the model directory; return its metrics."""
+    """Train the CNN on stored geometry, calibrate the picking on the validation rows and
+    write the model directory; return its metrics.
+
+    Besides the weights the model directory's ``pipeline.json`` carries what prediction needs
+    to reproduce the training's picking: the score threshold and bandwidth chosen by
+    validation F1 (:mod:`membrain_dist.calibration`, when ``cfg.picks.calibrate``) and the
+    annotations' median height above their face (``cfg.picks.learn_height``)."""
     from .model import ModelMeta, save_model
-    from .training import config_dict, train
+    from .training import config_dict, split_validation, train
 
     ts = training_set(root, train_entries, cfg.labels)
     vs = training_set(root, val_entries, cfg.labels) if val_entries else None
@@ -437,6 +480,12 @@ def fit_model(
     metrics = {**result.metrics(), "train_points": len(ts),
                "train_membranes": [list(m) for m in ts.membranes],
                "val_points": len(vs) if vs else None}
+    if vs is None:  # the rows train() held out: the same deterministic split
+        held = split_validation(ts.groups, cfg.train.val_fraction, cfg.train.seed, ts.zyx)
+        cal_set, cal_rows = ts, np.flatnonzero(held)
+    else:
+        cal_set, cal_rows = vs, np.arange(len(vs))
+    cfg = _learn_picking(result.model, cal_set, cal_rows, ts.heights, cfg, metrics)
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(result.model, out, ModelMeta(
@@ -447,10 +496,66 @@ def fit_model(
     return metrics
 
 
+def calibration_rows(ts: TrainingSet, rows: np.ndarray, scores: np.ndarray) -> CalibrationRows:
+    """The scored ``rows`` of a training set and the annotated particles standing on them."""
+    sel = np.zeros(len(ts), dtype=bool)
+    sel[rows] = True
+    on = sel[ts.truth_row]
+    return CalibrationRows(
+        zyx=ts.zyx[rows], normal=ts.normal[rows], side=ts.side[rows], scores=scores,
+        groups=ts.groups[rows], truth_zyx=ts.truth_zyx[on],
+        truth_group=ts.groups[ts.truth_row[on]])
+
+
+def _learn_picking(model, cal_set: TrainingSet, rows: np.ndarray, heights: np.ndarray,
+                   cfg: PipelineConfig, metrics: dict) -> PipelineConfig:
+    """``cfg`` with the picking learnt from the annotations (height, threshold, bandwidth);
+    the figures go into ``metrics``."""
+    from dataclasses import replace
+
+    from .calibration import calibrate, scaled_bandwidth, threshold_grid
+    from .inference import predict_distances
+
+    pcfg = cfg.picks
+    if pcfg.learn_height and heights.size:
+        height = round(float(np.median(heights)), 2)
+        pcfg = replace(pcfg, height=height)
+        metrics["pick_height"] = height
+        log.info("picks: annotated centres stand a median %.2f voxels off their face", height)
+    cfg = replace(cfg, picks=pcfg)
+    if not pcfg.calibrate:
+        return cfg
+    device = next(model.parameters()).device
+    scores = predict_distances(model, cal_set.cubes[rows], device=device,
+                               rotations=cfg.inference.rotations)
+    cal_rows = calibration_rows(cal_set, rows, scores)
+    n_truth = int(cal_rows.truth_zyx.shape[0])
+    if n_truth < pcfg.min_calibration_particles:
+        log.warning("%d annotated particles on the validation rows (fewer than %d): score "
+                    "threshold %.2f kept uncalibrated; a val row in the manifest calibrates it",
+                    n_truth, pcfg.min_calibration_particles, cfg.cluster.score_threshold)
+        metrics["calibration"] = {"annotated": n_truth, "score_threshold": None}
+        return cfg
+    ccfg = cfg.cluster
+    cal = calibrate(cal_rows, ccfg, cfg.orientation, pcfg, threshold_grid(cfg.labels.max_distance))
+    metrics["calibration"] = {**cal.summary(), "annotated": n_truth, "table": cal.table}
+    ccfg = replace(scaled_bandwidth(ccfg, cal.bandwidth_scale), score_threshold=cal.score_threshold)
+    return replace(cfg, cluster=ccfg)
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def with_learned_picking(cfg: PipelineConfig, model_dir: str | os.PathLike) -> PipelineConfig:
+    """``cfg`` with the picking a model learnt in training (its ``cluster`` and ``picks``
+    sections: calibrated threshold and bandwidth, annotation height)."""
+    from dataclasses import replace
+
+    learned = model_pipeline_config(model_dir)
+    return replace(cfg, cluster=learned.cluster, picks=learned.picks)
 
 
 def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
@@ -467,7 +572,8 @@ def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
         raise InputError(path, f"malformed JSON: {exc}") from exc
     base = PipelineConfig()
     kw = {}
-    for section in ("convert", "geometry", "labels", "inference", "cluster", "orientation"):
+    for section in ("convert", "geometry", "labels", "inference", "cluster", "orientation",
+                    "picks"):
         if section in data:
             values = data[section]
             if section == "inference":
@@ -512,7 +618,7 @@ def predict_sequential(
             score_membrane(root, entry.name, mid, model_dir, cfg.inference)
             cluster_membrane(root, entry.name, mid, cfg.cluster, cfg.orientation)
         summaries.append(write_tomogram_outputs(root, entry.name, out_dir, entry.particles,
-                                                cfg.cluster.score_threshold))
+                                                cfg.cluster.score_threshold, pcfg=cfg.picks))
     store.sweep_orphans(root, [e.name for e in entries])
     write_campaign_star(out_dir, [e.name for e in entries])
     return summaries

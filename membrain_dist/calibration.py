@@ -1,0 +1,149 @@
+"""Score threshold (and Mean Shift bandwidth) chosen on validation rows by clustering F1.
+
+A trained CNN's predicted distances are not calibrated in voxels: how far below the label clip
+a particle's points land depends on the data, the epoch and the loss. MemBrain v1 therefore
+logged the clustering F1 on validation during training. Here, after training, the validation
+rows are scored, clustered with every candidate threshold (and bandwidth scale), reduced per
+tomogram as prediction does (:func:`membrain_dist.picks.reduce_picks`, without the lift: both
+picks and truth are compared on the faces) and matched one-to-one with the annotated centres'
+feet within :data:`membrain_dist.evaluation.DEFAULT_RADIUS`. The pair with the best F1 is
+stored with the model (``pipeline.json``), and ``predict`` uses it unless ``--threshold`` says
+otherwise.
+
+Positions are voxels, axis order ``(z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .clustering import ClusterConfig
+from .evaluation import DEFAULT_RADIUS, match_particles
+from .orientation import OrientationConfig
+from .picks import PickConfig, cluster_points, concat_picks, reduce_picks
+
+__all__ = ["CalibrationRows", "Calibration", "calibrate", "threshold_grid", "scaled_bandwidth"]
+
+log = logging.getLogger(__name__)
+
+#: bandwidth scales tried around the configured Mean Shift bandwidths
+BANDWIDTH_SCALES = (0.75, 1.0, 1.5)
+
+
+@dataclass(frozen=True)
+class CalibrationRows:
+    """Scored validation points and the annotated particles standing on them.
+
+    Attributes
+    ----------
+    zyx, normal : (N, 3) float
+        Points (voxels, zyx) and normals; ``side`` (N,) int8; ``scores`` (N,) predicted
+        distances (voxels); ``groups`` (N,) int64, one id per (tomogram, membrane): tomogram
+        ``group // 1_000_000`` (``pipeline.TrainingSet``).
+    truth_zyx : (K, 3) float
+        Annotated centres' feet on their faces (voxels, zyx); ``truth_group`` (K,) their group.
+    """
+
+    zyx: np.ndarray
+    normal: np.ndarray
+    side: np.ndarray
+    scores: np.ndarray
+    groups: np.ndarray
+    truth_zyx: np.ndarray
+    truth_group: np.ndarray
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen threshold and bandwidth scale and every candidate's figures."""
+
+    score_threshold: float
+    bandwidth_scale: float
+    f1: float
+    precision: float
+    recall: float
+    table: list[dict]  # one row per (threshold, bandwidth scale)
+
+    def summary(self) -> dict[str, float]:
+        return {"score_threshold": self.score_threshold, "bandwidth_scale": self.bandwidth_scale,
+                "f1": self.f1, "precision": self.precision, "recall": self.recall}
+
+
+def threshold_grid(max_distance: float, step: float = 0.25, low: float = 1.0) -> np.ndarray:
+    """Candidate thresholds ``low, low + step, ...`` below 0.9 x the label clip (voxels)."""
+    hi = 0.9 * max_distance
+    return np.round(np.arange(low, hi + 1e-9, step), 4)
+
+
+def scaled_bandwidth(ccfg: ClusterConfig, scale: float) -> ClusterConfig:
+    """Mean Shift lengths (bandwidth, its floor, the particle extent, the merge distance)
+    multiplied by ``scale``: the same clustering for a particle ``scale`` times as wide."""
+    if scale == 1.0:
+        return ccfg
+    return dataclasses.replace(
+        ccfg, bandwidth=ccfg.bandwidth * scale, min_bandwidth=ccfg.min_bandwidth * scale,
+        max_extent=ccfg.max_extent * scale, merge_distance=ccfg.merge_distance * scale)
+
+
+def _score(rows: CalibrationRows, ccfg: ClusterConfig, ocfg: OrientationConfig,
+           pcfg: PickConfig, radius: float) -> tuple[int, int, int]:
+    """(matched, predicted, annotated) over the rows' tomograms."""
+    tomo = rows.groups // 1_000_000
+    truth_tomo = rows.truth_group // 1_000_000
+    hits = n_pred = 0
+    for t in np.unique(tomo):
+        parts = []
+        for g in np.unique(rows.groups[tomo == t]):
+            m = rows.groups == g
+            parts.append(cluster_points(rows.zyx[m], rows.normal[m], rows.side[m],
+                                        rows.scores[m], ccfg, ocfg))
+        picks, _ = reduce_picks(concat_picks(parts), dataclasses.replace(pcfg, height=0.0))
+        n_pred += picks.zyx.shape[0]
+        truth = rows.truth_zyx[truth_tomo == t]
+        hits += match_particles(picks.zyx, truth, radius)["pairs"].shape[0]
+    return hits, n_pred, int(rows.truth_zyx.shape[0])
+
+
+def calibrate(
+    rows: CalibrationRows,
+    ccfg: ClusterConfig,
+    ocfg: OrientationConfig,
+    pcfg: PickConfig,
+    thresholds: Sequence[float],
+    bandwidth_scales: Sequence[float] = BANDWIDTH_SCALES,
+    radius: float = DEFAULT_RADIUS,
+) -> Calibration:
+    """The (threshold, bandwidth scale) with the best one-to-one clustering F1 on ``rows``.
+
+    Ties go to the configured bandwidth (scale 1), then to the middle of the tied thresholds
+    (a plateau's centre is the choice least sensitive to a shift of the score distribution).
+    """
+    if rows.truth_zyx.shape[0] == 0:
+        raise ValueError("no annotated particle stands on the validation rows")
+    table = []
+    for scale in bandwidth_scales:
+        cc = scaled_bandwidth(ccfg, float(scale))
+        for thr in thresholds:
+            hits, n_pred, n_gt = _score(
+                rows, dataclasses.replace(cc, score_threshold=float(thr)), ocfg, pcfg, radius)
+            p = hits / n_pred if n_pred else 0.0
+            r = hits / n_gt if n_gt else 0.0
+            f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+            table.append({"score_threshold": float(thr), "bandwidth_scale": float(scale),
+                          "f1": f1, "precision": p, "recall": r, "picks": n_pred,
+                          "annotated": n_gt})
+    best = max(row["f1"] for row in table)
+    tied = [row for row in table if row["f1"] >= best - 1e-9]
+    scale = 1.0 if any(r["bandwidth_scale"] == 1.0 for r in tied) else tied[0]["bandwidth_scale"]
+    tied = [r for r in tied if r["bandwidth_scale"] == scale]
+    pick = tied[(len(tied) - 1) // 2]
+    log.info("calibration: threshold %.2f, bandwidth x%.2f: F1 %.3f (P %.3f, R %.3f) on %d "
+             "annotated particles", pick["score_threshold"], scale, pick["f1"],
+             pick["precision"], pick["recall"], pick["annotated"])
+    return Calibration(pick["score_threshold"], scale, pick["f1"], pick["precision"],
+                       pick["recall"], table)

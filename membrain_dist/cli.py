@@ -245,6 +245,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failures else 0
 
 
+def cmd_import_v1(args: argparse.Namespace) -> int:
+    from .v1 import import_v1
+
+    info = import_v1(args.ckpt, args.out, voxel_size_A=args.voxel_size,
+                     membrane_contrast=args.membrane_contrast)
+    hp = info["hyper_parameters"]
+    print(f"imported MemBrain v1 model {args.ckpt} -> {info['out']}: cube {info['cube_size']}^3, "
+          f"{info['channels']} channels, {args.voxel_size:g} Å/voxel, epoch {info['epoch']}, "
+          f"part_dists {hp.get('part_dists') if isinstance(hp, dict) else '?'}; "
+          f"inert placeholders for {', '.join(info['placeholders']) or 'nothing'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_campaign, format_table
 
@@ -382,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rotations_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import-v1", help="import MemBrain v1's pretrained checkpoint (.ckpt) "
+                                         "as a model directory, without executing its pickle")
+    p.add_argument("ckpt", help="PyTorch Lightning checkpoint of MemBrain v1")
+    p.add_argument("--out", required=True, help="model directory to write (created)")
+    p.add_argument("--voxel-size", type=float, default=13.68,
+                   help="Å/voxel of the data the model was trained on (default 13.68: v1's "
+                        "shipped PSII model, bin 4); predict refuses tomograms 5%% off it")
+    p.add_argument("--membrane-contrast", choices=("dark", "bright"), default="dark",
+                   help="how membranes looked in v1's training tomograms (default dark: v1 fed "
+                        "tomograms as reconstructed); our cubes have them bright")
+    p.set_defaults(func=cmd_import_v1)
 
     p = sub.add_parser("evaluate", help="precision / recall / F1 and in-plane angle error")
     p.add_argument("--pred", required=True, help="prediction folder or STAR")

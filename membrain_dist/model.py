@@ -58,6 +58,8 @@ __all__ = [
     "save_model",
     "load_model",
     "package_version",
+    "INPUT_TRANSFORMS",
+    "check_input_transform",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,43 @@ DEFAULT_NORMALISATION = (
     "per-tomogram robust z-score (membranes bright), clipped at +-3; "
     "cubes rotation-normalised with cube axis 0 along the membrane normal"
 )
+
+
+#: cube input transforms a model may declare (``ModelMeta.input_transform["kind"]``):
+#: ``cube_minmax`` rescales each cube to [0, 1] (after negating it when ``invert`` is true), as
+#: MemBrain v1's training did (``membrain_dist.v1``); an empty dict is the identity
+INPUT_TRANSFORMS = ("cube_minmax",)
+
+
+def check_input_transform(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate an input-transform spec (``{}`` or ``{"kind": "cube_minmax", "invert": bool}``);
+    returns it as a plain dict, raises ``ValueError``."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"input_transform must be an object, got {spec!r}")
+    if not spec:
+        return {}
+    if spec.get("kind") not in INPUT_TRANSFORMS or set(spec) - {"kind", "invert"} \
+            or not isinstance(spec.get("invert", False), bool):
+        raise ValueError(f"unknown input_transform {spec!r}; known: {{}} or "
+                         f'{{"kind": "cube_minmax", "invert": true|false}}')
+    return {"kind": spec["kind"], "invert": bool(spec.get("invert", False))}
+
+
+class CubeMinMax(nn.Module):
+    """Per-cube rescaling to [0, 1] (``(x - min) / (max - min)``, optionally of ``-x``); a
+    constant cube maps to 0. Parameter-free: the state dict is unchanged."""
+
+    def __init__(self, invert: bool = False) -> None:
+        super().__init__()
+        self.invert = bool(invert)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invert:
+            x = -x
+        dims = tuple(range(1, x.dim()))
+        lo = x.amin(dim=dims, keepdim=True)
+        span = (x.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-12)
+        return (x - lo) / span
 
 
 def package_version() -> str:
@@ -98,7 +137,8 @@ class MemBrainCNN(nn.Module):
     predicted distances (voxels).
     """
 
-    def __init__(self, cube_size: int = 12, channels: int = 32) -> None:
+    def __init__(self, cube_size: int = 12, channels: int = 32,
+                 input_transform: dict[str, Any] | None = None) -> None:
         super().__init__()
         if cube_size < 5:
             raise ValueError(f"cube_size must be >= 5, got {cube_size}")
@@ -115,6 +155,10 @@ class MemBrainCNN(nn.Module):
             ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(channels * (cube_size - 4) ** 3, 1)
+        # applied to the cubes before ``features`` (an imported v1 model: its own input scaling)
+        self.input_transform = check_input_transform(input_transform or {})
+        self.prepare = (CubeMinMax(self.input_transform["invert"]) if self.input_transform
+                        else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
@@ -122,7 +166,7 @@ class MemBrainCNN(nn.Module):
         s = self.cube_size
         if x.dim() != 5 or tuple(x.shape[1:]) != (1, s, s, s):
             raise ValueError(f"expected (B, {s}, {s}, {s}) cubes, got {tuple(x.shape)}")
-        return self.head(self.features(x).flatten(1)).squeeze(1)
+        return self.head(self.features(self.prepare(x)).flatten(1)).squeeze(1)
 
 
 @dataclass(frozen=True)
@@ -147,6 +191,9 @@ class ModelMeta:
         Package version that wrote the model.
     weights_sha256 : str
         Hex SHA-256 of ``weights.safetensors``; filled in by :func:`save_model`.
+    input_transform : dict
+        What the network does to each cube before its first convolution (``{}``: nothing;
+        see :data:`INPUT_TRANSFORMS`); taken from the model by :func:`save_model`.
     """
 
     cube_size: int = 12
@@ -159,6 +206,7 @@ class ModelMeta:
     architecture_version: int = ARCHITECTURE_VERSION
     membrain_dist_version: str = field(default_factory=package_version)
     weights_sha256: str = ""
+    input_transform: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -194,6 +242,7 @@ def save_model(model: MemBrainCNN, out_dir: str | os.PathLike[str], meta: ModelM
         architecture=ARCHITECTURE,
         architecture_version=ARCHITECTURE_VERSION,
         weights_sha256=hashlib.sha256(blob).hexdigest(),
+        input_transform=dict(model.input_transform),
     )
     _atomic_write_bytes(out / WEIGHTS_FILE, blob)
     _atomic_write_bytes(out / META_FILE, (meta.to_json() + "\n").encode())
@@ -252,6 +301,10 @@ def _read_meta(path: Path) -> ModelMeta:
     for ok, problem in checks:
         if not ok:
             raise InputError(path, problem)
+    try:
+        check_input_transform(meta.input_transform)
+    except ValueError as e:
+        raise InputError(path, str(e)) from None
     return meta
 
 
@@ -306,7 +359,7 @@ def load_model(
         state = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise InputError(weights_path, f"not a valid safetensors file ({e})") from None
-    model = MemBrainCNN(meta.cube_size, meta.channels)
+    model = MemBrainCNN(meta.cube_size, meta.channels, meta.input_transform)
     want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     got = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     if want != got:

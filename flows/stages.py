@@ -56,6 +56,9 @@ def convert_flow(entries: Sequence[TomogramEntry], root: str,
         logger.info("converted %s: %d membranes", name, len(ids))
     for name, msg in bad.items():
         logger.error("could not convert %s: %s", name, msg)
+    sign = pipeline.harmonise_polarity(root, list(ok))
+    if sign is not None:
+        logger.info("membrane contrast of the campaign: %s", "bright" if sign > 0 else "dark")
     return ok, _fail_by_tomogram(bad)
 
 

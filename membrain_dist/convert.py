@@ -204,6 +204,33 @@ def _check_segmentation_block(sinfo: MrcInfo, blk: np.ndarray, z0: int) -> None:
                                          "binary mask or integer labels (threshold it first)")
 
 
+#: |membrane mean - median| / MAD below this: the membranes' contrast sign is a guess
+POLARITY_MARGIN = 0.1
+
+
+def decide_polarity(membrane_mean: float, center: float, scale: float, forced: int | None,
+                    name: str) -> dict:
+    """The sign that makes membranes bright (``polarity``), how sure it is, and whence.
+
+    ``polarity_margin`` = (membrane mean - tomogram median) / robust std, signed: about -0.3 to
+    -1 for raw cryo-ET (dense matter dark); near 0 the contrast is ambiguous (a segmentation
+    off the membranes, a denoised and re-normalised volume, a tiny membrane) and a warning says
+    so. ``forced`` (the manifest's ``polarity`` column: +1 bright, -1 dark membranes) wins."""
+    margin = (membrane_mean - center) / scale
+    measured = 1 if margin >= 0 else -1
+    if forced is None and abs(margin) < POLARITY_MARGIN:
+        log.warning("%s: membrane contrast is ambiguous (membrane mean %.3f robust std from the "
+                    "median): polarity %+d is a guess; set the manifest's polarity column "
+                    "(dark or bright membranes)", name, margin, measured)
+    elif forced is not None and forced != measured and abs(margin) >= POLARITY_MARGIN:
+        log.warning("%s: the manifest says %s membranes, the data look %s (margin %.2f)", name,
+                    "bright" if forced > 0 else "dark", "bright" if measured > 0 else "dark",
+                    margin)
+    return {"polarity": int(forced if forced is not None else measured),
+            "polarity_margin": round(float(margin), 4),
+            "polarity_from": "manifest" if forced is not None else "data"}
+
+
 def convert_tomogram(
     entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertConfig = ConvertConfig()
 ) -> TomogramMeta:
@@ -225,7 +252,8 @@ def convert_tomogram(
     vs = resolve_voxel_size(entry, tinfo, sinfo)
     source = {"tomogram": source_fingerprint(tinfo.path),
               "segmentation": source_fingerprint(sinfo.path)}
-    prov = store.provenance("convert", asdict(cfg), {**source, "voxel_size_A": vs})
+    forced = {"polarity": entry.polarity} if entry.polarity is not None else {}
+    prov = store.provenance("convert", asdict(cfg), {**source, "voxel_size_A": vs, **forced})
     existing = store._group(root, entry.name)
     if existing is not None:
         attrs = dict(existing.attrs)
@@ -308,9 +336,10 @@ def convert_tomogram(
             log.warning("%s: MAD of the tomogram is 0; using scale %g", entry.name, scale)
         del sample
         mem_mean = mem_sum / max(mem_n, 1)
-        polarity = 1 if mem_mean >= center else -1
-        intensity = {"center": center, "scale": scale, "polarity": polarity,
-                     "membrane_mean": mem_mean, "sample_stride": stride}
+        intensity = {"center": center, "scale": scale, "membrane_mean": mem_mean,
+                     "sample_stride": stride,
+                     **decide_polarity(mem_mean, center, scale, entry.polarity, entry.name)}
+        polarity = intensity["polarity"]
 
         if len(values) > 1:
             lut, membranes, read_from_seg, vals = _multilabel_tables(

@@ -1,7 +1,7 @@
 """Campaign manifest CSV: one row per tomogram.
 
-Columns ``name,tomogram,segmentation,particles,voxel_size_A,split`` plus an optional
-``sides`` column; paths may be relative to the manifest's folder.
+Columns ``name,tomogram,segmentation,particles,voxel_size_A,split`` plus optional ``sides``
+and ``polarity`` columns; paths may be relative to the manifest's folder.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ class TomogramEntry:
         ``"train"``, ``"val"`` or ``"test"``.
     sides
         ``"both"``, ``"inside"``, ``"outside"`` or the path of a per-membrane side CSV.
+    polarity
+        Membrane contrast forced by the manifest: ``-1`` dark (raw cryo-ET), ``+1`` bright;
+        ``None`` (empty or ``auto``): decided from the data, one sign per campaign.
     """
 
     name: str
@@ -53,6 +56,10 @@ class TomogramEntry:
     voxel_size_A: float | None
     split: str
     sides: str = "both"
+    polarity: int | None = None
+
+
+_POLARITY_WORDS = {"": None, "auto": None, "dark": -1, "bright": 1, "-1": -1, "1": 1, "+1": 1}
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -135,9 +142,14 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
                 raise InputError(mpath, f"{where}: sides is neither {'/'.join(_SIDE_WORDS)} "
                                         f"nor an existing file: {sp}")
             sides = str(sp)
+        pol_txt = (row.get("polarity", "") or "").lower()
+        if pol_txt not in _POLARITY_WORDS:
+            raise InputError(mpath, f"{where}: polarity {row['polarity']!r} is not dark, bright "
+                                    "or auto (the membranes' contrast)")
         entries.append(TomogramEntry(
             name=name, tomogram=files["tomogram"], segmentation=files["segmentation"],  # type: ignore[arg-type]
-            particles=files["particles"], voxel_size_A=voxel, split=split, sides=sides))
+            particles=files["particles"], voxel_size_A=voxel, split=split, sides=sides,
+            polarity=_POLARITY_WORDS[pol_txt]))
     log.info("%s: %d tomograms", mpath, len(entries))
     return entries
 
@@ -155,12 +167,15 @@ def _rel(p: Path | str | None, base: Path) -> str:
 def write_manifest(entries: Sequence[TomogramEntry], path: str | os.PathLike) -> None:
     """Write a manifest atomically; paths inside the manifest's folder are written relative.
 
-    The ``sides`` column is written only when some entry differs from ``"both"``.
+    The ``sides`` (``polarity``) column is written only when some entry differs from
+    ``"both"`` (``auto``).
     """
     mpath = Path(path)
     base = mpath.resolve().parent
     with_sides = any(e.sides != "both" for e in entries)
-    cols = list(REQUIRED_COLUMNS) + (["sides"] if with_sides else [])
+    with_polarity = any(e.polarity is not None for e in entries)
+    cols = (list(REQUIRED_COLUMNS) + (["sides"] if with_sides else [])
+            + (["polarity"] if with_polarity else []))
     tmp = mpath.with_name(f".{mpath.name}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -172,6 +187,8 @@ def write_manifest(entries: Sequence[TomogramEntry], path: str | os.PathLike) ->
                        "" if e.voxel_size_A is None else repr(float(e.voxel_size_A)), e.split]
                 if with_sides:
                     row.append(e.sides if e.sides in _SIDE_WORDS else _rel(e.sides, base))
+                if with_polarity:
+                    row.append({None: "auto", -1: "dark", 1: "bright"}[e.polarity])
                 w.writerow(row)
         os.replace(tmp, mpath)
     except BaseException:

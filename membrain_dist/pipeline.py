@@ -63,6 +63,32 @@ def convert_entry(entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertCon
     return [int(m["id"]) for m in meta.membranes]
 
 
+def harmonise_polarity(root: str | os.PathLike, names: Sequence[str]) -> int | None:
+    """One membrane contrast for a campaign; returns its sign (None: no tomogram to vote).
+
+    Each converted tomogram measured its own sign (``convert.decide_polarity``); at SNR ~0.3,
+    on a small or badly segmented membrane, one can come out wrong. The campaign's sign is the
+    sign of the sum of the data-decided margins; tomograms that disagree are switched to it
+    with a warning (their geometry, whose provenance holds the intensity, is then recomputed).
+    Tomograms whose polarity the manifest forced are neither counted nor changed."""
+    metas = {n: store.read_meta(root, n) for n in names}
+    voting = {n: m for n, m in metas.items()
+              if m is not None and m.intensity.get("polarity_from") in ("data", "campaign")}
+    if not voting:
+        return None
+    total = sum(float(m.intensity.get("polarity_margin", 0.0)) for m in voting.values())
+    sign = 1 if total >= 0 else -1
+    for n, m in voting.items():
+        if int(m.intensity["polarity"]) != sign:
+            log.warning("%s: membrane contrast %+d disagrees with the campaign's %+d (margin %.2f "
+                        "against a sum of %.2f over %d tomograms): using the campaign's", n,
+                        int(m.intensity["polarity"]), sign, m.intensity.get("polarity_margin"),
+                        total, len(voting))
+            g = zarr.open_group(store=str(root), path=n, mode="r+")
+            g.attrs["intensity"] = {**m.intensity, "polarity": sign, "polarity_from": "campaign"}
+    return sign
+
+
 def membrane_ids(root: str | os.PathLike, name: str) -> list[int]:
     meta = store.read_meta(root, name)
     if meta is None:
@@ -590,9 +616,11 @@ def prepare_sequential(
 ) -> dict[str, list[int]]:
     """Stages 0-2 (convert, sampling, voting, sides, extraction) for every entry in this
     process; returns the membrane ids per tomogram. Finished work is skipped."""
+    ids_of = {entry.name: convert_entry(entry, root, cfg.convert) for entry in entries}
+    harmonise_polarity(root, list(ids_of))
     membranes = {}
     for entry in entries:
-        ids = convert_entry(entry, root, cfg.convert)
+        ids = ids_of[entry.name]
         sides = side_specs(entry, ids)
         for mid in ids:
             geometry_membrane(root, entry.name, mid, cfg.geometry, sides[mid])
@@ -609,9 +637,11 @@ def predict_sequential(
 ) -> list[dict]:
     """The whole predict chain in this process, no dask, no Prefect (reference path)."""
     validate_entries(entries)
+    ids_of = {entry.name: convert_entry(entry, root, cfg.convert) for entry in entries}
+    harmonise_polarity(root, list(ids_of))
     summaries = []
     for entry in entries:
-        ids = convert_entry(entry, root, cfg.convert)
+        ids = ids_of[entry.name]
         sides = side_specs(entry, ids)
         for mid in ids:
             geometry_membrane(root, entry.name, mid, cfg.geometry, sides[mid])

@@ -245,6 +245,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failures else 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import pipeline
+    from .manifest import read_manifest
+
+    entries = read_manifest(args.manifest)
+    pipeline.model_fingerprint(args.model)
+    rows = [e for e in entries if e.split in args.rows and e.particles is not None]
+    if not rows:
+        from .errors import InputError
+
+        raise InputError(args.manifest, f"no annotated rows with split {'/'.join(args.rows)} "
+                                        "to calibrate on")
+    store = args.store or str(Path(args.model) / "calibration.zarr")
+    metrics = pipeline.calibrate_model(store, rows, args.model, args.device or "auto")
+    print(f"calibrated {args.model} on {len(rows)} rows ({metrics['points']} points): "
+          + _picking_line(metrics))
+    return 0
+
+
 def cmd_import_v1(args: argparse.Namespace) -> int:
     from .v1 import import_v1
 
@@ -407,6 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how membranes looked in v1's training tomograms (default dark: v1 fed "
                         "tomograms as reconstructed); our cubes have them bright")
     p.set_defaults(func=cmd_import_v1)
+
+    p = sub.add_parser("calibrate", help="choose a model's score threshold (and bandwidth, "
+                                         "pick height) on annotated rows by clustering F1")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--model", required=True, help="model directory (trained or imported)")
+    p.add_argument("--rows", nargs="+", choices=("train", "val", "test"), default=["val"],
+                   help="splits whose annotated rows calibrate (default val)")
+    p.add_argument("--store", default=None,
+                   help="campaign Zarr store (default: <model>/calibration.zarr)")
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="precision / recall / F1 and in-plane angle error")
     p.add_argument("--pred", required=True, help="prediction folder or STAR")

@@ -522,6 +522,38 @@ def fit_model(
     return metrics
 
 
+def calibrate_model(
+    root: str | os.PathLike,
+    entries: Sequence[TomogramEntry],
+    model_dir: str | os.PathLike,
+    device: str = "auto",
+) -> dict:
+    """Calibrate a model's picking (threshold, bandwidth, height) on annotated rows.
+
+    For a model trained elsewhere (``import-v1``) or on other data: the rows' geometry is
+    computed with the model's own settings, their points scored, and the result written into
+    the model's ``pipeline.json`` (atomically; the weights are not touched) and
+    ``calibration.json``. Returns the figures."""
+    from dataclasses import replace
+
+    from .inference import resolve_device
+    from .model import load_model
+
+    cfg = model_pipeline_config(model_dir)
+    cfg = replace(cfg, picks=replace(cfg.picks, calibrate=True, learn_height=True))
+    validate_entries(entries)
+    prepare_sequential(entries, root, cfg)
+    voxel_size = common_voxel_size(root, [e.name for e in entries])
+    model, _ = load_model(model_dir, resolve_device(device), voxel_size_A=voxel_size)
+    vs = training_set(root, entries, cfg.labels)
+    metrics: dict = {"rows": [e.name for e in entries], "points": len(vs)}
+    cfg = _learn_picking(model, vs, np.arange(len(vs)), vs.heights, cfg, metrics)
+    out = Path(model_dir)
+    _write_json_atomic(out / PIPELINE_FILE, cfg.to_dict())
+    _write_json_atomic(out / "calibration.json", metrics)
+    return metrics
+
+
 def calibration_rows(ts: TrainingSet, rows: np.ndarray, scores: np.ndarray) -> CalibrationRows:
     """The scored ``rows`` of a training set and the annotated particles standing on them."""
     sel = np.zeros(len(ts), dtype=bool)

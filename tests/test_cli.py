@@ -108,3 +108,24 @@ def test_evaluate_reports_figures_as_json(sequential_prediction: Path, test_mani
     assert {r["tomogram"] for r in data["per_tomogram"]} == names
     o = data["overall"]
     assert 0.0 <= o["precision"] <= 1.0 and 0.0 <= o["recall"] <= 1.0
+
+
+def test_calibrate_writes_the_threshold_that_maximises_f1_on_the_rows(
+        test_manifest: Path, trained_model: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    res = run("calibrate", "--manifest", str(test_manifest), "--model", str(model),
+              "--rows", "test", "--store", str(tmp_path / "cal.zarr"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "score threshold" in res.stdout and "validation F1" in res.stdout
+    cal = json.loads((model / "calibration.json").read_text())["calibration"]
+    best = max(r["f1"] for r in cal["table"])
+    assert cal["f1"] == best
+    chosen = [r for r in cal["table"] if r["score_threshold"] == cal["score_threshold"]
+              and r["bandwidth_scale"] == cal["bandwidth_scale"]]
+    assert chosen and chosen[0]["f1"] == best
+    pipe = json.loads((model / "pipeline.json").read_text())
+    assert pipe["cluster"]["score_threshold"] == cal["score_threshold"]
+    # the weights are untouched: the model still loads with its recorded fingerprint
+    assert json.loads((model / "model.json").read_text())["weights_sha256"] == json.loads(
+        (trained_model / "model.json").read_text())["weights_sha256"]

@@ -38,6 +38,16 @@ Particle centres (ground truth) lie on the membrane's outer surface on the prote
 matrices: columns u (long in-plane axis), v, n (normal towards the protein), each in zyx
 order, with ``v = n x u`` in the right-handed XYZ frame (``np.cross(u_zyx, n_zyx)`` on zyx
 arrays), so that ``axes.matrix_zyx_to_xyz`` gives a proper rotation.
+
+**Hard preset** (:func:`hard_config`; the new :class:`SynthConfig` fields default to the
+behaviour above, bit for bit): a radial CTF on the signal and coloured noise at a set SNR
+(:mod:`membrain_dist.synth_imaging`, :func:`signal_variance`), damaged segmentations
+(thickness 3-7 voxels, holes, caps lost to the missing wedge, staircase edges; ``labels``
+is the damaged segmentation, ``labels_clean`` the undamaged bands), grana stacks of 3-5
+sheets with 4-7 voxel gaps, face-on and edge-on sheets, targets on both faces and large
+distractors on the same faces, the real PSII / b6f maps as target / distractor
+(:mod:`membrain_dist.synth_maps`), their transmembrane slab on the mid-surface, and centres
+clicked 1-4 voxels beyond the local segmentation face.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.fft
-from scipy import ndimage, special
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from . import synth_imaging as imaging
@@ -819,13 +829,17 @@ def imaging_filter(vol: np.ndarray, cfg: SynthConfig) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def _canonical_frames() -> np.ndarray:
-    """(3, 3, 3) frames with the normal along z, y and x (columns u, v, n in zyx)."""
-    out = []
-    for n, u in (((1, 0, 0), (0, 0, 1)), ((0, 1, 0), (0, 0, 1)), ((0, 0, 1), (0, 1, 0))):
-        nn, uu = np.array(n, np.float64), np.array(u, np.float64)
-        out.append(np.stack([uu, np.cross(uu, nn), nn], axis=1))
-    return np.array(out)
+def _probe_frames(n: int = 16) -> np.ndarray:
+    """(n, 3, 3) fixed, nearly uniform orientations (columns u, v, n in zyx): Fibonacci
+    normals on a hemisphere (C2 and +-n give the same power), golden-angle in-plane angles."""
+    nrm = _fibonacci_sphere(2 * n)[:n]
+    ang = (np.arange(n) * math.pi * (3.0 - math.sqrt(5.0)))[:, None]
+    ref = np.where(np.abs(nrm[:, :1]) < 0.9, [[1.0, 0, 0]], [[0, 1.0, 0]])
+    t1 = np.cross(nrm, ref)
+    t1 /= np.linalg.norm(t1, axis=1, keepdims=True)
+    t2 = np.cross(t1, nrm)
+    u = np.cos(ang) * t1 + np.sin(ang) * t2
+    return np.stack([u, np.cross(u, nrm), nrm], axis=2)
 
 
 @functools.lru_cache(maxsize=32)
@@ -833,11 +847,12 @@ def signal_variance(cfg: SynthConfig) -> float:
     """Signal power of one target: the variance of its imaging-filtered density over its support.
 
     The target alone (no membrane) is rendered in an empty cube (64 voxels or four protein
-    radii, whichever is larger) with its normal along z, y and x in turn, filtered with
-    :func:`imaging_filter` (envelope, missing wedge, CTF); its **support** is where the
+    radii, whichever is larger) in 16 fixed, nearly uniform orientations in turn, filtered
+    with :func:`imaging_filter` (envelope, missing wedge, CTF); its **support** is where the
     unfiltered density exceeds 10 % of its peak; the variance of the filtered values over the
-    support is averaged over the three orientations. The preset's **SNR** is this variance
-    over the noise variance: ``snr = signal_variance(cfg) / noise_std^2``.
+    support is averaged over the orientations (the wedge makes it orientation-dependent).
+    The preset's **SNR** is this variance over the noise variance:
+    ``snr = signal_variance(cfg) / noise_std^2``.
     """
     if cfg.protein_source == "maps":
         pm = protein_map(cfg.target_map, cfg.voxel_size_A, cfg.hydrophobic_A)
@@ -846,7 +861,7 @@ def signal_variance(cfg: SynthConfig) -> float:
         size = 64
     c = np.full((1, 3), size / 2.0)
     vals = []
-    for m in _canonical_frames():
+    for m in _probe_frames():
         vol = np.zeros((size,) * 3, np.float32)
         if cfg.protein_source == "maps":
             render_map(vol, c, m[None], pm, cfg.protein_amplitude)
@@ -899,7 +914,7 @@ def _make_damage(rng: np.random.Generator, cfg: SynthConfig, shape: tuple[int, .
     holes = None
     if cfg.seg_hole_fraction > 0:
         f = imaging.smooth_field(rng, shape, cfg.seg_hole_size)
-        holes = f > np.float32(special.ndtri(1.0 - cfg.seg_hole_fraction))
+        holes = f > np.quantile(f.ravel()[::61], 1.0 - cfg.seg_hole_fraction).astype(np.float32)
     return _Damage(hw, holes, np.zeros(shape, np.uint8))
 
 
@@ -928,7 +943,10 @@ def _damaged_band(
     sl: tuple[slice, slice, slice],
     dmg: _Damage,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Clean band (``|d| <= local half width``, inside the rim) and its damaged version."""
+    """Clean band (``|d| <= local half width``, inside the rim) and its damaged version.
+
+    The damaged band is a subset of the clean one (the staircase rim included in both).
+    """
     if surf.hw is not None:
         hw_loc: np.ndarray | float = np.float32(surf.hw)
     elif dmg.hw is not None:
@@ -945,8 +963,8 @@ def _damaged_band(
         gz, gy, gx = np.gradient(d)
         cos_cap = np.float32(math.cos(math.radians(90.0 - cfg.tilt_max_deg)))
         keep &= ~(np.abs(gz) > cos_cap * np.sqrt(gz * gz + gy * gy + gx * gx))
-    keep = _blocky(keep, sl, cfg.seg_grid)
-    return band & inside, band & keep
+    damaged = band & _blocky(keep, sl, cfg.seg_grid)
+    return (band & inside) | damaged, damaged
 
 
 def _place_membranes(

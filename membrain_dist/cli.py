@@ -95,13 +95,19 @@ def _in_prefect(fn, *a, **kw):
 def cmd_synth(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .synth import SynthConfig, generate_campaign
+    from .synth import SynthConfig, generate_campaign, hard_config
 
-    cfg = SynthConfig()
+    if args.preset == "hard":
+        cfg = hard_config(**({} if args.voxel_size is None else {"voxel_size_A": args.voxel_size}))
+    else:
+        cfg = SynthConfig()
+        if args.voxel_size is not None:
+            cfg = replace(cfg, voxel_size_A=args.voxel_size)
     if args.shape:
         cfg = replace(cfg, shape_zyx=tuple(args.shape))
     manifest = generate_campaign(Path(args.out), n_tomos=args.n_tomos, seed=args.seed, cfg=cfg,
-                                 n_train=args.n_train, n_val=args.n_val)
+                                 n_train=args.n_train, n_val=args.n_val,
+                                 angles=not args.no_angles)
     print(manifest)
     return 0
 
@@ -384,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=1)
     p.add_argument("--n-val", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None)
+    p.add_argument("--preset", choices=("default", "hard"), default="default",
+                   help="hard: CTF, coloured noise at SNR 0.3, damaged segmentations, grana "
+                        "stacks, face-on/edge-on sheets, real PSII/b6f maps (synth.hard_config)")
+    p.add_argument("--voxel-size", type=float, default=None,
+                   help="voxel size in Å (hard preset: protein sizes follow it)")
+    p.add_argument("--no-angles", action="store_true",
+                   help="per-tomogram STARs without angles (ground_truth.star keeps them)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert", help="MRC tomograms + segmentations -> chunked Zarr store")

@@ -38,10 +38,21 @@ Particle centres (ground truth) lie on the membrane's outer surface on the prote
 matrices: columns u (long in-plane axis), v, n (normal towards the protein), each in zyx
 order, with ``v = n x u`` in the right-handed XYZ frame (``np.cross(u_zyx, n_zyx)`` on zyx
 arrays), so that ``axes.matrix_zyx_to_xyz`` gives a proper rotation.
+
+**Hard preset** (:func:`hard_config`; the new :class:`SynthConfig` fields default to the
+behaviour above, bit for bit): a radial CTF on the signal and coloured noise at a set SNR
+(:mod:`membrain_dist.synth_imaging`, :func:`signal_variance`), damaged segmentations
+(thickness 3-7 voxels, holes, caps lost to the missing wedge, staircase edges; ``labels``
+is the damaged segmentation, ``labels_clean`` the undamaged bands), grana stacks of 3-5
+sheets with 4-7 voxel gaps, face-on and edge-on sheets, targets on both faces and large
+distractors on the same faces, the real PSII / b6f maps as target / distractor
+(:mod:`membrain_dist.synth_maps`), their transmembrane slab on the mid-surface, and centres
+clicked 1-4 voxels beyond the local segmentation face.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -52,6 +63,9 @@ import scipy.fft
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from . import synth_imaging as imaging
+from .synth_maps import B6F_MAP, PSII_MAP, protein_map, render_map
+
 __all__ = [
     "SynthConfig",
     "SynthTomogram",
@@ -60,12 +74,15 @@ __all__ = [
     "render_template",
     "imaging_filter",
     "benchmark_config",
+    "hard_config",
+    "signal_variance",
     "tomogram_rng",
 ]
 
 log = logging.getLogger(__name__)
 
-_KINDS = ("vesicle", "sheet", "stack")
+_KINDS = ("vesicle", "sheet", "stack", "edge-on")
+_ORIENTATIONS = ("random", "face-on", "edge-on")
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,75 @@ class SynthConfig:
         False: tomogram = -density (protein dark); True: protein bright. Default False.
     keep_density
         Keep the noiseless, unfiltered density in :class:`SynthTomogram` (memory). Default True.
+
+    The fields below make the data harder (:func:`hard_config`); their defaults reproduce the
+    original generator bit for bit.
+
+    sheet_orientation, stack_orientation
+        "random" (default), "face-on" (normal within ``orientation_jitter_deg`` of z) or
+        "edge-on" (normal within ``orientation_jitter_deg`` of the x-y plane) for the kinds
+        "sheet" and "stack". A fourth ``kind_weights`` entry adds the kind "edge-on" (an
+        edge-on sheet). The membrane kind is also its ``scenario`` (SynthTomogram, STAR).
+    orientation_jitter_deg
+        Default 10.
+    stack_sheets
+        Range (inclusive) of the number of sheets of a stack. Default (2, 2).
+    stack_gap
+        None (default): partners ``stack_spacing`` apart. Else the range of the gap between
+        the *segmentations* of neighbouring sheets (grana-like, each sheet with its own
+        constant thickness drawn from ``seg_thickness``).
+    seg_thickness
+        None (default): the segmentation is ``|d| <= seg_half_width``. Else a (min, max)
+        range of segmentation thickness (voxels): a smooth random field (correlation length
+        ``thickness_scale``) sets the local half width ``thickness / 2`` (stacks: one
+        value per sheet). ``seg_half_width`` must then be >= max / 2 (it sets spacing and
+        probes).
+    thickness_scale
+        Default 16.
+    seg_hole_fraction, seg_hole_size
+        Fraction of the segmentation removed in random patches (a thresholded smooth random
+        field of correlation length ``seg_hole_size``). Defaults 0, 8.
+    seg_drop_caps
+        Remove the segmentation where the membrane normal is within ``90 - tilt_max_deg``
+        degrees of z (the missing wedge's half angle), as real segmentations lose vesicle
+        tops and bottoms. Not applied to face-on sheets (kept as the face-on scenario).
+        Default False.
+    seg_grid
+        The in-plane edges of the segmentation (rims, holes, caps) are decided on a grid
+        this many voxels coarser (nearest voxel, no smoothing): staircase edges. Default 1.
+    protein_source
+        "toy" (default: ellipsoid unions) or "maps": target = ``target_map`` (real PSII),
+        large distractor = ``distractor_map`` (real b6f), both resampled to
+        ``voxel_size_A`` (:mod:`membrain_dist.synth_maps`), their transmembrane slab on
+        the mid-surface.
+    target_map, distractor_map, hydrophobic_A
+        Map paths (default the MemBrain v1 PSII and b6f maps, read in place) and the
+        transmembrane slab thickness (Å) that places them. Default 40.
+    both_sides_prob
+        Probability that a membrane carries targets on both faces (side drawn per target;
+        ``membrane_side`` 0). Default 0 (one face per membrane, stacks: outer faces).
+    large_side
+        "opposite" (default: large distractors on the non-target face) or "same" (on the
+        target face(s): no side cue).
+    large_spacing
+        Exclusion diameter of large distractors; None (default) = ``target_spacing``.
+    click_offset
+        None (default): target centres on the segmentation face. Else a (min, max) range:
+        each centre is ``U(min, max)`` voxels beyond the local segmentation face along
+        the normal (where an annotator clicks), the protein itself stays in the membrane.
+    ctf_defocus_um, ctf_voltage_kv, ctf_cs_mm, ctf_amplitude_contrast, ctf_phase_flip
+        A radial CTF on the signal (:func:`synth_imaging.ctf_1d`; negative defocus =
+        underfocus), times the Gaussian envelope ``lowpass_sigma``. 0 (default) = no CTF.
+        Defaults 300 kV, 2.7 mm, 0.07, False (signed CTF, not phase-flipped).
+    snr
+        None (default): noise std from ``noise_ratio``. Else the noise std is
+        ``sqrt(signal_variance(cfg) / snr)`` (:func:`signal_variance`).
+    noise_model
+        "white" (default) or "coloured": noise shaped by
+        ``(1 + (k / noise_corner)^2)^(-noise_slope / 2)`` (k in cycles/voxel), rescaled to
+        the noise std; ``noise_wedge`` also removes it from the missing wedge.
+    noise_corner, noise_slope, noise_wedge
+        Defaults 0.1, 1.0, False.
     """
 
     shape_zyx: tuple[int, int, int] = (80, 160, 160)
@@ -173,6 +259,35 @@ class SynthConfig:
     noise_ratio: float = 0.8
     invert: bool = False
     keep_density: bool = True
+    sheet_orientation: str = "random"
+    stack_orientation: str = "random"
+    orientation_jitter_deg: float = 10.0
+    stack_sheets: tuple[int, int] = (2, 2)
+    stack_gap: tuple[float, float] | None = None
+    seg_thickness: tuple[float, float] | None = None
+    thickness_scale: float = 16.0
+    seg_hole_fraction: float = 0.0
+    seg_hole_size: float = 8.0
+    seg_drop_caps: bool = False
+    seg_grid: int = 1
+    protein_source: str = "toy"
+    target_map: str = PSII_MAP
+    distractor_map: str = B6F_MAP
+    hydrophobic_A: float = 40.0
+    both_sides_prob: float = 0.0
+    large_side: str = "opposite"
+    large_spacing: float | None = None
+    click_offset: tuple[float, float] | None = None
+    ctf_defocus_um: float = 0.0
+    ctf_voltage_kv: float = 300.0
+    ctf_cs_mm: float = 2.7
+    ctf_amplitude_contrast: float = 0.07
+    ctf_phase_flip: bool = False
+    snr: float | None = None
+    noise_model: str = "white"
+    noise_corner: float = 0.1
+    noise_slope: float = 1.0
+    noise_wedge: bool = False
 
     def __post_init__(self) -> None:
         if len(self.shape_zyx) != 3 or min(self.shape_zyx) < 16:
@@ -185,6 +300,41 @@ class SynthConfig:
             raise ValueError("at most 250 membranes (uint8 labels)")
         if self.stack_spacing[0] < 2 * self.seg_half_width + 3:
             raise ValueError("stack_spacing must leave >= 3 voxels between the two sheets")
+        if len(self.kind_weights) not in (3, 4):
+            raise ValueError("kind_weights: 3 (vesicle, sheet, stack) or 4 (+ edge-on) weights")
+        for name in ("sheet_orientation", "stack_orientation"):
+            if getattr(self, name) not in _ORIENTATIONS:
+                raise ValueError(f"{name} must be one of {_ORIENTATIONS}")
+        if not 2 <= self.stack_sheets[0] <= self.stack_sheets[1]:
+            raise ValueError("stack_sheets must be a range (lo, hi) with 2 <= lo <= hi")
+        if self.seg_thickness is not None and (
+            not 1.0 <= self.seg_thickness[0] <= self.seg_thickness[1]
+            or self.seg_thickness[1] > 2 * self.seg_half_width + 1e-6
+        ):
+            raise ValueError("seg_thickness must be (lo, hi), 1 <= lo <= hi <= 2 seg_half_width")
+        if not 0.0 <= self.seg_hole_fraction < 0.5 or self.seg_grid < 1:
+            raise ValueError("seg_hole_fraction must be in [0, 0.5), seg_grid >= 1")
+        if self.protein_source not in ("toy", "maps"):
+            raise ValueError("protein_source must be 'toy' or 'maps'")
+        if self.large_side not in ("opposite", "same"):
+            raise ValueError("large_side must be 'opposite' or 'same'")
+        if self.noise_model not in ("white", "coloured"):
+            raise ValueError("noise_model must be 'white' or 'coloured'")
+        if self.snr is not None and self.snr <= 0:
+            raise ValueError("snr must be > 0 (or None)")
+        if not 0.0 <= self.both_sides_prob <= 1.0:
+            raise ValueError("both_sides_prob must be in [0, 1]")
+
+    @property
+    def damaged_segmentation(self) -> bool:
+        """Whether the segmentation differs from the exact distance band (hard preset)."""
+        return (
+            self.seg_thickness is not None
+            or self.seg_hole_fraction > 0
+            or self.seg_drop_caps
+            or self.seg_grid > 1
+            or self.stack_gap is not None
+        )
 
 
 def benchmark_config(**overrides: object) -> SynthConfig:
@@ -196,6 +346,66 @@ def benchmark_config(**overrides: object) -> SynthConfig:
         sheet_radius=(80.0, 220.0),
         sheet_min_curvature_radius=150.0,
         membrane_gap=10.0,
+    )
+    kw.update(overrides)
+    return SynthConfig(**kw)  # type: ignore[arg-type]
+
+
+def hard_config(**overrides: object) -> SynthConfig:
+    """The "hard" preset: realistic imaging, damaged segmentations, no side cue, real maps.
+
+    A (128, 256, 256) tomogram at 13.68 Å (``voxel_size_A`` overridable; lengths with a
+    physical meaning -- bilayer, protein spacing, ribosomes, gold -- are set in Å and
+    converted with it; the proteins come from the real maps so their size in voxels follows
+    the voxel size; segmentation thickness and gaps stay in voxels):
+
+    - imaging: CTF at -3.5 µm defocus, 300 kV, Cs 2.7 mm, 7 % amplitude contrast, **not**
+      phase-flipped, times a Gaussian envelope (sigma 0.6 voxel), missing wedge +-60°;
+      coloured noise (corner 0.1 cycles/voxel, slope 1, absent in the missing wedge) at
+      SNR 0.3 (:func:`signal_variance`);
+    - segmentations: thickness 3-7 voxels (smooth random field; one value per stack sheet),
+      8 % holes, caps in the missing wedge removed, staircase edges (2-voxel grid);
+    - membranes: vesicles, face-on sheets ("sheet"), grana stacks of 3-5 edge-on sheets
+      with 4-7 voxel gaps between segmentations ("stack"), edge-on sheets ("edge-on");
+    - proteins: real PSII targets, real b6f distractors on the same faces, half the
+      membranes with targets on both faces; centres clicked 1-4 voxels off the face.
+    """
+    vs = float(overrides.get("voxel_size_A", 13.68))  # type: ignore[arg-type]
+    kw: dict[str, object] = dict(
+        shape_zyx=(128, 256, 256),
+        voxel_size_A=vs,
+        n_membranes=8,
+        kind_weights=(0.3, 0.2, 0.3, 0.2),
+        vesicle_radius=(20.0, 34.0),
+        sheet_radius=(28.0, 50.0),
+        sheet_orientation="face-on",
+        stack_orientation="edge-on",
+        stack_sheets=(3, 5),
+        stack_gap=(4.0, 7.0),
+        leaflet_offset=19.0 / vs,
+        leaflet_fwhm=15.0 / vs,
+        seg_half_width=3.5,
+        seg_thickness=(3.0, 7.0),
+        seg_hole_fraction=0.08,
+        seg_drop_caps=True,
+        seg_grid=2,
+        membrane_gap=6.0,
+        protein_source="maps",
+        target_density=2.0,
+        target_spacing=170.0 / vs,
+        large_spacing=110.0 / vs,
+        large_per_target=0.6,
+        large_amplitude=1.0,
+        both_sides_prob=0.5,
+        large_side="same",
+        click_offset=(1.0, 4.0),
+        ribosome_radius=(110.0 / vs, 140.0 / vs),
+        gold_radius=(30.0 / vs, 40.0 / vs),
+        lowpass_sigma=0.6,
+        ctf_defocus_um=-3.5,
+        snr=0.3,
+        noise_model="coloured",
+        noise_wedge=True,
     )
     kw.update(overrides)
     return SynthConfig(**kw)  # type: ignore[arg-type]
@@ -234,6 +444,20 @@ class SynthTomogram:
         float32 centres of the free blobs and gold beads.
     noise_std
         Std of the added noise (density units).
+    scenario
+        Scenario of membrane ``i + 1`` (= its kind: "vesicle", "sheet", "stack",
+        "edge-on"; with ``sheet_orientation="face-on"`` a "sheet" is face-on).
+    protein_zyx
+        float32 (K, 3) frame origins the targets were rendered at (toy: = centres; maps:
+        the transmembrane centre on the mid-surface).
+    target_side
+        int8 (K,) face of each target relative to its membrane's own normal (+-1).
+    click_offset
+        float32 (K,) distance of each centre beyond the local segmentation face (0 when
+        the centres are on the face).
+    labels_clean
+        uint8 (z, y, x) undamaged membrane bands (before holes / caps / staircase), or None
+        when the segmentation is not damaged (then equal to ``labels``).
     """
 
     tomogram: np.ndarray
@@ -251,6 +475,11 @@ class SynthTomogram:
     ribosome_zyx: np.ndarray
     gold_zyx: np.ndarray
     noise_std: float
+    scenario: tuple[str, ...] = ()
+    protein_zyx: np.ndarray | None = None
+    target_side: np.ndarray | None = None
+    click_offset: np.ndarray | None = None
+    labels_clean: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- geometry
@@ -286,6 +515,7 @@ class _Surface:
     axes: np.ndarray
     curv: np.ndarray = field(default_factory=lambda: np.zeros(2))
     offset: float = 0.0
+    hw: float | None = None  # segmentation half width of this surface (None: config / field)
 
     def points(self, spacing: float = 0.6) -> tuple[np.ndarray, ...]:
         """Mid-surface sample points.
@@ -355,16 +585,42 @@ class _Surface:
         return d.astype(np.float32), rim.astype(np.float32)
 
 
+def _oriented_rot(rng: np.random.Generator, mode: str, jitter_deg: float) -> np.ndarray:
+    """Rotation (columns s, t, normal in zyx) with the normal near z ("face-on") or near the
+    x-y plane ("edge-on"), within ``jitter_deg``; random azimuth and in-plane angle."""
+    phi = rng.uniform(0.0, 2.0 * math.pi)
+    t = math.radians(rng.uniform(-jitter_deg, jitter_deg))
+    if mode == "face-on":
+        n = np.array([math.cos(t), math.sin(t) * math.sin(phi), math.sin(t) * math.cos(phi)])
+    else:
+        n = np.array([math.sin(t), math.cos(t) * math.sin(phi), math.cos(t) * math.cos(phi)])
+    ref = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    t1 = np.cross(n, ref)
+    t1 /= np.linalg.norm(t1)
+    t2 = np.cross(n, t1)
+    psi = rng.uniform(0.0, 2.0 * math.pi)
+    a = math.cos(psi) * t1 + math.sin(psi) * t2
+    return np.stack([a, np.cross(n, a), n], axis=1)
+
+
 def _make_membrane(
-    kind: str, rng: np.random.Generator, cfg: SynthConfig, scale: float
+    kind: str, rng: np.random.Generator, cfg: SynthConfig, scale: float, n_left: int = 2
 ) -> list[_Surface]:
-    """Random membrane surfaces (centred at the origin) of a kind; ``scale`` shrinks sizes."""
+    """Random membrane surfaces (centred at the origin) of a kind; ``scale`` shrinks sizes.
+
+    ``n_left`` caps the number of sheets of a stack (membranes still to place).
+    """
     rot = _random_rotation(rng)
     if kind == "vesicle":
         r = rng.uniform(*cfg.vesicle_radius) * scale
         asp = rng.uniform(1.0, cfg.vesicle_aspect, size=3)
         axes = r * asp / np.prod(asp) ** (1 / 3)
         return [_Surface("vesicle", np.zeros(3), rot, axes)]
+    orient = {"sheet": cfg.sheet_orientation, "stack": cfg.stack_orientation}.get(
+        kind, "edge-on"
+    )
+    if orient != "random":
+        rot = _oriented_rot(rng, orient, cfg.orientation_jitter_deg)
     axes = rng.uniform(*cfg.sheet_radius, size=2) * scale
     kmax = 1.0 / cfg.sheet_min_curvature_radius
     # keep the slope at the rim moderate (|k R| <= 0.8) so the first-order SDF holds
@@ -374,12 +630,30 @@ def _make_membrane(
             rng.uniform(-1, 1) * min(kmax, 0.8 / axes[1]),
         ]
     )
-    if kind == "sheet":
-        return [_Surface("sheet", np.zeros(3), rot, axes, curv)]
-    half = 0.5 * rng.uniform(*cfg.stack_spacing)
+    if kind != "stack":
+        return [_Surface(kind, np.zeros(3), rot, axes, curv)]
+    if cfg.stack_gap is None and cfg.stack_sheets == (2, 2):
+        half = 0.5 * rng.uniform(*cfg.stack_spacing)
+        return [
+            _Surface("stack", np.zeros(3), rot, axes, curv, +half),
+            _Surface("stack", np.zeros(3), rot, axes, curv, -half),
+        ]
+    lo, hi = cfg.stack_sheets
+    n = lo if lo == hi else int(rng.integers(lo, max(lo, min(hi, n_left)) + 1))
+    if cfg.seg_thickness is not None:
+        hws = 0.5 * rng.uniform(*cfg.seg_thickness, size=n)
+    else:
+        hws = np.full(n, cfg.seg_half_width)
+    if cfg.stack_gap is not None:
+        gaps = rng.uniform(*cfg.stack_gap, size=n - 1)
+        steps = gaps + hws[:-1] + hws[1:]
+    else:
+        steps = rng.uniform(*cfg.stack_spacing, size=n - 1)
+    offs = np.concatenate([[0.0], np.cumsum(steps)])
+    offs -= offs.mean()
     return [
-        _Surface("stack", np.zeros(3), rot, axes, curv, +half),
-        _Surface("stack", np.zeros(3), rot, axes, curv, -half),
+        _Surface("stack", np.zeros(3), rot, axes, curv, float(o), float(h))
+        for o, h in zip(offs, hws, strict=True)
     ]
 
 
@@ -490,11 +764,20 @@ def render_template(cfg: SynthConfig = SynthConfig(), size: int = 25) -> np.ndar
     np.ndarray
         float32 ``(size, size, size)`` (z, y, x): long axis u along x, v along y, membrane
         normal n along z (protein side up); the particle centre (membrane surface point) is
-        the central voxel ``size // 2``. No membrane, no missing wedge.
+        the central voxel ``size // 2``. No membrane, no missing wedge. With
+        ``protein_source="maps"``: the real target map, its centre of mass at the central
+        voxel, and ``size`` grown to hold it.
     """
+    m = np.array([[[0, 0, 1], [0, 1, 0], [1, 0, 0]]], np.float32)  # columns u=x, v=y, n=z
+    if cfg.protein_source == "maps":
+        pm = protein_map(cfg.target_map, cfg.voxel_size_A, cfg.hydrophobic_A)
+        size = max(size, 2 * int(math.ceil(pm.radius)) + 5)
+        vol = np.zeros((size,) * 3, np.float32)
+        c = np.array([[size // 2 - pm.com_n, size // 2, size // 2]], np.float64)
+        render_map(vol, c, m, pm, cfg.protein_amplitude)
+        return ndimage.gaussian_filter(vol, cfg.lowpass_sigma).astype(np.float32)
     vol = np.zeros((size,) * 3, np.float32)
     c = np.full((1, 3), size // 2, np.float64)
-    m = np.array([[[0, 0, 1], [0, 1, 0], [1, 0, 0]]], np.float32)  # columns u=x, v=y, n=z
     _render(vol, c, m, _target_prims(), cfg.protein_amplitude)
     return ndimage.gaussian_filter(vol, cfg.lowpass_sigma).astype(np.float32)
 
@@ -507,7 +790,8 @@ def imaging_filter(vol: np.ndarray, cfg: SynthConfig) -> np.ndarray:
 
     Zeroes the Fourier coefficients whose (kx, kz) direction is within
     ``90 - tilt_max_deg`` degrees of the z axis (for every ky) and multiplies by
-    ``exp(-2 pi^2 sigma^2 |k|^2)`` (k in cycles/voxel, sigma = ``lowpass_sigma``).
+    ``exp(-2 pi^2 sigma^2 |k|^2)`` (k in cycles/voxel, sigma = ``lowpass_sigma``), and by
+    the radial CTF when ``ctf_defocus_um != 0`` (:func:`synth_imaging.ctf_rfft`).
 
     Parameters
     ----------
@@ -530,9 +814,62 @@ def imaging_filter(vol: np.ndarray, cfg: SynthConfig) -> np.ndarray:
     zx = measured * np.exp(-s2 * kz[:, None] ** 2) * np.exp(-s2 * kx[None, :] ** 2)
     spec *= zx[:, None, :].astype(np.complex64)
     spec *= np.exp(-s2 * ky**2)[None, :, None].astype(np.complex64)
+    if cfg.ctf_defocus_um != 0.0:
+        spec *= imaging.ctf_rfft(
+            vol.shape,
+            cfg.voxel_size_A,
+            cfg.ctf_defocus_um,
+            cfg.ctf_voltage_kv,
+            cfg.ctf_cs_mm,
+            cfg.ctf_amplitude_contrast,
+            cfg.ctf_phase_flip,
+        )
     out = scipy.fft.irfftn(spec, s=vol.shape, workers=-1)
     del spec
     return out.astype(np.float32, copy=False)
+
+
+def _probe_frames(n: int = 16) -> np.ndarray:
+    """(n, 3, 3) fixed, nearly uniform orientations (columns u, v, n in zyx): Fibonacci
+    normals on a hemisphere (C2 and +-n give the same power), golden-angle in-plane angles."""
+    nrm = _fibonacci_sphere(2 * n)[:n]
+    ang = (np.arange(n) * math.pi * (3.0 - math.sqrt(5.0)))[:, None]
+    ref = np.where(np.abs(nrm[:, :1]) < 0.9, [[1.0, 0, 0]], [[0, 1.0, 0]])
+    t1 = np.cross(nrm, ref)
+    t1 /= np.linalg.norm(t1, axis=1, keepdims=True)
+    t2 = np.cross(t1, nrm)
+    u = np.cos(ang) * t1 + np.sin(ang) * t2
+    return np.stack([u, np.cross(u, nrm), nrm], axis=2)
+
+
+@functools.lru_cache(maxsize=32)
+def signal_variance(cfg: SynthConfig) -> float:
+    """Signal power of one target: the variance of its imaging-filtered density over its support.
+
+    The target alone (no membrane) is rendered in an empty cube (64 voxels or four protein
+    radii, whichever is larger) in 16 fixed, nearly uniform orientations in turn, filtered
+    with :func:`imaging_filter` (envelope, missing wedge, CTF); its **support** is where the
+    unfiltered density exceeds 10 % of its peak; the variance of the filtered values over the
+    support is averaged over the orientations (the wedge makes it orientation-dependent).
+    The preset's **SNR** is this variance over the noise variance:
+    ``snr = signal_variance(cfg) / noise_std^2``.
+    """
+    if cfg.protein_source == "maps":
+        pm = protein_map(cfg.target_map, cfg.voxel_size_A, cfg.hydrophobic_A)
+        size = max(64, 2 * int(math.ceil(2 * pm.radius)))
+    else:
+        size = 64
+    c = np.full((1, 3), size / 2.0)
+    vals = []
+    for m in _probe_frames():
+        vol = np.zeros((size,) * 3, np.float32)
+        if cfg.protein_source == "maps":
+            render_map(vol, c, m[None], pm, cfg.protein_amplitude)
+        else:
+            _render(vol, c, m[None], _target_prims(), cfg.protein_amplitude)
+        sup = vol > 0.1 * vol.max()
+        vals.append(float(imaging_filter(vol, cfg)[sup].astype(np.float64).var()))
+    return float(np.mean(vals))
 
 
 def _filtered_template_peak(cfg: SynthConfig) -> float:
@@ -559,11 +896,87 @@ def _grids(sl: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.n
     return z, y, x
 
 
+@dataclass
+class _Damage:
+    """Segmentation damage of the hard preset: full-volume fields and the damaged labels."""
+
+    hw: np.ndarray | None  # float32 (z, y, x) local segmentation half width, or None
+    holes: np.ndarray | None  # bool (z, y, x) removed patches, or None
+    seg: np.ndarray  # uint8 (z, y, x) damaged labels (filled by _place_membranes)
+
+
+def _make_damage(rng: np.random.Generator, cfg: SynthConfig, shape: tuple[int, ...]) -> _Damage:
+    hw = None
+    if cfg.seg_thickness is not None:
+        lo, hi = cfg.seg_thickness
+        u = imaging.uniform_from_normal(imaging.smooth_field(rng, shape, cfg.thickness_scale))
+        hw = (0.5 * (lo + (hi - lo) * u)).astype(np.float32)
+    holes = None
+    if cfg.seg_hole_fraction > 0:
+        f = imaging.smooth_field(rng, shape, cfg.seg_hole_size)
+        holes = f > np.quantile(f.ravel()[::61], 1.0 - cfg.seg_hole_fraction).astype(np.float32)
+    return _Damage(hw, holes, np.zeros(shape, np.uint8))
+
+
+def _blocky(mask: np.ndarray, sl: tuple[slice, slice, slice], f: int) -> np.ndarray:
+    """Nearest-voxel resampling of ``mask`` (on ``sl``) from a grid ``f`` voxels coarser.
+
+    Every voxel takes the value of its block's central voxel (blocks aligned to the whole
+    volume, clipped to ``sl``): staircase edges.
+    """
+    if f <= 1:
+        return mask
+    idx = []
+    for s_ in sl:
+        g = np.arange(s_.start, s_.stop)
+        rep = (g // f) * f + f // 2
+        idx.append(np.clip(rep, s_.start, s_.stop - 1) - s_.start)
+    return mask[np.ix_(*idx)]
+
+
+def _damaged_band(
+    cfg: SynthConfig,
+    surf: _Surface,
+    kind: str,
+    d: np.ndarray,
+    inside: np.ndarray,
+    sl: tuple[slice, slice, slice],
+    dmg: _Damage,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clean band (``|d| <= local half width``, inside the rim) and its damaged version.
+
+    The damaged band is a subset of the clean one (the staircase rim included in both).
+    """
+    if surf.hw is not None:
+        hw_loc: np.ndarray | float = np.float32(surf.hw)
+    elif dmg.hw is not None:
+        hw_loc = dmg.hw[sl]
+    else:
+        hw_loc = np.float32(cfg.seg_half_width)
+    band = np.abs(d) <= hw_loc
+    inside = np.broadcast_to(inside, d.shape)
+    keep = inside.copy()
+    if dmg.holes is not None:
+        keep &= ~dmg.holes[sl]
+    face_on_sheet = kind == "sheet" and cfg.sheet_orientation == "face-on"
+    if cfg.seg_drop_caps and not face_on_sheet:
+        gz, gy, gx = np.gradient(d)
+        cos_cap = np.float32(math.cos(math.radians(90.0 - cfg.tilt_max_deg)))
+        keep &= ~(np.abs(gz) > cos_cap * np.sqrt(gz * gz + gy * gy + gx * gx))
+    damaged = band & _blocky(keep, sl, cfg.seg_grid)
+    return (band & inside) | damaged, damaged
+
+
 def _place_membranes(
-    rng: np.random.Generator, cfg: SynthConfig, density: np.ndarray, labels: np.ndarray
+    rng: np.random.Generator,
+    cfg: SynthConfig,
+    density: np.ndarray,
+    labels: np.ndarray,
+    dmg: _Damage | None = None,
 ) -> list[tuple[_Surface, str, tuple[np.ndarray, ...]]]:
     """Rejection-sample membranes; render bilayers into ``density``, fill ``labels``.
 
+    With ``dmg``, ``labels`` receive the clean bands and ``dmg.seg`` the damaged ones.
     Returns one (surface, kind, points) per accepted membrane, label = index + 1.
     """
     shape = np.array(cfg.shape_zyx, dtype=np.float64)
@@ -573,16 +986,17 @@ def _place_membranes(
     sig = cfg.leaflet_fwhm / (2 * math.sqrt(2 * math.log(2)))
     weights = np.asarray(cfg.kind_weights, np.float64)
     weights = weights / weights.sum()
+    kinds = _KINDS[: len(weights)]
     out: list[tuple[_Surface, str, tuple[np.ndarray, ...]]] = []
     scale = 1.0
     for _ in range(cfg.max_tries):
         n_left = cfg.n_membranes - len(out)
         if n_left <= 0:
             break
-        kind = str(rng.choice(_KINDS, p=weights))
-        if kind == "stack" and n_left < 2:
+        kind = str(rng.choice(kinds, p=weights))
+        if kind == "stack" and n_left < cfg.stack_sheets[0]:
             kind = "sheet" if rng.random() < 0.5 else "vesicle"
-        surfs = _make_membrane(kind, rng, cfg, scale)
+        surfs = _make_membrane(kind, rng, cfg, scale, n_left)
         pts0 = [s.points() for s in surfs]
         allp = np.concatenate([p[0] for p in pts0])
         margin = hw + cfg.border_margin + 1.0
@@ -609,8 +1023,13 @@ def _place_membranes(
             )
             taper = 0.5 * (1.0 + np.tanh(rim / 1.0))
             density[sl] += (cfg.membrane_amplitude * prof * taper).astype(np.float32)
-            seg = (np.abs(d) <= hw) & inside
-            labels[sl][seg] = label
+            if dmg is None:
+                seg = (np.abs(d) <= hw) & inside
+                labels[sl][seg] = label
+            else:
+                clean, damaged = _damaged_band(cfg, s, kind, d, inside, sl, dmg)
+                labels[sl][clean] = label
+                dmg.seg[sl][damaged] = label
             excluded[sl] |= (np.abs(d) <= excl_pad) & (rim >= -excl_pad)
             out.append((s, kind, pts))
     if len(out) < cfg.n_membranes:
@@ -671,12 +1090,13 @@ def _attach(
 
     side +-1 relative to the surface normal, 0 = random per object. Objects sit at
     ``mid + seg_half_width * side * n``; their normal probe ``centre + k n, k = 1..reach``
-    must stay in the volume and off other membranes. Returns centres (M, 3), normals (M, 3).
+    must stay in the volume and off other membranes. Returns centres (M, 3), normals (M, 3)
+    and sides (M,) (+-1 relative to the surface normal).
     """
     p, nrm, area, rim = pts
     ok = rim >= cfg.rim_margin
     if n_wanted <= 0 or not ok.any():
-        return np.zeros((0, 3)), np.zeros((0, 3))
+        return np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0)
     prob = np.where(ok, area, 0.0)
     prob /= prob.sum()
     n_cand = 6 * n_wanted + 20
@@ -692,17 +1112,18 @@ def _attach(
     pi = np.clip(pi, 0, shape - 1)
     lab = labels[pi[..., 0], pi[..., 1], pi[..., 2]]
     good = inb & np.all((lab == 0) | (lab == label), axis=1)
-    out_c, out_n = [], []
+    out_c, out_n, out_s = [], [], []
     for i in np.flatnonzero(good):
         if occ.free(cen[i], radius):
             occ.add(cen[i], radius)
             out_c.append(cen[i])
             out_n.append(nn[i])
+            out_s.append(sd[i])
             if len(out_c) >= n_wanted:
                 break
     if not out_c:
-        return np.zeros((0, 3)), np.zeros((0, 3))
-    return np.array(out_c), np.array(out_n)
+        return np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0)
+    return np.array(out_c), np.array(out_n), np.array(out_s)
 
 
 def _place_free(
@@ -752,20 +1173,38 @@ def generate_tomogram(rng: np.random.Generator, cfg: SynthConfig = SynthConfig()
     shape = tuple(int(s) for s in cfg.shape_zyx)
     density = np.zeros(shape, np.float32)
     labels = np.zeros(shape, np.uint8)
-    membranes = _place_membranes(rng, cfg, density, labels)
+    dmg = _make_damage(rng, cfg, shape) if cfg.damaged_segmentation else None
+    membranes = _place_membranes(rng, cfg, density, labels, dmg)
+    maps = cfg.protein_source == "maps"
+    pm_t = protein_map(cfg.target_map, cfg.voxel_size_A, cfg.hydrophobic_A) if maps else None
+    pm_l = protein_map(cfg.distractor_map, cfg.voxel_size_A, cfg.hydrophobic_A) if maps else None
+    hw = cfg.seg_half_width
+    # probe lengths beyond the face: the protruding domain must not reach another membrane
+    reach_t = max(2.0, math.ceil(pm_t.top - hw + 1.0)) if pm_t is not None else 8.0
+    reach_l = max(2.0, math.ceil(pm_l.top - hw + 1.0)) if pm_l is not None else 6.0
+    r_large = (cfg.large_spacing if cfg.large_spacing is not None else cfg.target_spacing) / 2
 
-    # target side per membrane (stacks: the side facing away from the partner)
-    sides = np.array(
-        [np.sign(s.offset) if kind == "stack" else rng.choice([-1, 1]) for s, kind, _ in membranes],
-        dtype=np.int8,
-    )
+    # target side per membrane (stacks: the side facing away from the partner); 0 = both
+    if cfg.both_sides_prob > 0:
+        sides = np.array(
+            [0 if rng.random() < cfg.both_sides_prob else rng.choice([-1, 1]) for _ in membranes],
+            dtype=np.int8,
+        )
+    else:
+        sides = np.array(
+            [
+                np.sign(s.offset) if kind == "stack" else rng.choice([-1, 1])
+                for s, kind, _ in membranes
+            ],
+            dtype=np.int8,
+        )
     occ = _Occupancy()
-    targets_c, targets_n, targets_m = [], [], []
+    targets_c, targets_n, targets_m, targets_s = [], [], [], []
     big_c, big_n, small_c, small_n = [], [], [], []
     for i, (_, _, pts) in enumerate(membranes):
         area = float(pts[2][pts[3] >= cfg.rim_margin].sum())
         n_t = int(rng.poisson(cfg.target_density * area / 1000.0))
-        c, n = _attach(
+        c, n, sd = _attach(
             rng,
             cfg,
             labels,
@@ -774,37 +1213,39 @@ def generate_tomogram(rng: np.random.Generator, cfg: SynthConfig = SynthConfig()
             int(sides[i]),
             n_t,
             cfg.target_spacing / 2,
-            8.0,
+            reach_t,
             i + 1,
         )
         targets_c.append(c)
         targets_n.append(n)
         targets_m.append(np.full(len(c), i + 1, np.int32))
+        targets_s.append(sd)
     for i, (_, _, pts) in enumerate(membranes):
         area = float(pts[2][pts[3] >= cfg.rim_margin].sum())
         lam = cfg.target_density * area / 1000.0
         n_l = int(rng.poisson(cfg.large_per_target * lam))
-        c, n = _attach(
+        c, n, _ = _attach(
             rng,
             cfg,
             labels,
             occ,
             pts,
-            -int(sides[i]),
+            int(sides[i]) if cfg.large_side == "same" else -int(sides[i]),
             n_l,
-            cfg.target_spacing / 2,
-            6.0,
+            r_large,
+            reach_l,
             i + 1,
         )
         big_c.append(c)
         big_n.append(n)
         n_s = int(rng.poisson(cfg.small_per_target * lam))
-        c, n = _attach(rng, cfg, labels, occ, pts, 0, n_s, 3.0, 5.0, i + 1)
+        c, n, _ = _attach(rng, cfg, labels, occ, pts, 0, n_s, 3.0, 5.0, i + 1)
         small_c.append(c)
         small_n.append(n)
     tc = np.concatenate(targets_c) if targets_c else np.zeros((0, 3))
     tn = np.concatenate(targets_n) if targets_n else np.zeros((0, 3))
     tm = np.concatenate(targets_m) if targets_m else np.zeros(0, np.int32)
+    ts = np.concatenate(targets_s) if targets_s else np.zeros(0)
     bc = np.concatenate(big_c) if big_c else np.zeros((0, 3))
     bn = np.concatenate(big_n) if big_n else np.zeros((0, 3))
     sc = np.concatenate(small_c) if small_c else np.zeros((0, 3))
@@ -813,8 +1254,29 @@ def generate_tomogram(rng: np.random.Generator, cfg: SynthConfig = SynthConfig()
     b_mats = _frames(bn, rng) if len(bn) else np.zeros((0, 3, 3))
     s_mats = _frames(sn, rng) if len(sn) else np.zeros((0, 3, 3))
     # targets: occupancy also blocks the protruding domain for free blobs
-    for c, n in zip(tc, tn, strict=True):
-        occ.add(c + 3.0 * n, 5.0)
+    if pm_t is None:
+        for c, n in zip(tc, tn, strict=True):
+            occ.add(c + 3.0 * n, 5.0)
+    else:
+        for c, n in zip(tc, tn, strict=True):
+            occ.add(c + (0.5 * pm_t.top - hw) * n, 0.7 * pm_t.radius)
+
+    # where the annotator clicks: U(click_offset) beyond the local segmentation face
+    t_origin = tc - hw * tn  # mid-surface points under the targets
+    clicks = np.zeros(len(tc))
+    centres = tc
+    if cfg.click_offset is not None and len(tc):
+        face = np.full(len(tc), hw)
+        surfs = [s for s, _, _ in membranes]
+        for k in range(len(tc)):
+            s_hw = surfs[tm[k] - 1].hw
+            if s_hw is not None:
+                face[k] = s_hw
+            elif dmg is not None and dmg.hw is not None:
+                zi = np.clip(np.rint(t_origin[k]).astype(int), 0, np.array(shape) - 1)
+                face[k] = dmg.hw[zi[0], zi[1], zi[2]]
+        clicks = rng.uniform(*cfg.click_offset, size=len(tc))
+        centres = t_origin + (face + clicks)[:, None] * tn
 
     mvox = float(np.prod(shape)) / 1e6
     rc, rr = _place_free(
@@ -829,8 +1291,14 @@ def generate_tomogram(rng: np.random.Generator, cfg: SynthConfig = SynthConfig()
         rng, shape, labels, occ, int(rng.poisson(cfg.gold_per_mvox * mvox)), cfg.gold_radius
     )
 
-    _render(density, tc, t_mats, _target_prims(), cfg.protein_amplitude)
-    _render(density, bc, b_mats, _large_prims(), cfg.large_amplitude)
+    if pm_t is None or pm_l is None:
+        _render(density, tc, t_mats, _target_prims(), cfg.protein_amplitude)
+        _render(density, bc, b_mats, _large_prims(), cfg.large_amplitude)
+        protein_zyx = tc
+    else:
+        render_map(density, t_origin, t_mats, pm_t, cfg.protein_amplitude)
+        render_map(density, bc - hw * bn, b_mats, pm_l, cfg.large_amplitude)
+        protein_zyx = t_origin
     _render(density, sc, s_mats, _small_prims(), cfg.small_amplitude)
     for c, r in zip(rc, rr, strict=True):
         _render(
@@ -849,26 +1317,36 @@ def generate_tomogram(rng: np.random.Generator, cfg: SynthConfig = SynthConfig()
             cfg.gold_amplitude,
         )
 
-    noise_std = cfg.noise_ratio * _filtered_template_peak(cfg)
+    if cfg.snr is not None:
+        noise_std = math.sqrt(signal_variance(cfg) / cfg.snr)
+    else:
+        noise_std = cfg.noise_ratio * _filtered_template_peak(cfg)
     tomo = imaging_filter(density, cfg)
     if not cfg.invert:
         np.negative(tomo, out=tomo)
-    if noise_std > 0:
+    if noise_std > 0 and cfg.noise_model == "coloured":
+        wedge = cfg.tilt_max_deg if cfg.noise_wedge else None
+        tomo += imaging.coloured_noise(
+            rng, shape, noise_std, cfg.noise_corner, cfg.noise_slope, wedge  # type: ignore[arg-type]
+        )
+    elif noise_std > 0:
         step = max(1, int(2e7 // (shape[1] * shape[2])))
         for z0 in range(0, shape[0], step):
             sl = tomo[z0 : z0 + step]
             noise = rng.standard_normal(sl.shape, dtype=np.float32)
             noise *= np.float32(noise_std)
             sl += noise
+    seg_labels = dmg.seg if dmg is not None else labels
+    kinds = tuple(kind for _, kind, _ in membranes)
     return SynthTomogram(
         tomogram=tomo,
-        segmentation=(labels > 0).astype(np.uint8),
-        labels=labels,
+        segmentation=(seg_labels > 0).astype(np.uint8),
+        labels=seg_labels,
         density=density if cfg.keep_density else None,
-        centres_zyx=tc.astype(np.float32).reshape(-1, 3),
+        centres_zyx=centres.astype(np.float32).reshape(-1, 3),
         matrices_zyx=t_mats.astype(np.float32).reshape(-1, 3, 3),
         membrane_of_particle=tm.astype(np.int32),
-        membrane_kind=tuple(kind for _, kind, _ in membranes),
+        membrane_kind=kinds,
         membrane_side=sides,
         small_zyx=sc.astype(np.float32).reshape(-1, 3),
         large_zyx=bc.astype(np.float32).reshape(-1, 3),
@@ -876,6 +1354,11 @@ def generate_tomogram(rng: np.random.Generator, cfg: SynthConfig = SynthConfig()
         ribosome_zyx=rc.astype(np.float32).reshape(-1, 3),
         gold_zyx=gc.astype(np.float32).reshape(-1, 3),
         noise_std=float(noise_std),
+        scenario=kinds,
+        protein_zyx=protein_zyx.astype(np.float32).reshape(-1, 3),
+        target_side=ts.astype(np.int8),
+        click_offset=clicks.astype(np.float32),
+        labels_clean=labels if dmg is not None else None,
     )
 
 
@@ -891,12 +1374,14 @@ def generate_campaign(
     cfg: SynthConfig = SynthConfig(),
     n_train: int = 1,
     n_val: int = 0,
+    angles: bool = True,
 ) -> Path:
     """Write a synthetic campaign and return its manifest path.
 
     Writes per tomogram ``<name>.mrc`` (tomogram), ``<name>_seg.mrc`` (binary uint8
-    segmentation), ``<name>_particles.star`` (ground-truth targets with angles,
-    ``rlnTomoName = name``, ``mbMembrane`` = membrane label), and for the campaign
+    segmentation), ``<name>_particles.star`` (ground-truth targets with angles unless
+    ``angles=False``, ``rlnTomoName = name``, ``mbMembrane`` = membrane label,
+    ``mbScenario`` = the membrane's scenario), and for the campaign
     ``template.mrc`` (:func:`render_template`), ``ground_truth.star`` (all targets) and
     ``manifest.csv``: the first ``n_train`` rows ``train``, the next ``n_val`` ``val``, the
     rest ``test``; every row names its GT STAR (the pipeline ignores it for test rows).
@@ -915,6 +1400,9 @@ def generate_campaign(
         Tomogram parameters.
     n_train, n_val
         Number of training / validation rows.
+    angles
+        False: the per-tomogram STARs carry no ``rlnAngleRot/Tilt/Psi`` (picks without
+        orientations); ``ground_truth.star`` always keeps them for evaluation.
 
     Returns
     -------
@@ -925,7 +1413,7 @@ def generate_campaign(
 
     from .manifest import TomogramEntry, write_manifest
     from .mrc import write_volume
-    from .star import particles_frame, write_particles
+    from .star import ANGLE_COLUMNS, particles_frame, write_particles
 
     if n_tomos < 1 or n_train < 0 or n_val < 0 or n_train + n_val > n_tomos:
         raise ValueError(f"need 0 <= n_train + n_val <= n_tomos, got {n_train}, {n_val}, {n_tomos}")
@@ -945,9 +1433,16 @@ def generate_campaign(
             st.matrices_zyx,
             cfg.shape_zyx,
             cfg.voxel_size_A,
-            extra={"mbMembrane": st.membrane_of_particle},
+            extra={
+                "mbMembrane": st.membrane_of_particle,
+                "mbScenario": np.array(
+                    [st.scenario[m - 1] for m in st.membrane_of_particle], dtype=object
+                ),
+            },
         )
-        write_particles(out / f"{name}_particles.star", df)
+        write_particles(
+            out / f"{name}_particles.star", df if angles else df.drop(columns=list(ANGLE_COLUMNS))
+        )
         frames.append(df)
         split = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
         entries.append(

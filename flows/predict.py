@@ -79,10 +79,15 @@ def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, 
     summaries, bad = particles_flow.with_options(task_runner=cpu)(keys, good, store, out_dir, cfg)
     failures.update(bad)
     sweep_orphans(store, [e.name for e in good])  # left by workers lost mid-write
+    for n in failures:  # no output of an earlier run that particles.star would not match
+        for path in pipeline.remove_tomogram_outputs(out_dir, n):
+            logger.warning("%s failed: removed %s", n, path)
     done = [e.name for e in entries if e.name in summaries]
     result = PredictResult(summaries, failures)
     if done:
         result.campaign_star = str(pipeline.write_campaign_star(out_dir, done))
+    else:  # nothing of this run to gather: no particles.star of an earlier one either
+        (Path(out_dir) / pipeline.CAMPAIGN_STAR).unlink(missing_ok=True)
     _artifacts(summaries, failures, out_dir)
     logger.info("%d/%d tomograms done, %d particles; failed: %s", len(done), len(entries),
                 sum(s["particles"] for s in summaries.values()), sorted(failures) or "none")

@@ -50,6 +50,31 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"temporary Prefect server at {url} not healthy after {timeout:.0f} s")
 
 
+def _die_with_parent_fn():
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process ends (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), or None where that does not exist.
+
+    The death signal follows the *thread* that starts the child: start it from the main thread
+    (the CLI does) or from a thread that lives as long as the child should."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def _die_with_parent() -> None:
+        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return _die_with_parent
+
+
 @contextlib.contextmanager
 def prefect_api(timeout: float = 120.0) -> Iterator[str]:
     """Yield the Prefect API URL every process of this run reports to (see module docstring)."""
@@ -65,10 +90,14 @@ def prefect_api(timeout: float = 120.0) -> Iterator[str]:
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_UI_ENABLED="false", PREFECT_SERVER_LOGGING_LEVEL="WARNING",
                PREFECT__SERVER_EPHEMERAL="1")
+    # its own session: a Ctrl-C in the terminal reaches the CLI, which stops the server last
+    # (a server gone first leaves the flow retrying its API); it dies with this process even
+    # when this one is killed with SIGKILL (see _die_with_parent)
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"],
-        env=env, stdout=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_die_with_parent_fn(),
     )
     try:
         _wait_healthy(url, proc, timeout)
@@ -111,6 +140,9 @@ class ClusterSpec:
         (``deploy/slurm.yaml``); ``gpu_jobs`` GPU jobs are started.
     gpu_jobs
         SLURM GPU worker jobs.
+    dashboard_address
+        Local: where the dask dashboard listens (``host:port``; loopback unless asked,
+        ``:0`` would listen on every interface without authentication).
     """
 
     kind: str = "local"
@@ -121,6 +153,7 @@ class ClusterSpec:
     gpu_resource: bool = False
     slurm_config: str | None = None
     gpu_jobs: int = 1
+    dashboard_address: str = "127.0.0.1:0"
     local_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -232,17 +265,33 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
 
     kwargs = dict(n_workers=spec.n_workers or default_workers(),
                   threads_per_worker=spec.threads_per_worker, processes=True,
-                  memory_limit=spec.memory_limit, dashboard_address=":0")
+                  memory_limit=spec.memory_limit, host="127.0.0.1",
+                  dashboard_address=spec.dashboard_address)
     kwargs.update(spec.local_kwargs)
-    # BLAS/OpenMP pools of threads_per_worker, the malloc tuning and the cluster's dask config
-    with spawn_environment(spec.threads_per_worker):
+    from membrain_dist.interrupts import quiet_children
+
+    # BLAS/OpenMP pools of threads_per_worker, the malloc tuning and the cluster's dask config;
+    # workers ignore a terminal's Ctrl-C (the CLI stops them, see membrain_dist.interrupts)
+    with spawn_environment(spec.threads_per_worker), quiet_children():
         cluster = LocalCluster(**kwargs)
     try:
-        log.info("dask LocalCluster: %d workers, dashboard %s", kwargs["n_workers"],
-                 cluster.dashboard_link)
+        log.info("dask LocalCluster: %d workers, scheduler %s, dashboard %s",
+                 kwargs["n_workers"], cluster.scheduler_address, dashboard_address(cluster))
         yield Clusters(cluster.scheduler_address, cluster.scheduler_address, False)
     finally:
         cluster.close()
+
+
+def dashboard_address(cluster: Any) -> str:
+    """The address the dashboard of a LocalCluster really listens on (``http://host:port``)."""
+    try:
+        socks = cluster.scheduler.http_server._sockets.values()
+        names = sorted({s.getsockname()[:2] for s in socks})
+    except Exception:  # noqa: BLE001 - no dashboard (bokeh missing) or another server type
+        names = []
+    if not names:
+        return str(getattr(cluster, "dashboard_link", None) or "none")
+    return ", ".join(f"http://{h if ':' not in h else f'[{h}]'}:{p}/status" for h, p in names)
 
 
 @contextlib.contextmanager

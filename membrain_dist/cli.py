@@ -9,6 +9,7 @@ is instant. Exit codes: 0 success, 1 failure, 2 bad input (the message names the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,9 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
                         "inference asks for them")
     g.add_argument("--slurm", metavar="YAML", default=None,
                    help="start dask-jobqueue SLURM clusters from this config (deploy/slurm.yaml)")
+    g.add_argument("--dashboard", metavar="HOST:PORT", default="127.0.0.1:0",
+                   help="where the local dask dashboard listens (default: loopback, a free "
+                        "port; it has no authentication: 0.0.0.0 exposes it to the network)")
     g.add_argument("--sequential", action="store_true",
                    help="run in this process without dask or Prefect (debugging, reference)")
 
@@ -61,7 +65,8 @@ def _cluster_spec(args: argparse.Namespace):
     if args.scheduler:
         return ClusterSpec(kind="address", address=args.scheduler,
                            gpu_resource=args.gpu_resource)
-    return ClusterSpec(n_workers=args.workers)
+    return ClusterSpec(n_workers=args.workers,
+                       dashboard_address=getattr(args, "dashboard", None) or "127.0.0.1:0")
 
 
 def _base_config(args: argparse.Namespace):
@@ -80,6 +85,22 @@ def _setup_logging(verbose: int) -> None:
     # distributed sets its loggers' levels from dask's config when it is imported (after this)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning" if verbose < 2 else "info")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@contextlib.contextmanager
+def _writing(*targets: tuple[Path, str]):
+    """Hold the one-writer lock of each (folder or store) for the block; an interrupt then
+    says what is kept there."""
+    from . import interrupts
+    from .lock import output_lock
+
+    with contextlib.ExitStack() as stack:
+        for path, kind in targets:
+            stack.enter_context(output_lock(path, kind))
+        where = " and ".join(str(p) for p, _ in targets)
+        interrupts.set_kept(f"finished work is kept in {where}; rerun the same command to "
+                            "resume")
+        yield
 
 
 def _in_prefect(fn, *a, **kw):
@@ -115,18 +136,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .manifest import read_manifest
     from .pipeline import convert_entry, validate_entries
+    from .preflight import store_location
 
     cfg = _base_config(args).with_overrides("convert", chunk=args.chunk)
     entries = read_manifest(args.manifest)
     validate_entries(entries)
-    if args.sequential:
-        for e in entries:
-            ids = convert_entry(e, args.store, cfg.convert)
-            log.info("%s: %d membranes", e.name, len(ids))
-        return 0
-    from flows.convert import convert_campaign
+    store = store_location(args.store)
+    with _writing((store, "store")):
+        if args.sequential:
+            for e in entries:
+                ids = convert_entry(e, store, cfg.convert)
+                log.info("%s: %d membranes", e.name, len(ids))
+            return 0
+        from flows.convert import convert_campaign
 
-    ok, bad = _in_prefect(convert_campaign, args.manifest, args.store, cfg, _cluster_spec(args))
+        ok, bad = _in_prefect(convert_campaign, args.manifest, str(store), cfg,
+                              _cluster_spec(args))
     for name, msg in bad.items():
         print(f"FAILED {name}: {msg}", file=sys.stderr)
     return EXIT_PARTIAL if bad else 0
@@ -162,17 +187,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     train, val = split_training(read_manifest(args.manifest), args.manifest)
     validate_entries([*train, *val])  # bad input fails here, before any work
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = args.store or str(out / "campaign.zarr")
+    _check_training_inputs([*train, *val], cfg)
+    out, store_path = _outputs(args.out, args.store)
+    store = str(store_path)
     t0 = time.time()
-    if args.sequential:
-        metrics = _train_sequential(args.manifest, str(out), store, cfg)
-    else:
-        from flows.train import train_campaign
+    with _writing((out, "folder"), (store_path, "store")):
+        if args.sequential:
+            metrics = _train_sequential(args.manifest, str(out), store, cfg)
+        else:
+            from flows.train import train_campaign
 
-        metrics = _in_prefect(train_campaign, args.manifest, str(out), store, cfg,
-                              _cluster_spec(args))
+            metrics = _in_prefect(train_campaign, args.manifest, str(out), store, cfg,
+                                  _cluster_spec(args))
     print(f"model: {out}  best epoch {metrics.get('best_epoch')}  "
           f"val loss {metrics.get('best_val_loss', float('nan')):.4f}  "
           f"({time.time() - t0:.0f} s)")
@@ -190,6 +216,23 @@ def _picking_line(metrics: dict) -> str:
     return (f"score threshold {cal['score_threshold']:.2f} (bandwidth x{cal['bandwidth_scale']:g}):"
             f" validation F1 {cal['f1']:.3f} (P {cal['precision']:.3f}, R {cal['recall']:.3f}, "
             f"{cal['annotated']} annotated particles); {height}")
+
+
+def _check_training_inputs(rows, cfg) -> None:
+    """STARs of the training rows (columns, rlnTomoName) and the template, before any work."""
+    from .preflight import check_particle_tables, check_template
+
+    check_particle_tables(rows, training=True)
+    check_template(cfg.labels.template)
+
+
+def _outputs(out_arg: str, store_arg: str | None) -> tuple[Path, Path]:
+    """The output folder (created, writable) and the store (default ``<out>/campaign.zarr``)."""
+    from .preflight import output_dir, store_location
+
+    out = output_dir(out_arg, "--out folder")
+    store = store_location(store_arg or out / "campaign.zarr")
+    return out, store
 
 
 def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
@@ -224,27 +267,29 @@ def _predict_config(args: argparse.Namespace):
 def cmd_predict(args: argparse.Namespace) -> int:
     from . import pipeline
     from .manifest import read_manifest
+    from .preflight import check_model, check_particle_tables
 
-    read_manifest(args.manifest)  # a broken manifest fails here, before any work
+    # every input and output is checked here, before any work (exit 2, the file named)
+    entries = read_manifest(args.manifest)
     pipeline.model_fingerprint(args.model)
+    check_model(args.model, entries)  # weights' SHA-256, voxel size of every row
+    check_particle_tables(entries)
     cfg = _predict_config(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = args.store or str(out / "campaign.zarr")
-    pipeline.model_fingerprint(args.model)
+    out, store_path = _outputs(args.out, args.store)
+    store = str(store_path)
     t0 = time.time()
-    if args.sequential:
-        summaries = pipeline.predict_sequential(read_manifest(args.manifest), store, args.model,
-                                                out, cfg)
-        failures: dict[str, str] = {}
-        total = sum(s["particles"] for s in summaries)
-    else:
-        from flows.predict import predict_campaign
+    with _writing((out, "folder"), (store_path, "store")):
+        if args.sequential:
+            summaries = pipeline.predict_sequential(entries, store, args.model, out, cfg)
+            failures: dict[str, str] = {}
+            total = sum(s["particles"] for s in summaries)
+        else:
+            from flows.predict import predict_campaign
 
-        result = _in_prefect(predict_campaign, args.manifest, args.model, str(out), store, cfg,
-                             _cluster_spec(args))
-        failures = result.failures
-        total = sum(s["particles"] for s in result.summaries.values())
+            result = _in_prefect(predict_campaign, args.manifest, args.model, str(out), store,
+                                 cfg, _cluster_spec(args))
+            failures = result.failures
+            total = sum(s["particles"] for s in result.summaries.values())
     for name, msg in failures.items():
         print(f"FAILED {name}: {msg}", file=sys.stderr)
     print(f"{total} particles written to {out} ({time.time() - t0:.0f} s)")
@@ -296,13 +341,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_campaign(args: argparse.Namespace) -> int:
+    cfg = _train_config(args)
+    out = _check_campaign(args.manifest, args.out, cfg, args.model)
     from flows.campaign import run_campaign
 
-    cfg = _train_config(args)
-    summary = _in_prefect(run_campaign, args.manifest, args.out, cfg, args.model,
-                          _cluster_spec(args), args.symmetry)
+    with _writing((out, "folder"), (out / "campaign.zarr", "store")):
+        summary = _in_prefect(run_campaign, args.manifest, str(out), cfg, args.model,
+                              _cluster_spec(args), args.symmetry)
     _print_evaluation(summary)
     return EXIT_PARTIAL if summary["failures"] else 0
+
+
+def _check_campaign(manifest: str, out_arg: str, cfg, model: str | None) -> Path:
+    """A campaign's inputs (before Prefect starts) and its output folder."""
+    from flows.train import split_training
+
+    from .manifest import read_manifest
+    from .pipeline import validate_entries
+    from .preflight import check_model, check_particle_tables
+
+    entries = read_manifest(manifest)
+    validate_entries(entries)
+    tests = [e for e in entries if e.split == "test"]
+    if model is None:
+        train, val = split_training(entries, manifest)
+        _check_training_inputs([*train, *val], cfg)
+    else:
+        check_model(model, tests)
+    check_particle_tables(tests)
+    out, _ = _outputs(out_arg, None)
+    return out
 
 
 def _print_evaluation(summary: dict) -> None:
@@ -329,11 +397,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ns.manifest = str(manifest)
     cfg = _train_config(ns)  # training: TrainConfig's defaults unless given
     cfg = cfg.with_overrides("inference", rotations=args.rotations or DEMO_ROTATIONS)
+    run = _check_campaign(str(manifest), str(out / "run"), cfg, None)
     from flows.campaign import run_campaign
 
     t0 = time.time()
-    summary = _in_prefect(run_campaign, str(manifest), str(out / "run"), cfg, None,
-                          _cluster_spec(args), 2)
+    with _writing((run, "folder"), (run / "campaign.zarr", "store")):
+        summary = _in_prefect(run_campaign, str(manifest), str(run), cfg, None,
+                              _cluster_spec(args), 2)
     print(f"demo finished in {time.time() - t0:.0f} s; predictions in {summary['predictions']}")
     _print_evaluation(summary)
     return EXIT_PARTIAL if summary["failures"] else 0
@@ -474,8 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from . import interrupts
     from .errors import InputError
 
+    previous = interrupts.install()
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
@@ -483,7 +555,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun to resume", file=sys.stderr)
+        interrupts.reap_children()
         return 130
+    except BaseException:
+        code = interrupts.stopping()  # Interrupted, or what a flow made of the signal
+        if code is None:
+            raise
+        interrupts.reap_children()
+        return code
+    finally:
+        interrupts.restore(previous)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,11 @@ reads overrides from a TOML file with one table per stage::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,7 @@ class PipelineConfig:
                 raise InputError(source, f"[{section}] has unknown keys {bad}; "
                                          f"known: {sorted(names)}")
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            check_types(type(sub), values, source, section)
             try:
                 cfg = replace(cfg, **{section: replace(sub, **values)})
             except (TypeError, ValueError) as exc:
@@ -141,6 +145,55 @@ class PipelineConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise InputError(path, f"cannot read config: {exc}") from exc
         return cls.from_dict(data, path)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (from TOML or JSON) fits the annotation ``tp``."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return (isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args,
+                                                                                strict=True))
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation this checker does not know: the dataclass decides
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_types(cls: type, values: dict[str, Any], source: str | os.PathLike,
+                section: str) -> None:
+    """InputError naming ``source`` when a value does not fit its field's annotation
+    (``score_threshold = "x"``), before any work uses it."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is not None and not _matches(value, tp):
+            raise InputError(source, f"[{section}] {key} = {value!r}: expected "
+                                     f"{_type_name(tp)}")
 
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:

@@ -122,6 +122,12 @@ def resolve_voxel_size(entry: TomogramEntry, tinfo: MrcInfo, sinfo: MrcInfo) -> 
     return float(t)
 
 
+def is_blank(lo: float, hi: float) -> bool:
+    """A tomogram whose values span ``[lo, hi]`` carries no contrast: constant, or varying
+    only in the last digits float32 holds (a blank volume rescaled or resampled)."""
+    return not hi - lo > 1e-5 * max(abs(lo), abs(hi), 1e-30)
+
+
 def validate_entry(entry: TomogramEntry) -> tuple[MrcInfo, MrcInfo]:
     """Header-only checks of a manifest row.
 
@@ -288,6 +294,7 @@ def convert_tomogram(
         counts: list[np.ndarray] = []
         bboxes: list[np.ndarray] = []
         values: set[int] = set()
+        lo, hi = math.inf, -math.inf
         for z0, z1, y0, y1 in _blocks(shape, slab, rows):
             t = read_slab(tinfo, z0, z1, y0, y1).astype(np.float32, copy=False)
             finite = np.isfinite(t)
@@ -297,6 +304,8 @@ def convert_tomogram(
                 raise InputError(tinfo.path, f"{kind} values in the tomogram (first at "
                                              f"z, y, x = {tuple(int(v) for v in bad)})")
             del finite
+            if t.size:
+                lo, hi = min(lo, float(t.min())), max(hi, float(t.max()))
             tarr[z0:z1, y0:y1, :] = t
             samples.append(t[(-z0) % stride::stride, (-y0) % stride::stride, ::stride].ravel())
 
@@ -325,6 +334,10 @@ def convert_tomogram(
 
         if offset == 0:
             raise InputError(sinfo.path, "empty segmentation: no membrane voxel (all values 0)")
+        if is_blank(lo, hi):
+            raise InputError(tinfo.path, f"blank tomogram: every voxel is {lo:.6g}"
+                             + ("" if hi == lo else f" to {hi:.6g}")
+                             + " (no contrast); nothing can be picked in it")
 
         # intensity statistics
         sample = np.concatenate(samples)

@@ -288,13 +288,21 @@ def _star_tables(path: Path) -> dict[str, pd.DataFrame]:
     return {str(k): g.reset_index(drop=True) for k, g in df.groupby("rlnTomoName", sort=True)}
 
 
+def _ground_truth_star(path: Path) -> dict[str, pd.DataFrame]:
+    tables = _star_tables(path)
+    for name, df in tables.items():
+        _warn_outside(path, name, df, None)
+    return tables
+
+
 def _ground_truth(path: Path) -> dict[str, pd.DataFrame]:
     """Ground truth per tomogram: a STAR file, a folder of STAR files, or a manifest CSV
     (rows with a ``particles`` file; rows of that file whose ``rlnTomoName`` is the manifest
     name, or all its rows when none is)."""
     if path.suffix.lower() != ".csv":
-        return _star_tables(path)
+        return _ground_truth_star(path)
     from .manifest import read_manifest
+    from .mrc import read_info
 
     out: dict[str, pd.DataFrame] = {}
     for entry in read_manifest(path):
@@ -303,7 +311,29 @@ def _ground_truth(path: Path) -> dict[str, pd.DataFrame]:
         df = star.read_particles(entry.particles)
         own = df[df["rlnTomoName"] == entry.name]
         out[entry.name] = (own if len(own) else df).reset_index(drop=True)
+        _warn_outside(entry.particles, entry.name, out[entry.name],
+                      read_info(entry.tomogram).shape_zyx)
     return out
+
+
+def _warn_outside(path: str | os.PathLike, name: str, df: pd.DataFrame,
+                  shape_zyx: tuple[int, ...] | None) -> int:
+    """Warn about ground-truth particles outside the volume (``shape_zyx``, voxels; None:
+    only negative coordinates are known to be outside); returns how many."""
+    zyx = star.particles_zyx(df)
+    if not len(zyx):
+        return 0
+    outside = (zyx < -0.5).any(axis=1)
+    if shape_zyx is not None:
+        outside |= (zyx > np.asarray(shape_zyx, dtype=np.float64) - 0.5).any(axis=1)
+    n = int(outside.sum())
+    if n:
+        vol = f"the volume (z, y, x) {tuple(shape_zyx)}" if shape_zyx is not None else \
+            "the volume (negative coordinates)"
+        log.warning("%s: %d of %d ground-truth particles of %s lie outside %s; they can "
+                    "never be matched: check that the coordinates are voxels of this "
+                    "tomogram (rlnCoordinateX = column)", path, n, len(zyx), name, vol)
+    return n
 
 
 def evaluate_campaign(

@@ -78,8 +78,13 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
         positive number.
     """
     mpath = Path(path)
+    if mpath.is_dir():
+        raise InputError(mpath, "is a folder, not a manifest CSV file")
     if not mpath.is_file():
         raise InputError(mpath, "manifest not found")
+    if mpath.stat().st_size == 0:
+        raise InputError(mpath, f"manifest is empty (0 bytes); expected a CSV header "
+                                f"{','.join(REQUIRED_COLUMNS)} and one row per tomogram")
     base = mpath.resolve().parent
     try:
         with open(mpath, newline="", encoding="utf-8-sig") as fh:
@@ -91,13 +96,25 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
     header = [h.strip() for h in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise InputError(mpath, f"missing column(s) {', '.join(missing)}; "
-                                f"expected {','.join(REQUIRED_COLUMNS)}")
+        read = ",".join(header) if header else "no header line"
+        hint = ""
+        if len(header) == 1:
+            sep = next((c for c in (";", "\t", "|") if c in header[0]), None)
+            if sep is not None:
+                hint = f" (the file looks {sep!r}-separated: a manifest is comma-separated)"
+        raise InputError(mpath, f"missing column(s) {', '.join(missing)}; expected "
+                                f"{','.join(REQUIRED_COLUMNS)}; read header {read[:200]!r}"
+                                f"{hint}")
     if not rows:
         raise InputError(mpath, "manifest has no rows")
     entries: list[TomogramEntry] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(rows, start=2):  # line 1 is the header
+        if None in raw:  # csv.DictReader keeps the fields beyond the header under None
+            extra = raw[None]
+            raise InputError(mpath, f"line {i}: {len(header) + len(extra)} fields, the header "
+                                    f"has {len(header)} (extra: {extra!r}); quote a value "
+                                    "that holds a comma")
         row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
         name = row["name"]
         where = f"line {i} ({name})" if name else f"line {i}"

@@ -339,8 +339,8 @@ def load_model(
         if rel > VOXEL_SIZE_RTOL:
             raise InputError(
                 meta_path,
-                f"model was trained at {meta.voxel_size_A} Å/voxel, "
-                f"the data has {voxel_size_A} Å/voxel",
+                f"model was trained at {meta.voxel_size_A:.4g} Å/voxel, "
+                f"the data has {voxel_size_A:.4g} Å/voxel",
             )
     try:
         blob = weights_path.read_bytes()

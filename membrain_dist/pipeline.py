@@ -26,7 +26,13 @@ import zarr
 from . import mrc, store
 from .calibration import CalibrationRows
 from .clustering import ClusterConfig
-from .config import InferenceConfig, LabelConfig, PipelineConfig, config_from_dict
+from .config import (
+    InferenceConfig,
+    LabelConfig,
+    PipelineConfig,
+    check_types,
+    config_from_dict,
+)
 from .convert import ConvertConfig, convert_tomogram, validate_entry
 from .errors import InputError
 from .geometry import GeometryConfig, geometry_key, process_membrane, read_geometry
@@ -46,6 +52,8 @@ from .star import (
 log = logging.getLogger(__name__)
 
 PICKS_KEY = "picks"
+#: scores of one membrane spanning less than this (voxels) carry no signal: no picks
+MIN_SCORE_SPREAD = 1e-3
 PIPELINE_FILE = "pipeline.json"
 CAMPAIGN_STAR = "particles.star"
 
@@ -218,8 +226,15 @@ def cluster_membrane(
     if attrs is not None and store.is_current(attrs, prov):
         return int(attrs["n_picks"])
     geo = read_geometry(root, name, membrane_id)
-    picks = cluster_points(geo["zyx"], geo["normal"], geo["side"],
-                           read_scores(root, name, membrane_id), ccfg, ocfg)
+    scores = read_scores(root, name, membrane_id)
+    if scores.size and not float(np.ptp(scores)) > MIN_SCORE_SPREAD:
+        # every point scores the same: the network saw nothing to tell them apart (a blank
+        # or near-blank tomogram); Mean Shift would turn that into evenly spread "particles"
+        log.warning("%s: all %d scores are %.4g (no spread): no particles picked on this "
+                    "membrane", gkey, scores.size, float(scores[0]))
+        geo = {k: v[:0] for k, v in geo.items() if k in ("zyx", "normal", "side")}
+        scores = scores[:0]
+    picks = cluster_points(geo["zyx"], geo["normal"], geo["side"], scores, ccfg, ocfg)
     with store.atomic_group(root, key) as g:
         for field_name in ("zyx", "matrices", "score", "n_points", "side", "from_pca"):
             data = getattr(picks, field_name)
@@ -272,11 +287,11 @@ def write_tomogram_outputs(
     qc: bool = True,
     pcfg: PickConfig = PickConfig(),
 ) -> dict:
-    """Write ``<out>/<name>.star`` and ``<out>/qc/<name>.png``; return a small summary."""
+    """Write ``<out>/qc/<name>.png`` and then ``<out>/<name>.star`` (last: a STAR in the
+    folder means the tomogram is done); return a small summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = tomogram_particles(root, name, pcfg)
-    write_particles(out / f"{name}.star", df)
     n_points = 0
     if qc:
         from .qc import qc_figure
@@ -297,7 +312,20 @@ def write_tomogram_outputs(
         qc_figure(out / "qc" / f"{name}.png", pts_a, sc_a, particles_zyx(df) if len(df) else
                   np.zeros((0, 3), np.float32), gt, image=np.asarray(tomo[z]), image_z=z,
                   score_threshold=score_threshold, title=name)
+    write_particles(out / f"{name}.star", df)
     return {"name": name, "particles": int(len(df)), "points": n_points}
+
+
+def remove_tomogram_outputs(out_dir: str | os.PathLike, name: str) -> list[str]:
+    """Delete ``<out>/<name>.star`` and its QC figure (a row that failed in this run keeps no
+    output of an earlier run that ``particles.star`` would not match); returns what went."""
+    out = Path(out_dir)
+    gone = []
+    for p in (out / f"{name}.star", out / "qc" / f"{name}.png"):
+        if p.is_file():
+            p.unlink()
+            gone.append(str(p))
+    return gone
 
 
 def write_campaign_star(out_dir: str | os.PathLike, names: Sequence[str]) -> Path:
@@ -471,7 +499,8 @@ def common_voxel_size(root: str | os.PathLike, names: Sequence[str]) -> float:
     ref = next(iter(sizes.values()))
     off = {n: v for n, v in sizes.items() if abs(v - ref) > 0.05 * ref}
     if off:
-        raise InputError(root, f"training tomograms have different voxel sizes {sizes}; "
+        shown = {n: float(f"{v:.4g}") for n, v in sizes.items()}
+        raise InputError(root, f"training tomograms have different voxel sizes {shown}; "
                                "train one model per voxel size")
     return float(ref)
 
@@ -628,15 +657,26 @@ def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise InputError(path, f"malformed JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(path, f"expected a JSON object of config sections, got a "
+                               f"{type(data).__name__}")
     base = PipelineConfig()
     kw = {}
     for section in ("convert", "geometry", "labels", "inference", "cluster", "orientation",
                     "picks"):
         if section in data:
             values = data[section]
+            if not isinstance(values, dict):
+                raise InputError(path, f"section {section!r} is a {type(values).__name__}, "
+                                       "expected a JSON object")
             if section == "inference":
                 values = {k: v for k, v in values.items() if k == "rotations"}
-            kw[section] = config_from_dict(type(getattr(base, section)), values)
+            cls = type(getattr(base, section))
+            check_types(cls, values, path, section)
+            try:
+                kw[section] = config_from_dict(cls, values)
+            except (TypeError, ValueError) as exc:
+                raise InputError(path, f"[{section}]: {exc}") from exc
     from dataclasses import replace
 
     return replace(base, **kw)

@@ -155,9 +155,12 @@ def qc_figure(
     ax_pts.legend(loc="upper right", fontsize="small")
 
     # 3. score histogram
-    finite = sc[np.isfinite(sc)]
+    finite = sc[np.isfinite(sc)].astype(np.float64)
     if finite.size:
-        ax_hist.hist(finite, bins=50, color="tab:gray")
+        lo, hi = float(finite.min()), float(finite.max())
+        if not hi - lo > 1e-6 * max(abs(lo), abs(hi), 1.0):  # constant scores: one bar
+            lo, hi = lo - 0.5, hi + 0.5
+        ax_hist.hist(finite, bins=50, range=(lo, hi), color="tab:gray")
         ax_hist.set_yscale("log")
     if score_threshold is not None:
         ax_hist.axvline(

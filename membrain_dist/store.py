@@ -8,8 +8,10 @@ Layout (see docs/ARCHITECTURE.md)::
         labels/membranes/0          int32 (z, y, x) membrane labels, 0 = background
         geometry/m<id>/...          stage 1+2 outputs
 
-Groups and arrays are written under a temporary sibling key (``<key>.tmp-<uuid>``) and
-renamed into place, so an interrupted run never leaves a group that looks finished.
+Groups and arrays are written under a temporary sibling key (``.<name>.tmp-<uuid>``) and
+renamed into place, so an interrupted run never leaves a group that looks finished. Temporary
+and replaced (``.<name>.old-<uuid>``) keys start with a dot, which no tomogram name may
+(``manifest.read_manifest``), so they can never be taken for a user's tomogram.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -62,6 +65,19 @@ LABELS_KEY = "labels/membranes/0"
 GEOMETRY_KEY = "geometry"
 TMP_MARKER = ".tmp-"
 _TRASH_MARKER = ".old-"
+_HEX = "[0-9a-f]{32}"
+# a node of ours: ".<name>.tmp-<uuid>" or ".<name>.old-<uuid>" (and, written by versions
+# before 0.x, "<name>.tmp-<uuid>"; manifest names may not contain ".tmp-")
+_OURS = re.compile(rf"\..+\.(tmp|old)-{_HEX}|.+\.tmp-{_HEX}")
+
+
+def _tmp_name(base: str) -> str:
+    return f".{base}{TMP_MARKER}{uuid.uuid4().hex}"
+
+
+def _is_marked(node_name: str) -> bool:
+    """A temporary or replaced node (see :func:`_tmp_name`), never a user's name."""
+    return _OURS.fullmatch(node_name) is not None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -231,7 +247,7 @@ def _swap_into_place(root: str | os.PathLike, tmp_key: str, key: str) -> None:
     src, dst = _node_dir(root, tmp_key), _node_dir(root, key)
     trash = None
     if dst.exists():
-        trash = dst.with_name(f"{dst.name}{_TRASH_MARKER}{uuid.uuid4().hex}")
+        trash = dst.with_name(f".{dst.name}{_TRASH_MARKER}{uuid.uuid4().hex}")
         os.replace(dst, trash)
     try:
         os.replace(src, dst)
@@ -247,20 +263,26 @@ def sweep_orphans(root: str | os.PathLike, names: Iterable[str]) -> list[str]:
     """Delete the temporary and replaced nodes that killed writers left for tomograms ``names``.
 
     A writer killed with SIGKILL (a lost dask worker, an out-of-memory kill) cannot remove its
-    ``<key>.tmp-<uuid>`` (or a ``<key>.old-<uuid>`` it was replacing). Readers never take
+    ``.<key>.tmp-<uuid>`` (or a ``.<key>.old-<uuid>`` it was replacing). Readers never take
     those for outputs, but they waste disk. Call this once every task that writes these
     tomograms has finished (the flows do, at the end of a run). Returns the removed keys.
+    Only keys of exactly that form are removed: a tomogram named ``a.old-1`` is never taken
+    for a leftover of ``a``.
     """
     base = Path(root)
     removed: list[str] = []
     if not base.is_dir():
         return removed
-    for name in names:
-        candidates = list(base.glob(f"{name}{TMP_MARKER}*")) + list(base.glob(f"{name}{_TRASH_MARKER}*"))
+    wanted = set(names)
+    own = {re.compile(rf"\.{re.escape(n)}\.(tmp|old)-{_HEX}|{re.escape(n)}\.tmp-{_HEX}")
+           for n in wanted}
+    candidates = [p for p in base.iterdir()
+                  if p.name not in wanted and any(r.fullmatch(p.name) for r in own)]
+    for name in wanted:
         tomo = base / name
         if tomo.is_dir():
             candidates += [p for p in tomo.rglob("*")
-                           if TMP_MARKER in p.name or _TRASH_MARKER in p.name]
+                           if _is_marked(p.name) or _TRASH_MARKER in p.name]
         for path in sorted(candidates, key=lambda p: len(p.parts)):
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
@@ -282,7 +304,7 @@ def atomic_group(root: str | os.PathLike, key: str) -> Iterator[zarr.Group]:
     key = key.strip("/")
     parent = _ensure_parent(root, key)
     base = key.rpartition("/")[2]
-    tmp_name = f"{base}{TMP_MARKER}{uuid.uuid4().hex}"
+    tmp_name = _tmp_name(base)
     tmp_key = f"{key.rpartition('/')[0]}/{tmp_name}".lstrip("/")
     try:
         g = parent.create_group(tmp_name)
@@ -329,7 +351,7 @@ def write_array_atomic(
     key = key.strip("/")
     parent = _ensure_parent(root, key)
     base = key.rpartition("/")[2]
-    tmp_name = f"{base}{TMP_MARKER}{uuid.uuid4().hex}"
+    tmp_name = _tmp_name(base)
     tmp_key = f"{key.rpartition('/')[0]}/{tmp_name}".lstrip("/")
     a = np.asarray(data)
     ch = tuple(a.shape) if chunks is None else tuple(min(int(c), max(int(s), 1))
@@ -367,7 +389,7 @@ def list_tomograms(root: str | os.PathLike) -> list[str]:
         return []
     names = []
     for d in sorted(rootp.iterdir()):
-        if not d.is_dir() or TMP_MARKER in d.name or _TRASH_MARKER in d.name:
+        if not d.is_dir() or d.name.startswith(".") or _is_marked(d.name):
             continue
         if read_meta(root, d.name) is not None:
             names.append(d.name)

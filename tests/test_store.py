@@ -107,7 +107,7 @@ def test_sweep_removes_what_a_killed_writer_left(tmp_path):
     assert proc.returncode == -9, proc.stderr
     geometry = root / "t1" / "geometry"
     left = [p.name for p in geometry.iterdir() if store.TMP_MARKER in p.name]
-    assert len(left) == 1 and left[0].startswith("m2")
+    assert len(left) == 1 and left[0].startswith(".m2.tmp-")  # outside the name space
     assert not (geometry / "m2").exists()  # never taken for a finished group
 
     assert store.sweep_orphans(root, ["other"]) == []  # other tomograms are not touched

@@ -256,8 +256,9 @@ def _predict_config(args: argparse.Namespace):
     if args.config:
         from .config import PipelineConfig
 
-        override = PipelineConfig.from_toml(args.config)
-        cfg = override  # an explicit config file wins entirely
+        # the file's values on top of the model's: what it does not set (the geometry the
+        # model was trained with, its calibrated threshold and pick height) is kept
+        cfg = PipelineConfig.from_toml(args.config, base=cfg)
     cfg = cfg.with_overrides("cluster", score_threshold=args.threshold)
     cfg = cfg.with_overrides("inference", device=args.device, batch_size=args.batch_size,
                              rotations=args.rotations)

@@ -116,9 +116,11 @@ class PipelineConfig:
         return replace(self, **{section: replace(getattr(self, section), **values)})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | os.PathLike = "<config>") -> PipelineConfig:
-        """Build from ``{stage: {field: value}}``; unknown stages or fields are an InputError."""
-        cfg = cls()
+    def from_dict(cls, data: dict[str, Any], source: str | os.PathLike = "<config>",
+                  base: PipelineConfig | None = None) -> PipelineConfig:
+        """Build from ``{stage: {field: value}}`` on top of ``base`` (default: the defaults);
+        unknown stages or fields are an InputError."""
+        cfg = base if base is not None else cls()
         known = {f.name: f for f in fields(cls)}
         for section, values in data.items():
             if section not in known or not isinstance(values, dict):
@@ -139,12 +141,14 @@ class PipelineConfig:
         return cfg
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike) -> PipelineConfig:
+    def from_toml(cls, path: str | os.PathLike,
+                  base: PipelineConfig | None = None) -> PipelineConfig:
+        """The TOML file's values on top of ``base`` (default: the defaults)."""
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise InputError(path, f"cannot read config: {exc}") from exc
-        return cls.from_dict(data, path)
+        return cls.from_dict(data, path, base)
 
 
 def _matches(value: Any, tp: Any) -> bool:

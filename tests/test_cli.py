@@ -129,3 +129,27 @@ def test_calibrate_writes_the_threshold_that_maximises_f1_on_the_rows(
     # the weights are untouched: the model still loads with its recorded fingerprint
     assert json.loads((model / "model.json").read_text())["weights_sha256"] == json.loads(
         (trained_model / "model.json").read_text())["weights_sha256"]
+
+
+def test_predict_config_file_overrides_only_what_it_sets(trained_model: Path,
+                                                         tmp_path: Path) -> None:
+    """``--config`` on predict: its keys on top of the model's settings, not the defaults."""
+    import argparse
+
+    from membrain_dist.cli import _predict_config
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    pipe = json.loads((model / "pipeline.json").read_text())
+    pipe["cluster"]["score_threshold"] = 2.75  # as calibrated
+    pipe["picks"]["height"] = 1.5
+    (model / "pipeline.json").write_text(json.dumps(pipe))
+    toml = tmp_path / "params.toml"
+    toml.write_text("[cluster]\nmin_points = 6\n")
+    ns = argparse.Namespace(model=str(model), config=str(toml), threshold=None, device=None,
+                            batch_size=None, rotations=None)
+    cfg = _predict_config(ns)
+    assert cfg.cluster.min_points == 6
+    assert cfg.cluster.score_threshold == 2.75 and cfg.picks.height == 1.5
+    ns.threshold = 3.5
+    assert _predict_config(ns).cluster.score_threshold == 3.5

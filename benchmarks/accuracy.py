@@ -43,6 +43,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from membrain_dist import pipeline, synth
+from membrain_dist import store as mstore
 from membrain_dist.calibration import calibrate
 from membrain_dist.config import PipelineConfig
 from membrain_dist.evaluation import DEFAULT_RADIUS, in_plane_error, match_particles
@@ -166,7 +167,7 @@ def density_picker(store: Path, val: list, test: list, cfg: PipelineConfig,
                 parts.append(cluster_points(geo["zyx"], geo["normal"], geo["side"], sc, ccfg,
                                             cfg.orientation))
         picks, _ = reduce_picks(concat_picks(parts), cfg.picks)
-        meta = pipeline.store.read_meta(store, e.name)
+        meta = mstore.read_meta(store, e.name)
         write_particles(out_dir / f"{e.name}.star",
                         particles_frame(e.name, picks.zyx, picks.matrices, meta.shape_zyx,
                                         meta.voxel_size_A))

@@ -17,6 +17,10 @@ CFG = ConvertConfig(chunk=8, min_membrane_voxels=1)
 
 
 def _entry(tmp_path, tomo, seg, vs_t=10.0, vs_s=10.0, manifest_vs=None, name="tomo1"):
+    """A manifest row of two MRCs. A constant ``tomo`` (a placeholder where only the
+    segmentation matters) gets faint noise: a blank tomogram is refused at conversion."""
+    if np.isfinite(tomo).all() and np.ptp(tomo) == 0:
+        tomo = tomo + np.random.default_rng(0).normal(0, 0.1, tomo.shape).astype(tomo.dtype)
     t, s = tmp_path / f"{name}_t.mrc", tmp_path / f"{name}_s.mrc"
     write_volume(t, tomo, vs_t)
     write_volume(s, seg, vs_s)

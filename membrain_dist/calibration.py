@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 #: bandwidth scales tried around the configured Mean Shift bandwidths
 BANDWIDTH_SCALES = (0.75, 1.0, 1.5)
 
+#: thresholds that keep more than this fraction of the points are not clustered (F1 0): half a
+#: membrane "near a particle" is no picking, and Mean Shift over all points is the slow case
+MAX_KEPT_FRACTION = 0.5
+
 
 @dataclass(frozen=True)
 class CalibrationRows:
@@ -122,6 +126,7 @@ def calibrate(
 
     Ties go to the configured bandwidth (scale 1), then to the middle of the tied thresholds
     (a plateau's centre is the choice least sensitive to a shift of the score distribution).
+    Thresholds keeping more than :data:`MAX_KEPT_FRACTION` of the points score 0 unclustered.
     """
     if rows.truth_zyx.shape[0] == 0:
         raise ValueError("no annotated particle stands on the validation rows")
@@ -129,6 +134,11 @@ def calibrate(
     for scale in bandwidth_scales:
         cc = scaled_bandwidth(ccfg, float(scale))
         for thr in thresholds:
+            if np.mean(rows.scores < thr) > MAX_KEPT_FRACTION:
+                table.append({"score_threshold": float(thr), "bandwidth_scale": float(scale),
+                              "f1": 0.0, "precision": 0.0, "recall": 0.0, "picks": None,
+                              "annotated": int(rows.truth_zyx.shape[0]), "skipped": True})
+                continue
             hits, n_pred, n_gt = _score(
                 rows, dataclasses.replace(cc, score_threshold=float(thr)), ocfg, pcfg, radius)
             p = hits / n_pred if n_pred else 0.0

@@ -128,3 +128,17 @@ def test_calibrated_threshold_is_the_one_that_maximises_validation_f1() -> None:
     assert cal.f1 == pytest.approx(1.0) and f1[cal.score_threshold] == max(f1.values())
     assert 2.0 <= cal.score_threshold < 3.2
     assert f1[1.0] == 0.0 and f1[4.0] == pytest.approx(2 * 0.75 / 1.75)
+
+
+def test_thresholds_that_keep_most_points_are_not_clustered() -> None:
+    """A model that scores every point low: no threshold keeps a picking (all skipped, F1 0)."""
+    yy, xx = np.meshgrid(np.arange(0, 40.0), np.arange(0, 40.0), indexing="ij")
+    pts = np.column_stack([np.full(yy.size, 10.0), yy.ravel(), xx.ravel()])
+    rows = CalibrationRows(zyx=pts, normal=np.tile([1.0, 0, 0], (len(pts), 1)),
+                           side=np.ones(len(pts), np.int8),
+                           scores=np.full(len(pts), 0.5, np.float32),
+                           groups=np.zeros(len(pts), np.int64),
+                           truth_zyx=np.array([[10.0, 20, 20]]), truth_group=np.zeros(1, np.int64))
+    cal = calibrate(rows, ClusterConfig(), OrientationConfig(), PickConfig(), threshold_grid(7.0),
+                    bandwidth_scales=(1.0,))
+    assert all(r.get("skipped") for r in cal.table) and cal.f1 == 0.0

@@ -272,7 +272,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     # every input and output is checked here, before any work (exit 2, the file named)
     entries = read_manifest(args.manifest)
-    pipeline.model_fingerprint(args.model)
     check_model(args.model, entries)  # weights' SHA-256, voxel size of every row
     check_particle_tables(entries)
     cfg = _predict_config(args)
@@ -300,15 +299,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from . import pipeline
     from .manifest import read_manifest
+    from .preflight import check_model, check_particle_tables
 
     entries = read_manifest(args.manifest)
-    pipeline.model_fingerprint(args.model)
     rows = [e for e in entries if e.split in args.rows and e.particles is not None]
     if not rows:
         from .errors import InputError
 
         raise InputError(args.manifest, f"no annotated rows with split {'/'.join(args.rows)} "
                                         "to calibrate on")
+    # before any work: the model (integrity, voxel size of every row) and the rows' STARs
+    check_model(args.model, rows)
+    check_particle_tables(rows, training=True)
     store = args.store or str(Path(args.model) / "calibration.zarr")
     metrics = pipeline.calibrate_model(store, rows, args.model, args.device or "auto")
     print(f"calibrated {args.model} on {len(rows)} rows ({metrics['points']} points): "

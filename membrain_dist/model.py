@@ -212,7 +212,8 @@ class ModelMeta:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a unique temporary file, fsync and ``os.replace``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -244,8 +245,8 @@ def save_model(model: MemBrainCNN, out_dir: str | os.PathLike[str], meta: ModelM
         weights_sha256=hashlib.sha256(blob).hexdigest(),
         input_transform=dict(model.input_transform),
     )
-    _atomic_write_bytes(out / WEIGHTS_FILE, blob)
-    _atomic_write_bytes(out / META_FILE, (meta.to_json() + "\n").encode())
+    atomic_write_bytes(out / WEIGHTS_FILE, blob)
+    atomic_write_bytes(out / META_FILE, (meta.to_json() + "\n").encode())
     log.info("model saved to %s (sha256 %s)", out, meta.weights_sha256[:12])
     return meta
 

@@ -521,7 +521,7 @@ def fit_model(
     validation F1 (:mod:`membrain_dist.calibration`, when ``cfg.picks.calibrate``) and the
     annotations' median height above their face (``cfg.picks.learn_height``)."""
     from .model import ModelMeta, save_model
-    from .training import config_dict, split_validation, train
+    from .training import config_dict, train
 
     ts = training_set(root, train_entries, cfg.labels)
     vs = training_set(root, val_entries, cfg.labels) if val_entries else None
@@ -535,9 +535,8 @@ def fit_model(
     metrics = {**result.metrics(), "train_points": len(ts),
                "train_membranes": [list(m) for m in ts.membranes],
                "val_points": len(vs) if vs else None}
-    if vs is None:  # the rows train() held out: the same deterministic split
-        held = split_validation(ts.groups, cfg.train.val_fraction, cfg.train.seed, ts.zyx)
-        cal_set, cal_rows = ts, np.flatnonzero(held)
+    if vs is None:  # the rows train() held out
+        cal_set, cal_rows = ts, np.flatnonzero(result.held_out)
     else:
         cal_set, cal_rows = vs, np.arange(len(vs))
     cfg = _learn_picking(result.model, cal_set, cal_rows, ts.heights, cfg, metrics)
@@ -631,9 +630,9 @@ def _learn_picking(model, cal_set: TrainingSet, rows: np.ndarray, heights: np.nd
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    from .model import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
 
 def with_learned_picking(cfg: PipelineConfig, model_dir: str | os.PathLike) -> PipelineConfig:

@@ -252,6 +252,9 @@ class TrainResult:
     history: list[EpochStats]
     best_epoch: int
     best_val_loss: float
+    #: (N,) bool over the training rows: the rows held out for validation, when no validation
+    #: set was given (:func:`split_validation`); None otherwise
+    held_out: np.ndarray | None = None
 
     def metrics(self) -> dict[str, Any]:
         """Summary for ``ModelMeta.metrics``."""
@@ -554,11 +557,13 @@ def _train(
         raise ValueError(f"{len(x)} training cubes but {len(y)} labels")
     if (val_cubes is None) != (val_labels is None):
         raise ValueError("give both val_cubes and val_labels, or neither")
+    held_out = None
     if val_cubes is None:
         g = np.zeros(len(x), dtype=np.int64) if groups is None else np.asarray(groups)
         if len(g) != len(x):
             raise ValueError(f"groups has {len(g)} rows, training data {len(x)}")
-        mask = torch.from_numpy(split_validation(g, cfg.val_fraction, cfg.seed, zyx)).to(dev)
+        held_out = split_validation(g, cfg.val_fraction, cfg.seed, zyx)
+        mask = torch.from_numpy(held_out).to(dev)
         xv, yv, x, y = x[mask], y[mask], x[~mask], y[~mask]
     else:
         xv = _to_tensor(val_cubes, dev, "val_cubes", 4)
@@ -662,7 +667,7 @@ def _train(
         history[0].val_loss,
         sum(h.seconds for h in history),
     )
-    return TrainResult(model, history, best_epoch, best_loss)
+    return TrainResult(model, history, best_epoch, best_loss, held_out)
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

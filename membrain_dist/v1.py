@@ -391,7 +391,7 @@ def import_v1(
     Returns a summary (keys, hyper-parameters, placeholders, cube size, channels).
     """
     from .config import PipelineConfig
-    from .model import MemBrainCNN, ModelMeta, save_model
+    from .model import MemBrainCNN, ModelMeta, atomic_write_bytes, save_model
 
     if membrane_contrast not in MEMBRANE_CONTRASTS:
         raise ValueError(f"membrane_contrast must be one of {MEMBRANE_CONTRASTS}")
@@ -436,9 +436,8 @@ def import_v1(
         "not_reproduced": ["cube centred half a voxel off the rounded point (ours: exact "
                            "point)", "v1's plain (not robust) z-score before the +-3 clip"],
     }
-    tmp = out / f".pipeline.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, out / "pipeline.json")
+    atomic_write_bytes(out / "pipeline.json",
+                       json.dumps(data, indent=2, sort_keys=True, default=str).encode())
     log.info("imported %s -> %s (cube %d, %d channels, %.2f Å)", ckpt.path, out, cube_size,
              channels, voxel_size_A)
     return {**info, "out": str(out), "cube_size": cube_size, "channels": channels,

@@ -10,6 +10,10 @@ against):
 * ``tomogram``: every annotated membrane of the training tomogram; validation = the val row;
 * ``membrane``: the most populated annotated membrane only (the paper's one-membrane case);
   validation = one membrane of the val row.
+* ``real``: MemBrain v1's real annotated thylakoid membrane (real segmentation, the 48
+  annotated PSII and 32 b6f in their annotated frames, imaged as the hard preset:
+  :mod:`membrain_dist.synth_real`) as the only training row; validation = the val row. The
+  setting of an outside benchmark that trains on that membrane.
 
 Beside them, in the same run, a non-learning **density picker**: each point's score is minus
 the mean normalised intensity of the cube's slab 1.5-4.5 voxels above the face (protein is
@@ -51,6 +55,7 @@ from membrain_dist.geometry import geometry_key, read_geometry
 from membrain_dist.manifest import read_manifest
 from membrain_dist.picks import cluster_points, concat_picks, reduce_picks
 from membrain_dist.star import particles_matrices, particles_zyx, read_particles
+from membrain_dist.synth_real import write_real_membrane
 
 log = logging.getLogger("accuracy")
 OUT = Path(__file__).parent / "results" / "accuracy.json"
@@ -220,6 +225,11 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if args.only and name not in args.only:
             continue
         out["settings"].append(run_setting(name, scfg, store, train, val, test, gt_all, work))
+    if not args.only or "real" in args.only:
+        # the real annotated thylakoid membrane (48 PSII) as the only training row
+        real, _ = write_real_membrane(work / "data", seed, tcfg)
+        pipeline.prepare_sequential([real], store, cfg)
+        out["settings"].append(run_setting("real", cfg, store, [real], val, test, gt_all, work))
     dens_dir = work / "pred_density"
     dens = density_picker(store, val, test, cfg, dens_dir)
     out["density"] = {**dens, "scores": evaluate_dir(dens_dir, test, gt_all)}
@@ -262,7 +272,7 @@ def main() -> None:
                     help="campaign seeds (report on seeds no default was tuned on)")
     ap.add_argument("--n-test", type=int, default=2, help="held-out tomograms per seed")
     ap.add_argument("--voxel-size", type=float, default=13.68, help="Å per voxel")
-    ap.add_argument("--only", nargs="*", choices=("tomogram", "membrane"), default=None)
+    ap.add_argument("--only", nargs="*", choices=("tomogram", "membrane", "real"), default=None)
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                     help="pipeline overrides (experiments; not written to the results)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: temp)")

@@ -76,7 +76,8 @@ def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, 
         keys, store, model_dir, cfg, gpu_resource)
     failures.update(bad)
     keys = [k for k in scored if k[0] not in failures]
-    summaries, bad = particles_flow.with_options(task_runner=cpu)(keys, good, store, out_dir, cfg)
+    summaries, bad = particles_flow.with_options(task_runner=cpu)(
+        keys, good, store, out_dir, cfg, pipeline.in_plane_search(model_dir, cfg))
     failures.update(bad)
     sweep_orphans(store, [e.name for e in good])  # left by workers lost mid-write
     for n in failures:  # no output of an earlier run that particles.star would not match

@@ -95,8 +95,11 @@ def inference_flow(keys: Sequence[tuple[str, int]], root: str, model_dir: str,
 
 @flow(name="particles")
 def particles_flow(keys: Sequence[tuple[str, int]], entries: Sequence[TomogramEntry], root: str,
-                   out_dir: str, cfg: PipelineConfig) -> tuple[dict[str, dict], Failures]:
-    """Mean Shift + orientation per membrane, then STAR and QC per tomogram."""
+                   out_dir: str, cfg: PipelineConfig,
+                   in_plane: pipeline.InPlaneSearch | None = None
+                   ) -> tuple[dict[str, dict], Failures]:
+    """Mean Shift + orientation per membrane, then STAR and QC per tomogram (in-plane angles
+    from the model's average when ``in_plane`` is given)."""
     logger = get_run_logger()
     futs = {k: cluster_task.submit(root, k[0], k[1], cfg.cluster, cfg.orientation) for k in keys}
     ok, bad = gather(futs)
@@ -106,7 +109,8 @@ def particles_flow(keys: Sequence[tuple[str, int]], entries: Sequence[TomogramEn
     out_futs = {n: outputs_task.submit(root, n, out_dir,
                                        None if by_name[n].particles is None
                                        else str(by_name[n].particles),
-                                       cfg.cluster.score_threshold, cfg.picks) for n in names}
+                                       cfg.cluster.score_threshold, cfg.picks, in_plane)
+                for n in names}
     summaries, bad_out = gather(out_futs)
     for i, n in enumerate(names, 1):
         if n in summaries:

@@ -67,9 +67,10 @@ def cluster_task(root: str, name: str, membrane_id: int, ccfg: ClusterConfig,
 
 @task(name="outputs", task_run_name="outputs-{name}", **_COMMON)
 def outputs_task(root: str, name: str, out_dir: str, gt_star: str | None,
-                 score_threshold: float, pcfg: PickConfig) -> dict:
+                 score_threshold: float, pcfg: PickConfig,
+                 in_plane: pipeline.InPlaneSearch | None = None) -> dict:
     return pipeline.write_tomogram_outputs(root, name, out_dir, gt_star, score_threshold,
-                                           pcfg=pcfg)
+                                           pcfg=pcfg, in_plane=in_plane)
 
 
 @task(name="campaign-star", cache_policy=NO_CACHE)

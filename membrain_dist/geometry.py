@@ -75,6 +75,9 @@ class GeometryConfig:
         Cubes per zarr chunk of the ``cubes`` array.
     intensity_clip
         Normalised intensities are clipped to +-this (v1: 3).
+    lowpass_sigma
+        Gaussian low-pass (voxels, sigma) of the normalised tomogram before the cubes are cut
+        (``extraction.Intensity``); 0 = none, as v1 (which expected denoised tomograms).
     """
 
     band_width: float = 15.0
@@ -93,14 +96,25 @@ class GeometryConfig:
     block: int = 128
     chunk_points: int = 1024
     intensity_clip: float = 3.0
+    lowpass_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         if self.band_width <= self.min_band_distance or self.spacing <= 0:
             raise ValueError("need band_width > min_band_distance and spacing > 0")
         if self.order not in (0, 1, 3) or self.cube_size < 1 or self.batch_size < 1:
             raise ValueError("order must be 0, 1 or 3; cube_size and batch_size positive")
+        if not self.lowpass_sigma >= 0:
+            raise ValueError(f"lowpass_sigma must be >= 0, got {self.lowpass_sigma}")
         if self.block < 1 or self.chunk_points < 1:
             raise ValueError("block and chunk_points must be positive")
+
+
+def cube_intensity(attrs: dict | None, cfg: GeometryConfig) -> Intensity | None:
+    """The normalisation (and low-pass) cubes are cut with, from a tomogram's ``intensity``
+    attrs (None: raw values)."""
+    if not attrs:
+        return None
+    return Intensity.from_attrs(attrs, clip=cfg.intensity_clip, lowpass=cfg.lowpass_sigma)
 
 
 def geometry_key(name: str, membrane_id: int) -> str:
@@ -133,7 +147,7 @@ def _region_reader(tomo, shape: tuple[int, int, int], zyx: np.ndarray, size: int
     """
     if zyx.shape[0] == 0:
         return tomo.__getitem__, intensity
-    margin = _margin(size, order)
+    margin = _margin(size, order, intensity.lowpass if intensity is not None else 0.0)
     shp = np.asarray(shape, np.int64)
     lo = np.clip(np.floor(zyx.min(0)).astype(np.int64) - margin, 0, shp - 1)
     hi = np.clip(np.ceil(zyx.max(0)).astype(np.int64) + margin + 1, lo + 1, shp)
@@ -223,8 +237,7 @@ def process_membrane(
     zyx, normal, side = sp.zyx[keep], normal[keep], side[keep]
     n = int(zyx.shape[0])
     s = cfg.cube_size
-    intensity = Intensity.from_attrs(meta.intensity, clip=cfg.intensity_clip) \
-        if meta.intensity else None
+    intensity = cube_intensity(meta.intensity, cfg)
     if intensity is None:
         log.warning("%s: no intensity attrs, cubes keep raw intensities", name)
     tomo = store.tomogram_array(root, name)

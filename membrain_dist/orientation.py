@@ -24,6 +24,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -57,17 +58,36 @@ class OrientationConfig:
     min_points : int
         Clusters with fewer points get the reference axis (default 3: two points define no
         covariance worth trusting).
+    in_plane : str
+        ``"average"`` (default): when the model holds an average of its annotated particles
+        (``train`` makes one when the STARs carry angles), each pick's in-plane angle is the
+        one that correlates best with it (:mod:`membrain_dist.average`), else PCA;
+        ``"pca"``: always the cluster's principal axis.
+    average_size : int
+        Edge (voxels) of the average's cube (default 16: a PSII dimer, ~200 Å, at 13.7 Å).
+    angle_step : float
+        In-plane search step (degrees; refined between steps by a parabola).
+    min_average_particles : int
+        ``train`` keeps an average of at least this many annotated particles (default 5).
     """
 
     k_normal: int = 16
     max_roundness: float = 0.7
     min_points: int = 3
+    in_plane: Literal["average", "pca"] = "average"
+    average_size: int = 16
+    angle_step: float = 5.0
+    min_average_particles: int = 5
 
     def __post_init__(self) -> None:
         if self.k_normal < 1 or self.min_points < 1:
             raise ValueError("k_normal and min_points must be >= 1")
         if not 0 < self.max_roundness <= 1:
             raise ValueError(f"max_roundness must be in (0, 1], got {self.max_roundness}")
+        if self.in_plane not in ("average", "pca"):
+            raise ValueError(f"in_plane must be 'average' or 'pca', got {self.in_plane!r}")
+        if self.average_size < 4 or not 0 < self.angle_step <= 90:
+            raise ValueError("need average_size >= 4 and 0 < angle_step <= 90")
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable parameters (for provenance)."""

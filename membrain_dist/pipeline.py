@@ -24,6 +24,14 @@ import pandas as pd
 import zarr
 
 from . import mrc, store
+from .average import (
+    AVERAGE_FILE,
+    AverageSum,
+    accumulate_average,
+    read_average,
+    search_in_plane,
+    write_average,
+)
 from .calibration import CalibrationRows
 from .clustering import ClusterConfig
 from .config import (
@@ -35,7 +43,13 @@ from .config import (
 )
 from .convert import ConvertConfig, convert_tomogram, validate_entry
 from .errors import InputError
-from .geometry import GeometryConfig, geometry_key, process_membrane, read_geometry
+from .geometry import (
+    GeometryConfig,
+    cube_intensity,
+    geometry_key,
+    process_membrane,
+    read_geometry,
+)
 from .labels import ellipsoid_covariance, face_labels, template_covariance
 from .manifest import TomogramEntry
 from .orientation import OrientationConfig
@@ -252,11 +266,13 @@ def read_picks(root: str | os.PathLike, name: str, membrane_id: int) -> Picks:
 
 # --------------------------------------------------------------------------- outputs
 def tomogram_particles(
-    root: str | os.PathLike, name: str, pcfg: PickConfig = PickConfig()
+    root: str | os.PathLike, name: str, pcfg: PickConfig = PickConfig(),
+    in_plane: InPlaneSearch | None = None,
 ) -> pd.DataFrame:
     """All picks of one tomogram as a STAR table (CONVENTIONS.md columns), duplicates across
     faces and membranes suppressed and centres lifted to the annotated height
-    (:func:`membrain_dist.picks.reduce_picks`)."""
+    (:func:`membrain_dist.picks.reduce_picks`); with ``in_plane`` their in-plane angles come
+    from the model's average (``mbOrientationFrom`` = ``average``)."""
     meta = store.read_meta(root, name)
     if meta is None:
         raise KeyError(f"{root}: tomogram {name!r} is not converted")
@@ -267,11 +283,15 @@ def tomogram_particles(
         mids.append(np.full(p.zyx.shape[0], mid, np.int32))
     picks, keep = reduce_picks(concat_picks(parts), pcfg)
     membrane = np.concatenate(mids)[keep] if mids else np.zeros(0, np.int32)
+    source = np.where(picks.from_pca, "pca", "normal")
+    matrices = picks.matrices
+    if in_plane is not None and len(picks.zyx):
+        matrices, _ = align_in_plane(root, name, picks.zyx, matrices, in_plane)
+        source = np.full(len(picks.zyx), "average")
     df = particles_frame(
-        name, picks.zyx, picks.matrices, meta.shape_zyx, meta.voxel_size_A,
+        name, picks.zyx, matrices, meta.shape_zyx, meta.voxel_size_A,
         extra={"mbScore": picks.score, "mbPoints": picks.n_points, "mbMembrane": membrane,
-               "mbSide": picks.side,
-               "mbOrientationFrom": np.where(picks.from_pca, "pca", "normal")},
+               "mbSide": picks.side, "mbOrientationFrom": source},
     )
     if not len(df):
         df["mbOrientationFrom"] = df["mbOrientationFrom"].astype(object)
@@ -286,12 +306,13 @@ def write_tomogram_outputs(
     score_threshold: float | None = None,
     qc: bool = True,
     pcfg: PickConfig = PickConfig(),
+    in_plane: InPlaneSearch | None = None,
 ) -> dict:
     """Write ``<out>/qc/<name>.png`` and then ``<out>/<name>.star`` (last: a STAR in the
     folder means the tomogram is done); return a small summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = tomogram_particles(root, name, pcfg)
+    df = tomogram_particles(root, name, pcfg, in_plane)
     n_points = 0
     if qc:
         from .qc import qc_figure
@@ -369,7 +390,8 @@ class TrainingSet:
     each centre projected onto its face (voxels, zyx) and the row of the point it stands on
     (what threshold calibration scores picks against); ``heights`` are the centres' offsets
     from their faces along the normal (voxels), of every placed particle of the annotated
-    tomograms."""
+    tomograms. ``truth_centre`` / ``truth_axis`` are the same particles' annotated centres
+    and long in-plane axes (zyx; NaN where the STAR has no angles), for the average."""
 
     cubes: np.ndarray  # (N, s, s, s) float32
     labels: np.ndarray  # (N,) float32, voxels
@@ -381,6 +403,8 @@ class TrainingSet:
     truth_zyx: np.ndarray  # (K, 3) float32
     truth_row: np.ndarray  # (K,) int64
     heights: np.ndarray  # (H,) float32
+    truth_centre: np.ndarray | None = None  # (K, 3) float32: the annotated centres
+    truth_axis: np.ndarray | None = None  # (K, 3) float32: annotated long axes (NaN: none)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -398,6 +422,8 @@ class _Labelled:
     labels: np.ndarray
     truth_zyx: np.ndarray
     truth_point: np.ndarray  # index into this membrane's points
+    truth_centre: np.ndarray  # (k, 3) annotated centres
+    truth_axis: np.ndarray  # (k, 3) annotated long axes, NaN without angles
 
 
 def _label_tomogram(
@@ -412,7 +438,11 @@ def _label_tomogram(
     made in-plane isotropic about the membrane normal at the foot (:func:`labels.face_labels`)."""
     df = _particles_of(entry.particles, entry.name)
     centres = particles_zyx(df)
-    rot = particles_matrices(df) if cov is not None else None
+    mats = particles_matrices(df)
+    rot = mats if cov is not None else None
+    # the long axis only where the STAR gives the in-plane angle (rot) too
+    axis = (mats[:, :, 0] if mats is not None and "rlnAngleRot" in df.columns
+            else np.full_like(centres, np.nan, dtype=np.float32))
     mids, geos = [], []
     for mid in membrane_ids(root, entry.name):
         geo = read_geometry(root, entry.name, mid)
@@ -439,7 +469,8 @@ def _label_tomogram(
         part = lab[offsets[j]:offsets[j + 1]]
         out.append(_Labelled(int((part < cfg.max_distance / 2).sum()), t, entry.name, mid, geo,
                              part, placed.foot_zyx[mine].astype(np.float32),
-                             placed.point[mine] - offsets[j]))
+                             placed.point[mine] - offsets[j],
+                             centres[mine].astype(np.float32), axis[mine].astype(np.float32)))
     return out, placed.height[ok].astype(np.float32)
 
 
@@ -490,7 +521,32 @@ def training_set(
         truth_zyx=np.concatenate([c.truth_zyx for c in candidates]).reshape(-1, 3),
         truth_row=np.concatenate(truth_row),
         heights=np.concatenate(heights).astype(np.float32),
+        truth_centre=np.concatenate([c.truth_centre for c in candidates]).reshape(-1, 3),
+        truth_axis=np.concatenate([c.truth_axis for c in candidates]).reshape(-1, 3),
     )
+
+
+def particle_average(
+    root: str | os.PathLike, ts: TrainingSet, cfg: PipelineConfig
+) -> AverageSum:
+    """The annotated particles of a training set averaged in their membrane frames
+    (:func:`membrain_dist.average.accumulate_average`), from each tomogram's normalised (and
+    low-passed, as the cubes) volume in the store; particles without angles are left out."""
+    acc = AverageSum.empty(cfg.orientation.average_size)
+    if ts.truth_centre is None or ts.truth_axis is None or not len(ts.truth_row):
+        return acc
+    names = {name for name, _, _ in ts.membranes}
+    row_name = np.concatenate([np.full(n, name, dtype=object) for name, _, n in ts.membranes])
+    for name in sorted(names):
+        sel = (row_name[ts.truth_row] == name) & np.isfinite(ts.truth_axis).all(1)
+        if not sel.any():
+            continue
+        meta = store.read_meta(root, name)
+        acc += accumulate_average(
+            store.tomogram_array(root, name).__getitem__, tuple(meta.shape_zyx),
+            ts.truth_centre[sel], ts.truth_axis[sel], ts.normal[ts.truth_row[sel]],
+            cfg.orientation.average_size, cube_intensity(meta.intensity, cfg.geometry))
+    return acc
 
 
 def common_voxel_size(root: str | os.PathLike, names: Sequence[str]) -> float:
@@ -542,12 +598,61 @@ def fit_model(
     cfg = _learn_picking(result.model, cal_set, cal_rows, ts.heights, cfg, metrics)
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _write_average(root, ts, cfg, out, voxel_size, metrics)
     save_model(result.model, out, ModelMeta(
         cube_size=cfg.geometry.cube_size, channels=cfg.train.channels, voxel_size_A=voxel_size,
         train_config=config_dict(cfg.train), metrics=metrics,
     ))
     _write_json_atomic(out / PIPELINE_FILE, cfg.to_dict())
     return metrics
+
+
+def _write_average(root: str | os.PathLike, ts: TrainingSet, cfg: PipelineConfig, out: Path,
+                   voxel_size: float, metrics: dict) -> None:
+    """``out/average.mrc`` from the training annotations (when they carry angles and
+    ``cfg.orientation.in_plane`` is ``average``); a stale one is removed otherwise."""
+    path = out / AVERAGE_FILE
+    acc = particle_average(root, ts, cfg) if cfg.orientation.in_plane == "average" else None
+    if acc is None or acc.count < cfg.orientation.min_average_particles:
+        path.unlink(missing_ok=True)
+        if acc is not None:
+            log.info("average: %d annotated particles with angles (fewer than %d): in-plane "
+                     "angles from PCA", acc.count, cfg.orientation.min_average_particles)
+        return
+    write_average(path, acc.mean(), voxel_size)
+    metrics["average_particles"] = acc.count
+    log.info("average of %d annotated particles written to %s: in-plane angles of picks "
+             "from it", acc.count, path)
+
+
+@dataclass(frozen=True)
+class InPlaneSearch:
+    """How a tomogram's picks get their in-plane angles from a model's average (small and
+    picklable: what an outputs task receives)."""
+
+    average_path: str
+    geometry: GeometryConfig
+    angle_step: float = 5.0
+
+
+def in_plane_search(model_dir: str | os.PathLike, cfg: PipelineConfig) -> InPlaneSearch | None:
+    """The search for picks of a model, or None (PCA angles): no average, or ``pca`` asked."""
+    path = Path(model_dir) / AVERAGE_FILE
+    if cfg.orientation.in_plane != "average" or not path.is_file():
+        return None
+    return InPlaneSearch(str(path), cfg.geometry, cfg.orientation.angle_step)
+
+
+def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices: np.ndarray,
+                   search: InPlaneSearch) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices of picks at ``zyx`` (K, 3) with in-plane angles from the model's average
+    (normals kept), and the correlation at each; reads the tomogram region by region."""
+    average = read_average(Path(search.average_path).parent)
+    meta = store.read_meta(root, name)
+    return search_in_plane(
+        store.tomogram_array(root, name).__getitem__, tuple(meta.shape_zyx), zyx,
+        np.asarray(matrices)[:, :, 2], average, cube_intensity(meta.intensity, search.geometry),
+        search.angle_step)
 
 
 def calibrate_model(
@@ -719,7 +824,8 @@ def predict_sequential(
             score_membrane(root, entry.name, mid, model_dir, cfg.inference)
             cluster_membrane(root, entry.name, mid, cfg.cluster, cfg.orientation)
         summaries.append(write_tomogram_outputs(root, entry.name, out_dir, entry.particles,
-                                                cfg.cluster.score_threshold, pcfg=cfg.picks))
+                                                cfg.cluster.score_threshold, pcfg=cfg.picks,
+                                                in_plane=in_plane_search(model_dir, cfg)))
     store.sweep_orphans(root, [e.name for e in entries])
     write_campaign_star(out_dir, [e.name for e in entries])
     return summaries

@@ -1367,6 +1367,35 @@ def tomogram_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
 
 
+def write_synth_tomogram(out: Path, name: str, st: SynthTomogram, voxel_size_A: float,
+                         split: str, angles: bool = True):
+    """Write one tomogram of a campaign: ``<name>.mrc``, ``<name>_seg.mrc`` and
+    ``<name>_particles.star`` (targets with ``mbMembrane`` and ``mbScenario``; without
+    angles when ``angles`` is False) in ``out``; returns its manifest entry and its STAR
+    table (with angles)."""
+    from .manifest import TomogramEntry
+    from .mrc import write_volume
+    from .star import ANGLE_COLUMNS, particles_frame, write_particles
+
+    write_volume(out / f"{name}.mrc", st.tomogram, voxel_size_A)
+    write_volume(out / f"{name}_seg.mrc", st.segmentation, voxel_size_A)
+    df = particles_frame(
+        name, st.centres_zyx, st.matrices_zyx, st.tomogram.shape, voxel_size_A,
+        extra={
+            "mbMembrane": st.membrane_of_particle,
+            "mbScenario": np.array([st.scenario[m - 1] for m in st.membrane_of_particle],
+                                   dtype=object),
+        },
+    )
+    write_particles(out / f"{name}_particles.star",
+                    df if angles else df.drop(columns=list(ANGLE_COLUMNS)))
+    entry = TomogramEntry(name=name, tomogram=out / f"{name}.mrc",
+                          segmentation=out / f"{name}_seg.mrc",
+                          particles=out / f"{name}_particles.star", voxel_size_A=voxel_size_A,
+                          split=split)
+    return entry, df
+
+
 def generate_campaign(
     out_dir: Path,
     n_tomos: int,
@@ -1411,9 +1440,9 @@ def generate_campaign(
     """
     import pandas as pd
 
-    from .manifest import TomogramEntry, write_manifest
+    from .manifest import write_manifest
     from .mrc import write_volume
-    from .star import ANGLE_COLUMNS, particles_frame, write_particles
+    from .star import write_particles
 
     if n_tomos < 1 or n_train < 0 or n_val < 0 or n_train + n_val > n_tomos:
         raise ValueError(f"need 0 <= n_train + n_val <= n_tomos, got {n_train}, {n_val}, {n_tomos}")
@@ -1425,36 +1454,10 @@ def generate_campaign(
     for i in range(n_tomos):
         name = f"synth_{i:03d}"
         st = generate_tomogram(tomogram_rng(seed, i), cfg)
-        write_volume(out / f"{name}.mrc", st.tomogram, cfg.voxel_size_A)
-        write_volume(out / f"{name}_seg.mrc", st.segmentation, cfg.voxel_size_A)
-        df = particles_frame(
-            name,
-            st.centres_zyx,
-            st.matrices_zyx,
-            cfg.shape_zyx,
-            cfg.voxel_size_A,
-            extra={
-                "mbMembrane": st.membrane_of_particle,
-                "mbScenario": np.array(
-                    [st.scenario[m - 1] for m in st.membrane_of_particle], dtype=object
-                ),
-            },
-        )
-        write_particles(
-            out / f"{name}_particles.star", df if angles else df.drop(columns=list(ANGLE_COLUMNS))
-        )
-        frames.append(df)
         split = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
-        entries.append(
-            TomogramEntry(
-                name=name,
-                tomogram=out / f"{name}.mrc",
-                segmentation=out / f"{name}_seg.mrc",
-                particles=out / f"{name}_particles.star",
-                voxel_size_A=cfg.voxel_size_A,
-                split=split,
-            )
-        )
+        entry, df = write_synth_tomogram(out, name, st, cfg.voxel_size_A, split, angles)
+        entries.append(entry)
+        frames.append(df)
         log.info("%s: %d membranes, %d targets", name, len(st.membrane_kind), len(st.centres_zyx))
         del st
     write_volume(out / "template.mrc", render_template(cfg), cfg.voxel_size_A)

@@ -119,3 +119,28 @@ def test_trilinear_equals_map_coordinates_order1():
     want = ndimage.map_coordinates(vol, coords.reshape(3, -1), order=1, mode="nearest",
                                    prefilter=False, output=np.float32).reshape(got.shape)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_lowpass_blocks_equal_filtering_the_whole_volume():
+    """Per-block low-pass (with the kernel's margin) gives the cubes of a volume filtered as a
+    whole, however the points are batched; and it removes white noise as the kernel says."""
+    rng = np.random.default_rng(5)
+    vol = rng.normal(size=(64, 64, 64)).astype(np.float32)
+    pts = (rng.random((200, 3)) * 24 + 20).astype(np.float32)
+    nrm = _unit(rng, 200)
+    inten = Intensity(0.0, 1.0, 1.0, clip=10.0, lowpass=1.0)
+    whole = ndimage.gaussian_filter(vol, 1.0, mode="nearest", truncate=3.0)
+    want = extract_cubes(whole, pts, nrm)
+    for bs in (7, 64, 200):
+        got = extract_cubes(vol, pts, nrm, batch_size=bs, intensity=inten)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # variance of filtered unit white noise = sum of the squared 3D kernel = (sum k_1d^2)^3
+    x = np.arange(-3, 4, dtype=np.float64)
+    k = np.exp(-x**2 / 2)
+    k /= k.sum()
+    expected = float((k**2).sum() ** 3)
+    var = float(normalise_intensity(vol, inten)[8:-8, 8:-8, 8:-8].var())
+    assert abs(var - expected) < 0.1 * expected, (var, expected)
+    # off: exactly the plain normalisation
+    plain = Intensity(0.0, 1.0, 1.0, clip=10.0)
+    np.testing.assert_array_equal(normalise_intensity(vol, plain), vol)

@@ -1,0 +1,222 @@
+"""Stage 5b: the particle's average in its membrane frame, and in-plane angles from it.
+
+PCA of a cluster's points (stage 5) gives an in-plane axis only as well as the score field's
+shape around a centre shows it; at raw-data SNR that is 25-30 degrees off. When the training
+annotations carry orientations, ``train`` also averages the annotated particles' density in
+their own frames (:func:`accumulate_average`: columns ``u`` = the annotated long axis
+projected into the membrane plane, ``v``, ``n`` = the membrane normal at the particle's foot,
+pointing to its side) and stores it with the model (``average.mrc``). At prediction each pick's
+in-plane angle is the one whose rotated cube correlates best with that average
+(:func:`search_in_plane`): a 2D template search about the pick's membrane normal, in
+``angle_step`` steps over the full turn (the average carries the particle's own symmetry),
+refined by a parabola through the best step and its neighbours.
+
+Cubes are cut by :func:`membrain_dist.extraction.extract_batches` from the normalised (and
+low-passed) tomogram with explicit frames. All positions are voxels ``(z, y, x)``; frames and
+matrices have columns ``u, v, n`` in zyx (:func:`membrain_dist.orientation.frame_from_axes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .extraction import Intensity, ReadVolume, _margin, extract_batches
+from .orientation import frame_from_axes, reference_axis
+
+__all__ = ["AverageSum", "accumulate_average", "in_plane_frames", "search_in_plane",
+           "write_average", "read_average", "AVERAGE_FILE"]
+
+log = logging.getLogger(__name__)
+
+#: the average's file in a model directory
+AVERAGE_FILE = "average.mrc"
+
+
+@dataclass
+class AverageSum:
+    """Running sum of particle cubes in their frames (``count`` cubes of edge ``size``)."""
+
+    total: np.ndarray  # (s, s, s) float64
+    count: int = 0
+
+    @classmethod
+    def empty(cls, size: int) -> AverageSum:
+        return cls(np.zeros((size, size, size), np.float64), 0)
+
+    def __iadd__(self, other: AverageSum) -> AverageSum:
+        self.total += other.total
+        self.count += other.count
+        return self
+
+    def mean(self) -> np.ndarray | None:
+        """The average (float32), or None when no particle contributed."""
+        return (self.total / self.count).astype(np.float32) if self.count else None
+
+
+#: largest tomogram region (voxels) read for one group of centres
+REGION_VOXELS = 4 * 1024**2
+
+
+def _compact_groups(centres: np.ndarray, margin: int, max_voxels: int) -> list[np.ndarray]:
+    """Indices of ``centres`` in groups whose bounding box (plus ``margin``) stays under
+    ``max_voxels``: picks spread over a tomogram are read region by region, never the whole
+    tomogram at once (a group holds at least one centre)."""
+    if centres.shape[0] == 0:
+        return []
+    coarse = np.floor(centres / 32).astype(np.int64)
+    order = np.lexsort((coarse[:, 2], coarse[:, 1], coarse[:, 0]))
+    groups, cur = [], []
+    lo = hi = None
+    for i in order:
+        p = centres[i]
+        nlo = p - margin if lo is None else np.minimum(lo, p - margin)
+        nhi = p + margin if hi is None else np.maximum(hi, p + margin)
+        if cur and float(np.prod(nhi - nlo + 1)) > max_voxels:
+            groups.append(np.array(cur))
+            cur, nlo, nhi = [], p - margin, p + margin
+        cur.append(i)
+        lo, hi = nlo, nhi
+    groups.append(np.array(cur))
+    return groups
+
+
+def _cubes(read_volume: ReadVolume, shape: tuple[int, int, int], centres: np.ndarray,
+           frames: np.ndarray, size: int, intensity: Intensity | None) -> np.ndarray:
+    """Cubes ``(K, J, s, s, s)`` around ``centres`` (K, 3) in ``frames`` (K, J, 3, 3)."""
+    k, j = frames.shape[:2]
+    out = np.empty((k, j, size, size, size), np.float32)
+    margin = _margin(size, 1, intensity.lowpass if intensity is not None else 0.0)
+    for g in _compact_groups(np.asarray(centres, np.float64), margin, REGION_VOXELS):
+        fr = frames[g].reshape(-1, 3, 3)
+        pts = np.repeat(np.asarray(centres, np.float32)[g], j, axis=0)
+        for _, c in extract_batches(read_volume, shape, pts, fr[:, :, 2], size=size,
+                                    intensity=intensity, frames=fr, batch_size=pts.shape[0]):
+            out[g] = c.reshape(g.size, j, size, size, size)
+    return out
+
+
+def accumulate_average(
+    read_volume: ReadVolume, shape: tuple[int, int, int], centres: np.ndarray,
+    axes: np.ndarray, normals: np.ndarray, size: int, intensity: Intensity | None,
+) -> AverageSum:
+    """Sum of the cubes of edge ``size`` around ``centres`` (K, 3) in the particles' frames.
+
+    ``axes`` (K, 3) are the annotated long in-plane axes, ``normals`` (K, 3) the membrane
+    normals at the particles (unit, pointing to the particle's side); the axis is projected
+    into the membrane plane. Particles whose axis is (nearly) parallel to the normal, or not
+    finite, are left out."""
+    c = np.asarray(centres, np.float64).reshape(-1, 3)
+    n = np.asarray(normals, np.float64).reshape(-1, 3)
+    a = np.asarray(axes, np.float64).reshape(-1, 3)
+    u = a - np.einsum("ki,ki->k", a, n)[:, None] * n
+    norm = np.linalg.norm(u, axis=1)
+    ok = np.isfinite(norm) & (norm > 0.3) & np.isfinite(c).all(1)
+    acc = AverageSum.empty(size)
+    if not ok.any():
+        return acc
+    frames = frame_from_axes(u[ok] / norm[ok, None], n[ok])[:, None]
+    cubes = _cubes(read_volume, shape, c[ok], frames, size, intensity)
+    acc.total += cubes[:, 0].sum(0, dtype=np.float64)
+    acc.count += int(ok.sum())
+    return acc
+
+
+def in_plane_frames(normals: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Frames (K, J, 3, 3) about each unit normal (K, 3) at in-plane ``angles`` (J,) radians,
+    measured from the rot = 0 reference axis (:func:`membrain_dist.orientation.reference_axis`)
+    towards ``v0 = u0 x n`` (zyx components)."""
+    n = np.asarray(normals, np.float64).reshape(-1, 3)
+    u0 = reference_axis(n)
+    v0 = np.cross(u0, n)
+    cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+    u = cos * u0[:, None, :] + sin * v0[:, None, :]
+    k, j = u.shape[:2]
+    frames = frame_from_axes(u.reshape(-1, 3), np.repeat(n, j, axis=0))
+    return frames.reshape(k, j, 3, 3)
+
+
+def _mask(size: int) -> np.ndarray:
+    """Spherical mask of the cube (radius size / 2): corners rotate out of view."""
+    o = np.arange(size) - (size - 1) / 2
+    r = np.sqrt(o[:, None, None] ** 2 + o[None, :, None] ** 2 + o[None, None, :] ** 2)
+    return r <= size / 2
+
+
+def search_in_plane(
+    read_volume: ReadVolume, shape: tuple[int, int, int], centres: np.ndarray,
+    normals: np.ndarray, average: np.ndarray, intensity: Intensity | None,
+    angle_step: float = 5.0, chunk: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane angle of each centre by correlation with ``average`` (its frame's cube).
+
+    Parameters
+    ----------
+    centres, normals
+        (K, 3) voxels zyx and unit membrane normals (to the particle's side).
+    average
+        (s, s, s) cube in the particle frame (:func:`accumulate_average`).
+    angle_step
+        Search step (degrees) over the full turn.
+
+    Returns
+    -------
+    matrices : (K, 3, 3) float32
+        Columns u, v, n (zyx) with u at the best angle.
+    correlation : (K,) float32
+        Normalised cross-correlation at the best step (in the spherical mask).
+    """
+    c = np.asarray(centres, np.float32).reshape(-1, 3)
+    n = np.asarray(normals, np.float64).reshape(-1, 3)
+    size = int(average.shape[0])
+    j = max(int(round(360.0 / angle_step)), 4)
+    angles = np.arange(j) * (2 * np.pi / j)
+    mask = _mask(size)
+    ref = average[mask].astype(np.float64)
+    ref = (ref - ref.mean()) / max(float(np.linalg.norm(ref - ref.mean())), 1e-12)
+    best = np.zeros(c.shape[0])
+    peak = np.zeros(c.shape[0], np.float32)
+    for k0 in range(0, c.shape[0], chunk):
+        cc, nn = c[k0:k0 + chunk], n[k0:k0 + chunk]
+        frames = in_plane_frames(nn, angles)  # (k, J, 3, 3)
+        cubes = _cubes(read_volume, shape, cc, frames, size, intensity)
+        v = cubes.reshape(cc.shape[0], j, -1)[:, :, mask.ravel()].astype(np.float64)
+        v -= v.mean(axis=2, keepdims=True)
+        ncc = (v @ ref) / np.maximum(np.linalg.norm(v, axis=2), 1e-12)  # (k, J)
+        i = np.argmax(ncc, axis=1)
+        rows = np.arange(cc.shape[0])
+        y0, y1, y2 = ncc[rows, (i - 1) % j], ncc[rows, i], ncc[rows, (i + 1) % j]
+        denom = y0 - 2 * y1 + y2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.where(denom < 0, 0.5 * (y0 - y2) / denom, 0.0)
+        best[k0:k0 + chunk] = (i + np.clip(shift, -0.5, 0.5)) * (2 * np.pi / j)
+        peak[k0:k0 + chunk] = y1
+    mats = in_plane_frames(n, np.zeros(1))[:, 0] if c.shape[0] else np.zeros((0, 3, 3))
+    if c.shape[0]:
+        u0, v0 = mats[:, :, 0], mats[:, :, 1]
+        u = np.cos(best)[:, None] * u0 + np.sin(best)[:, None] * v0
+        mats = frame_from_axes(u, n)
+    return mats.astype(np.float32), peak
+
+
+def write_average(path: str | os.PathLike, average: np.ndarray, voxel_size_A: float) -> None:
+    """Write the average as an MRC (its frame: x = u, the long in-plane axis; z = the
+    membrane normal; open it in a viewer to see what the model's picks are aligned to)."""
+    from . import mrc
+
+    mrc.write_volume(path, np.asarray(average, np.float32), voxel_size_A)
+
+
+def read_average(model_dir: str | os.PathLike) -> np.ndarray | None:
+    """The model's average (s, s, s) float32, or None when it has none."""
+    from . import mrc
+
+    path = Path(model_dir) / AVERAGE_FILE
+    if not path.is_file():
+        return None
+    info = mrc.read_info(path)
+    return np.asarray(mrc.open_volume(info.path), np.float32)

@@ -44,10 +44,11 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_rotations_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument("--rotations", type=int, choices=(1, 2, 4), default=None,  # ROTATIONS
+    p.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=None,  # ROTATIONS
                    help="average the scores of 1, 2 or 4 quarter turns of each cube about the "
-                        "membrane normal (inference cost x1/x2/x4; default 1, or what the model "
-                        "was trained with); saved with a trained model")
+                        "membrane normal, or 8 (the 4 turns of the cube and of its mirror "
+                        "image); inference cost x1 to x8; default: what the model was trained "
+                        "with; saved with a trained model")
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:

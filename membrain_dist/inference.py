@@ -108,7 +108,7 @@ def get_model(
 
 
 #: allowed numbers of quarter turns averaged per cube (``rotations``)
-ROTATIONS = (1, 2, 4)
+ROTATIONS = (1, 2, 4, 8)
 
 #: cubes per forward pass when none is given. CPU: 256 keeps a pass's activations (16 channels
 #: x 10^3 voxels x 4 B per cube: 16 MB) under the dask workers' 32 MiB mmap threshold
@@ -184,7 +184,9 @@ def predict_distances(
         ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
     rotations : int
         Average the predictions of this many quarter turns (1, 2 or 4) of each cube about
-        cube axis 0, the membrane normal (``InferenceConfig.rotations``).
+        cube axis 0, the membrane normal, or (8) of the four turns of the cube and of its
+        mirror image across the cube's y-z plane (``InferenceConfig.rotations``); the
+        training augmentation draws the same turns and flips.
 
     Returns
     -------
@@ -211,7 +213,8 @@ def predict_distances(
                 x = block[s : s + batch_size].unsqueeze(1).contiguous(memory_format=layout)
                 pred = model(x).float()
                 for k in range(1, rotations):  # (B, 1, z, y, x): turn in the y-x plane
-                    xr = torch.rot90(x, k, dims=(3, 4)).contiguous(memory_format=layout)
+                    xk = x if k < 4 else torch.flip(x, dims=(4,))  # 4-7: of the mirror image
+                    xr = torch.rot90(xk, k % 4, dims=(3, 4)).contiguous(memory_format=layout)
                     pred += model(xr).float()
                 out[start + s : start + s + len(x)] = pred / rotations
     result = out.cpu().numpy()

@@ -34,7 +34,8 @@ def trained_model(campaign: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     work = tmp_path_factory.mktemp("model")
     cfg = PipelineConfig()
     cfg = replace(cfg, train=replace(cfg.train, max_epochs=3, patience=3, num_threads=2),
-                  labels=replace(cfg.labels, template=str(campaign.parent / "template.mrc")))
+                  labels=replace(cfg.labels, template=str(campaign.parent / "template.mrc")),
+                  inference=replace(cfg.inference, rotations=1))  # plumbing: one pass
     train = [e for e in read_manifest(campaign) if e.split == "train"]
     root = work / "train.zarr"
     pipeline.prepare_sequential(train, root, cfg)

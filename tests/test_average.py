@@ -127,3 +127,37 @@ def test_frames_of_in_plane_search_are_proper():
     np.testing.assert_allclose(f[:, 0], ref)
     cos = np.einsum("ki,ki->k", f[:, 0, :, 0], f[:, 1, :, 0])
     np.testing.assert_allclose(cos, np.cos(np.radians(33.0)), atol=1e-12)
+
+
+def test_trained_model_keeps_the_average_and_its_picks_turn_better_than_pca(
+        trained_model, sequential_prediction, test_manifest):
+    """``train`` writes ``average.mrc`` from the annotated (angled) particles; ``predict``
+    gives its picks in-plane angles from it, closer to the truth than the clusters' PCA."""
+    import json
+
+    from membrain_dist import pipeline
+    from membrain_dist.average import AVERAGE_FILE, read_average
+    from membrain_dist.evaluation import in_plane_error, match_particles
+    from membrain_dist.manifest import read_manifest
+    from membrain_dist.star import particles_matrices, particles_zyx, read_particles
+
+    avg = read_average(trained_model)
+    assert avg is not None and avg.shape == (16, 16, 16)
+    assert (trained_model / AVERAGE_FILE).is_file()
+    assert json.loads((trained_model / "model.json").read_text())["metrics"][
+        "average_particles"] >= 5
+    cfg = pipeline.model_pipeline_config(trained_model)
+    store = sequential_prediction.parent / "store.zarr"
+    errs = {"average": [], "pca": []}
+    for e in read_manifest(test_manifest):
+        gt = read_particles(e.particles)
+        got = read_particles(sequential_prediction / f"{e.name}.star")
+        assert set(got["mbOrientationFrom"]) == {"average"}
+        pca = pipeline.tomogram_particles(store, e.name, cfg.picks)  # no search: PCA angles
+        assert set(pca["mbOrientationFrom"]) <= {"pca", "normal"}
+        for key, df in (("average", got), ("pca", pca)):
+            pairs = match_particles(particles_zyx(df), particles_zyx(gt), 4.5)["pairs"]
+            errs[key] += in_plane_error(particles_matrices(df)[pairs[:, 0]],
+                                        particles_matrices(gt)[pairs[:, 1]], 2).tolist()
+    assert len(errs["average"]) >= 10
+    assert np.mean(errs["average"]) < np.mean(errs["pca"]), errs

@@ -112,6 +112,16 @@ def test_rotations_average_quarter_turns_about_the_normal(model, cubes):
                                predict_distances(model, cubes, rotations=4), atol=1e-5, rtol=0)
     # ... which a single pass does (so the check above is not vacuous)
     assert np.abs(predict_distances(model, turned) - predict_distances(model, cubes)).max() > 1e-3
+    # 8: the four turns of the cube and of its mirror image (x reversed); the score is then
+    # the same for a mirrored cube
+    mirror = np.ascontiguousarray(cubes[:, :, :, ::-1])
+    with torch.inference_mode():
+        turns_m = [model(torch.rot90(torch.from_numpy(mirror), k, dims=(2, 3)).contiguous())
+                   .numpy() for k in range(4)]
+    np.testing.assert_allclose(predict_distances(model, cubes, rotations=8),
+                               np.mean(turns + turns_m, 0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(predict_distances(model, mirror, rotations=8),
+                               predict_distances(model, cubes, rotations=8), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="rotations"):
         predict_distances(model, cubes, rotations=3)
 

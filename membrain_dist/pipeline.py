@@ -46,6 +46,7 @@ from .star import (
     particles_matrices,
     particles_zyx,
     read_particles,
+    to_tomogram_voxels,
     write_particles,
 )
 
@@ -308,7 +309,10 @@ def write_tomogram_outputs(
         z = tomo.shape[0] // 2
         gt = None
         if gt_star is not None and Path(gt_star).is_file():
-            gt = particles_zyx(_particles_of(gt_star, name))
+            meta = store.read_meta(root, name)
+            gt = particles_zyx(to_tomogram_voxels(_particles_of(gt_star, name), gt_star,
+                                                  meta.shape_zyx, meta.voxel_size_A,
+                                                  strict=False))
         qc_figure(out / "qc" / f"{name}.png", pts_a, sc_a, particles_zyx(df) if len(df) else
                   np.zeros((0, 3), np.float32), gt, image=np.asarray(tomo[z]), image_z=z,
                   score_threshold=score_threshold, title=name)
@@ -349,6 +353,17 @@ def _particles_of(path: str | os.PathLike, name: str) -> pd.DataFrame:
         return df.reset_index(drop=True)
     found = sorted(set(names))[:5]
     raise InputError(path, f"no particles with rlnTomoName {name!r} (found {found})")
+
+
+def annotated_particles(entry: TomogramEntry, shape_zyx: tuple[int, int, int],
+                        voxel_size_A: float, strict: bool = True) -> pd.DataFrame:
+    """The annotated particles of a manifest row in voxels of its tomogram (shape, voxel size
+    in Å): voxel or RELION 5 centred-Å coordinates, at the STAR's pixel size or the row's
+    ``particles_angpix`` (:func:`membrain_dist.star.to_tomogram_voxels`)."""
+    if entry.particles is None:
+        raise InputError(entry.tomogram, f"manifest row {entry.name!r} has no particles STAR")
+    return to_tomogram_voxels(_particles_of(entry.particles, entry.name), entry.particles,
+                              shape_zyx, voxel_size_A, entry.particles_angpix, strict=strict)
 
 
 def label_covariance(cfg: LabelConfig) -> np.ndarray | None:
@@ -410,7 +425,10 @@ def _label_tomogram(
     that face's points, from its foot on the face: the other face of its membrane and the
     faces of neighbouring membranes see it as absent. Without angles in the STAR the shape is
     made in-plane isotropic about the membrane normal at the foot (:func:`labels.face_labels`)."""
-    df = _particles_of(entry.particles, entry.name)
+    meta = store.read_meta(root, entry.name)
+    if meta is None:
+        raise KeyError(f"{root}: tomogram {entry.name!r} is not converted")
+    df = annotated_particles(entry, meta.shape_zyx, meta.voxel_size_A)
     centres = particles_zyx(df)
     rot = particles_matrices(df) if cov is not None else None
     mids, geos = [], []

@@ -47,7 +47,9 @@ from .star import (
     particles_zyx,
     read_particles,
     to_tomogram_voxels,
+    tomostar_name,
     write_particles,
+    write_star_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ PICKS_KEY = "picks"
 MIN_SCORE_SPREAD = 1e-3
 PIPELINE_FILE = "pipeline.json"
 CAMPAIGN_STAR = "particles.star"
+TOMOGRAMS_STAR = "tomograms.star"
 
 
 # --------------------------------------------------------------------------- conversion
@@ -272,10 +275,14 @@ def tomogram_particles(
         name, picks.zyx, picks.matrices, meta.shape_zyx, meta.voxel_size_A,
         extra={"mbScore": picks.score, "mbPoints": picks.n_points, "mbMembrane": membrane,
                "mbSide": picks.side,
-               "mbOrientationFrom": np.where(picks.from_pca, "pca", "normal")},
+               "mbOrientationFrom": np.where(picks.from_pca, "pca", "normal"),
+               # Warp routes picks to tomograms by micrograph name; the coordinates' pixel size
+               "rlnMicrographName": np.full(picks.zyx.shape[0], tomostar_name(name), object),
+               "rlnMicrographPixelSize": np.full(picks.zyx.shape[0], float(meta.voxel_size_A))},
     )
     if not len(df):
-        df["mbOrientationFrom"] = df["mbOrientationFrom"].astype(object)
+        for c in ("mbOrientationFrom", "rlnMicrographName"):
+            df[c] = df[c].astype(object)
     return df
 
 
@@ -332,14 +339,42 @@ def remove_tomogram_outputs(out_dir: str | os.PathLike, name: str) -> list[str]:
     return gone
 
 
-def write_campaign_star(out_dir: str | os.PathLike, names: Sequence[str]) -> Path:
-    """Concatenate ``<out>/<name>.star`` into ``<out>/particles.star``."""
+def write_campaign_star(out_dir: str | os.PathLike, names: Sequence[str],
+                        root: str | os.PathLike | None = None) -> Path:
+    """Concatenate ``<out>/<name>.star`` into ``<out>/particles.star``; with the store
+    ``root`` also write ``<out>/tomograms.star`` (:func:`write_tomograms_star`)."""
     out = Path(out_dir)
     frames = [read_particles(out / f"{n}.star") for n in names if (out / f"{n}.star").is_file()]
     frames = [f for f in frames if len(f)]
     df = pd.concat(frames, ignore_index=True) if frames else read_particles(out / f"{names[0]}.star")
     write_particles(out / CAMPAIGN_STAR, df)
+    if root is not None:
+        write_tomograms_star(out / TOMOGRAMS_STAR, root, names)
     return out / CAMPAIGN_STAR
+
+
+def write_tomograms_star(path: str | os.PathLike, root: str | os.PathLike,
+                         names: Sequence[str]) -> Path:
+    """A RELION 5 ``tomograms.star`` (block ``global``) of the converted tomograms ``names``:
+    ``rlnTomoName``, ``rlnTomoTiltSeriesPixelSize`` (the tomogram's voxel size: the tilt
+    series' own pixel size is not known here, so ``rlnTomoTomogramBinning`` is 1),
+    ``rlnTomoSizeX/Y/Z`` (voxels; RELION's centre is half of them, the centre of the
+    centred-Å coordinates in ``particles.star``), ``rlnTomoReconstructedTomogram`` (the
+    source) and Warp's ``rlnMicrographName`` (``<name>.tomostar``)."""
+    rows = []
+    for n in names:
+        meta = store.read_meta(root, n)
+        if meta is None:
+            continue
+        nz, ny, nx = meta.shape_zyx
+        rows.append({"rlnTomoName": n, "rlnTomoTiltSeriesPixelSize": float(meta.voxel_size_A),
+                     "rlnTomoTomogramBinning": 1.0, "rlnTomoSizeX": int(nx),
+                     "rlnTomoSizeY": int(ny), "rlnTomoSizeZ": int(nz),
+                     "rlnTomoReconstructedTomogram":
+                         str(meta.source.get("tomogram", {}).get("path", "")) or n,
+                     "rlnMicrographName": tomostar_name(n)})
+    write_star_blocks(path, {"global": pd.DataFrame(rows)})
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- training
@@ -739,5 +774,5 @@ def predict_sequential(
         summaries.append(write_tomogram_outputs(root, entry.name, out_dir, entry.particles,
                                                 cfg.cluster.score_threshold, pcfg=cfg.picks))
     store.sweep_orphans(root, [e.name for e in entries])
-    write_campaign_star(out_dir, [e.name for e in entries])
+    write_campaign_star(out_dir, [e.name for e in entries], root)
     return summaries

@@ -35,6 +35,8 @@ __all__ = [
     "particles_matrices",
     "particles_frame",
     "write_particles",
+    "write_star_blocks",
+    "tomostar_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -380,12 +382,22 @@ def particles_frame(
     return pd.DataFrame(cols)
 
 
+def tomostar_name(tomo_name: str) -> str:
+    """Warp's ``rlnMicrographName`` of a tomogram: ``<name>.tomostar``."""
+    return f"{tomo_name}.tomostar"
+
+
 def write_particles(path: str | os.PathLike, df: pd.DataFrame) -> None:
     """Write ``df`` as one data block ``particles``, atomically (temporary file + rename)."""
+    write_star_blocks(path, {"particles": df})
+
+
+def write_star_blocks(path: str | os.PathLike, blocks: Mapping[str, pd.DataFrame]) -> None:
+    """Write named data blocks to one STAR file, atomically (temporary file + rename)."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex}")
     try:
-        starfile.write({"particles": df}, tmp, float_format="%.6f")
+        starfile.write(dict(blocks), tmp, float_format="%.6f")
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)

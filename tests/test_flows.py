@@ -65,6 +65,8 @@ def test_flow_gives_the_sequential_picks(flow_prediction, sequential_prediction,
     assert sum(len(v) for v in flow_picks.values()) > 0
     _assert_same_picks(flow_picks, _picks(sequential_prediction, names))
     assert (pred / "particles.star").is_file()
+    assert (pred / "tomograms.star").read_bytes() == (
+        sequential_prediction / "tomograms.star").read_bytes()
     assert all((pred / "qc" / f"{n}.png").is_file() for n in names)
 
 

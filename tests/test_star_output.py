@@ -1,0 +1,48 @@
+"""What predict writes for RELION 5 and Warp: the coordinates' pixel size, Warp's micrograph
+name, a tomograms.star whose sizes and pixel sizes turn the centred Å back into the voxels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import starfile
+
+from membrain_dist.manifest import read_manifest
+from membrain_dist.mrc import read_info
+from membrain_dist.star import read_particles
+
+#: the columns predict wrote before this change, kept as they were
+OLD_COLUMNS = ["rlnTomoName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ",
+               "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCenteredCoordinateXAngst",
+               "rlnCenteredCoordinateYAngst", "rlnCenteredCoordinateZAngst", "mbScore",
+               "mbPoints", "mbMembrane", "mbSide", "mbOrientationFrom"]
+
+
+def test_outputs_carry_pixel_size_micrograph_name_and_a_tomograms_star(
+        sequential_prediction: Path, test_manifest: Path):
+    entries = read_manifest(test_manifest)
+    merged = starfile.read(sequential_prediction / "particles.star")  # one block, as before
+    assert list(merged.columns[:len(OLD_COLUMNS)]) == OLD_COLUMNS
+    tomos = starfile.read(sequential_prediction / "tomograms.star", always_dict=True)["global"]
+    assert list(tomos["rlnTomoName"].astype(str)) == [e.name for e in entries]
+    assert len(merged) > 0
+    for e in entries:
+        info = read_info(e.tomogram)
+        nz, ny, nx = info.shape_zyx
+        row = tomos[tomos["rlnTomoName"].astype(str) == e.name].iloc[0]
+        assert (row["rlnTomoSizeX"], row["rlnTomoSizeY"], row["rlnTomoSizeZ"]) == (nx, ny, nz)
+        vs = e.voxel_size_A or info.voxel_size_A
+        assert row["rlnTomoTiltSeriesPixelSize"] == vs and row["rlnTomoTomogramBinning"] == 1
+        assert row["rlnMicrographName"] == f"{e.name}.tomostar"
+        one = read_particles(sequential_prediction / f"{e.name}.star")
+        mine = merged[merged["rlnTomoName"].astype(str) == e.name]
+        assert len(mine) == len(one)
+        assert set(mine["rlnMicrographName"]) <= {f"{e.name}.tomostar"}
+        np.testing.assert_allclose(mine["rlnMicrographPixelSize"], vs)
+        # RELION 5's decentring with the tomograms.star: pixel = centred / px + size / 2
+        size = np.array([row["rlnTomoSizeX"], row["rlnTomoSizeY"], row["rlnTomoSizeZ"]], float)
+        cen = mine[[f"rlnCenteredCoordinate{a}Angst" for a in "XYZ"]].to_numpy()
+        vox = mine[[f"rlnCoordinate{a}" for a in "XYZ"]].to_numpy()
+        np.testing.assert_allclose(cen / row["rlnTomoTiltSeriesPixelSize"] + size / 2, vox,
+                                   atol=1e-4)

@@ -1,10 +1,12 @@
-"""MRC -> Zarr ingest with bounded memory.
+"""MRC (or OME-Zarr) -> Zarr ingest with bounded memory.
 
 The tomogram and segmentation are streamed block by block (``slab`` sections in z,
 ``chunk`` rows in y, all columns in x; blocks align with the Zarr chunks), so a volume
 larger than memory converts. Each block is read with :func:`membrain_dist.mrc.read_slab`
 (positioned reads into a fresh array: no file pages stay mapped, which would count toward
-the resident set); peak memory is a few blocks plus Zarr's encode buffers.
+the resident set) or, for an OME-Zarr image (cryoET data portal, copick), with
+:func:`membrain_dist.omezarr.read_slab` from the level of the manifest's voxel size; peak
+memory is a few blocks plus Zarr's encode buffers.
 
 Membrane labels: a binary segmentation is split into 26-connected components (default;
 ``ConvertConfig.connectivity=6`` for face connectivity). Each block is labelled with
@@ -31,11 +33,15 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import store
+from . import mrc, omezarr, store
 from .errors import InputError
 from .manifest import TomogramEntry
-from .mrc import MrcInfo, read_info, read_slab
+from .mrc import MrcInfo
+from .omezarr import ZarrInfo
 from .store import TomogramMeta
+
+#: what a tomogram or segmentation header says (an MRC file or one level of an OME-Zarr image)
+VolumeInfo = MrcInfo | ZarrInfo
 
 __all__ = [
     "ConvertConfig",
@@ -95,7 +101,22 @@ class ConvertConfig:
         return max(1, math.ceil(s / self.chunk)) * self.chunk
 
 
-def resolve_voxel_size(entry: TomogramEntry, tinfo: MrcInfo, sinfo: MrcInfo) -> float:
+def read_info(path: str | os.PathLike, voxel_size_A: float | None = None) -> VolumeInfo:
+    """Header of an MRC file, or of the level of an OME-Zarr image whose voxel size is
+    ``voxel_size_A`` (Å; ``None``: its first level)."""
+    if omezarr.is_ome_zarr(path):
+        return omezarr.read_info(path, voxel_size_A)
+    return mrc.read_info(path)
+
+
+def read_slab(info: VolumeInfo, z0: int, z1: int, y0: int = 0, y1: int | None = None) -> np.ndarray:
+    """Sections ``z0:z1``, rows ``y0:y1``, all columns (see the format's ``read_slab``)."""
+    if isinstance(info, ZarrInfo):
+        return omezarr.read_slab(info, z0, z1, y0, y1)
+    return mrc.read_slab(info, z0, z1, y0, y1)
+
+
+def resolve_voxel_size(entry: TomogramEntry, tinfo: VolumeInfo, sinfo: VolumeInfo) -> float:
     """Voxel size (Å): the manifest's if given, else the tomogram header's.
 
     Raises
@@ -128,24 +149,32 @@ def is_blank(lo: float, hi: float) -> bool:
     return not hi - lo > 1e-5 * max(abs(lo), abs(hi), 1e-30)
 
 
-def validate_entry(entry: TomogramEntry) -> tuple[MrcInfo, MrcInfo]:
+def validate_entry(entry: TomogramEntry) -> tuple[VolumeInfo, VolumeInfo]:
     """Header-only checks of a manifest row.
 
     Both files readable, 3D, not truncated, of the same shape; a usable voxel size
-    (see :func:`resolve_voxel_size`).
+    (see :func:`resolve_voxel_size`). An OME-Zarr tomogram is read at the level of the
+    manifest's voxel size (its first level without one); an OME-Zarr segmentation at the
+    level of the tomogram's voxel size.
 
     Returns
     -------
-    tuple[MrcInfo, MrcInfo]
+    tuple[VolumeInfo, VolumeInfo]
         Tomogram and segmentation header info (header voxel sizes, not overridden).
     """
-    tinfo = read_info(entry.tomogram)
-    sinfo = read_info(entry.segmentation)
+    tinfo = read_info(entry.tomogram, entry.voxel_size_A)
+    sinfo = read_info(entry.segmentation, entry.voxel_size_A or tinfo.voxel_size_A)
     if tinfo.shape_zyx != sinfo.shape_zyx:
         raise InputError(sinfo.path, f"shape (z, y, x) {sinfo.shape_zyx} differs from the "
                                      f"tomogram's {tinfo.shape_zyx} ({tinfo.path})")
     resolve_voxel_size(entry, tinfo, sinfo)
     return tinfo, sinfo
+
+
+def _fingerprint(info: VolumeInfo) -> dict[str, Any]:
+    if isinstance(info, ZarrInfo):
+        return omezarr.fingerprint(info)
+    return source_fingerprint(info.path)
 
 
 def source_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -200,7 +229,7 @@ def _ome_multiscales(name: str, vs: float) -> list[dict]:
     }]
 
 
-def _check_segmentation_block(sinfo: MrcInfo, blk: np.ndarray, z0: int) -> None:
+def _check_segmentation_block(sinfo: VolumeInfo, blk: np.ndarray, z0: int) -> None:
     if np.issubdtype(blk.dtype, np.floating):
         if not np.isfinite(blk).all():
             raise InputError(sinfo.path, f"NaN or infinite values in the segmentation "
@@ -256,8 +285,7 @@ def convert_tomogram(
     """
     tinfo, sinfo = validate_entry(entry)
     vs = resolve_voxel_size(entry, tinfo, sinfo)
-    source = {"tomogram": source_fingerprint(tinfo.path),
-              "segmentation": source_fingerprint(sinfo.path)}
+    source = {"tomogram": _fingerprint(tinfo), "segmentation": _fingerprint(sinfo)}
     forced = {"polarity": entry.polarity} if entry.polarity is not None else {}
     prov = store.provenance("convert", asdict(cfg), {**source, "voxel_size_A": vs, **forced})
     existing = store._group(root, entry.name)

@@ -35,7 +35,8 @@ class TomogramEntry:
     name
         Tomogram name (``rlnTomoName``; store group name).
     tomogram, segmentation
-        MRC files.
+        MRC files or OME-Zarr images (NGFF 0.4 / 0.5 folders; the level of ``voxel_size_A``
+        is read, the first level without it).
     particles
         STAR file of ground-truth picks, ``None`` for tomograms to predict.
     voxel_size_A
@@ -143,7 +144,13 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
                     continue
                 raise InputError(mpath, f"{where}: empty {col} path")
             p = _resolve(base, val)
-            if not p.is_file():
+            if col != "particles" and p.is_dir():
+                from .omezarr import is_ome_zarr
+
+                if not is_ome_zarr(p):
+                    raise InputError(mpath, f"{where}: {col} {p} is a folder but not an "
+                                            "OME-Zarr image (no zarr.json / .zattrs)")
+            elif not p.is_file():
                 raise InputError(mpath, f"{where}: {col} file not found: {p}")
             files[col] = p
         vs_txt = row["voxel_size_A"]

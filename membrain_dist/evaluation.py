@@ -266,6 +266,8 @@ def _star_tables(path: Path) -> dict[str, pd.DataFrame]:
         out: dict[str, pd.DataFrame] = {}
         campaign: list[pd.DataFrame] = []
         for f in sorted(path.glob("*.star")):
+            if f.name == "tomograms.star":  # predict's RELION 5 tomogram table, no particles
+                continue
             df = star.read_particles(f)
             names = set(df["rlnTomoName"].astype(str).unique())
             others = names - {f.stem}

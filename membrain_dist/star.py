@@ -229,6 +229,17 @@ def to_tomogram_voxels(
         cen = out[list(CENTERED_COLUMNS)].to_numpy(np.float64) - origin
         xyz = axes.from_centered_angstrom(cen, shape_zyx, vs)
         how = "RELION 5 centred Å"
+        if n and all(c in out.columns for c in VOXEL_COLUMNS):
+            px_v, _ = coordinate_pixel_size(out, path, coords_angpix)
+            ratio = np.ones(n) if px_v is None else px_v / vs
+            vox = (out[list(VOXEL_COLUMNS)].to_numpy(np.float64)
+                   - origin / (vs * ratio)[:, None]) * ratio[:, None]
+            off = np.abs(vox - xyz).max(axis=1)
+            if (off > 1.0).any():
+                log.warning("%s: rlnCoordinateX/Y/Z disagree with the centred Å coordinates by "
+                            "up to %.1f voxels for %d of %d particles; using the centred Å "
+                            "(binning-independent)", path, float(off.max()),
+                            int((off > 1.0).sum()), n)
     else:
         px, how = coordinate_pixel_size(out, path, coords_angpix)
         raw = out[list(VOXEL_COLUMNS)].to_numpy(np.float64)

@@ -442,6 +442,7 @@ def test_8_manifest_messages_evaluate_warning_campaign_before_prefect(
 
     df = read_particles(entries[0].particles)
     df["rlnCoordinateX"] += 10_000
+    df["rlnCenteredCoordinateXAngst"] += 10_000 * entries[0].voxel_size_A  # (these win)
     write_particles(shifted, df)
     gt = tmp_path / "gt.csv"
     write_manifest([replace(entries[0], particles=shifted)], gt)

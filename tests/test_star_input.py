@@ -163,3 +163,12 @@ def test_origin_shifts_are_applied_and_optics_need_a_group(tmp_path):
     starfile.write({"optics": _optics(1.0), "particles": parts}, q)
     with pytest.raises(InputError, match="rlnOpticsGroup"):
         read_particles(q)
+
+
+def test_centred_angstrom_wins_over_disagreeing_voxels_with_a_warning(tmp_path, caplog):
+    df = particles_frame("t", np.array([[2.0, 3.0, 4.0]]), None, (10, 20, 30), 5.0)
+    df["rlnCoordinateX"] = 400.0  # e.g. unbinned voxels with no pixel size in the file
+    with caplog.at_level("WARNING"):
+        out = to_tomogram_voxels(df, tmp_path / "x.star", (10, 20, 30), 5.0)
+    np.testing.assert_allclose(particles_zyx(out), [[2.0, 3.0, 4.0]])
+    assert any("disagree with the centred" in r.getMessage() for r in caplog.records)

@@ -72,6 +72,10 @@ class ConvertConfig:
         multiple of ``chunk``.
     min_membrane_voxels
         Components (labels) with fewer voxels are dropped.
+    pyramid_min
+        Viewing pyramid: levels ``1``, ``2``, ... each binned 2x on z, y and x (mean for the
+        tomogram, every second voxel for the labels) are added while the last level's largest
+        axis exceeds this many voxels (0: no pyramid).
     connectivity
         26 (faces, edges and corners) or 6 (faces) for connected components.
     intensity_samples
@@ -85,6 +89,7 @@ class ConvertConfig:
     min_membrane_voxels: int = 100
     connectivity: int = 26
     intensity_samples: int = 1_000_000
+    pyramid_min: int = 64
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -220,13 +225,64 @@ def _face_pairs(a: np.ndarray, b: np.ndarray, full: bool) -> np.ndarray:
     return np.unique(np.concatenate(out), axis=0).astype(np.int64)
 
 
-def _ome_multiscales(name: str, vs: float) -> list[dict]:
+def _ome_multiscales(name: str, vs: float, n_levels: int = 1, mean: bool = True) -> list[dict]:
+    """NGFF multiscales of levels ``0..n_levels-1`` binned 2**k on z, y, x. A mean-binned
+    voxel i of level k covers level-0 voxels ``2**k i .. 2**k (i + 1) - 1``: its centre lies
+    ``(2**k - 1) / 2`` level-0 voxels further (the translation); a strided (label) level
+    keeps voxel ``2**k i`` and needs none."""
+    datasets = []
+    for k in range(n_levels):
+        f = 2 ** k
+        ct: list[dict] = [{"type": "scale", "scale": [vs * f] * 3}]
+        if mean and k:
+            ct.append({"type": "translation", "translation": [vs * (f - 1) / 2] * 3})
+        datasets.append({"path": str(k), "coordinateTransformations": ct})
     return [{
         "name": name,
         "axes": [{"name": a, "type": "space", "unit": "angstrom"} for a in "zyx"],
-        "datasets": [{"path": "0",
-                      "coordinateTransformations": [{"type": "scale", "scale": [vs, vs, vs]}]}],
+        "datasets": datasets,
     }]
+
+
+def pyramid_shapes(shape: tuple[int, int, int], min_size: int) -> list[tuple[int, int, int]]:
+    """Shapes of the levels below level 0: each the previous one halved (floor) on z, y and
+    x, while the previous level's largest axis exceeds ``min_size`` and every axis keeps at
+    least one voxel."""
+    out: list[tuple[int, int, int]] = []
+    cur = tuple(int(s) for s in shape)
+    while min_size > 0 and max(cur) > min_size and min(cur) >= 2:
+        cur = tuple(s // 2 for s in cur)
+        out.append(cur)  # type: ignore[arg-type]
+    return out  # type: ignore[return-value]
+
+
+def _write_level(src, dst, mean: bool, step: int) -> None:
+    """``dst`` = ``src`` binned 2x on z, y, x (mean of each 2x2x2 block, or its first voxel),
+    computed in blocks of ``step`` output voxels per axis (bounded memory)."""
+    nz, ny, nx = dst.shape
+    for z0 in range(0, nz, step):
+        for y0 in range(0, ny, step):
+            for x0 in range(0, nx, step):
+                z1, y1, x1 = min(z0 + step, nz), min(y0 + step, ny), min(x0 + step, nx)
+                if mean:
+                    b = np.asarray(src[2 * z0:2 * z1, 2 * y0:2 * y1, 2 * x0:2 * x1],
+                                   dtype=np.float32)
+                    b = b.reshape(z1 - z0, 2, y1 - y0, 2, x1 - x0, 2).mean(axis=(1, 3, 5),
+                                                                           dtype=np.float64)
+                    dst[z0:z1, y0:y1, x0:x1] = b.astype(np.float32)
+                else:
+                    dst[z0:z1, y0:y1, x0:x1] = src[2 * z0:2 * z1:2, 2 * y0:2 * y1:2,
+                                                   2 * x0:2 * x1:2]
+
+
+def _omero(name: str, center: float, scale: float, lo: float, hi: float, nz: int) -> dict:
+    """OMERO rendering settings: the contrast window ``center -+ 3 robust std`` (within the
+    data range), greyscale, the middle section."""
+    start, end = max(lo, center - 3 * scale), min(hi, center + 3 * scale)
+    return {"channels": [{"label": name, "color": "FFFFFF", "active": True, "coefficient": 1.0,
+                          "family": "linear", "inverted": False,
+                          "window": {"start": start, "end": end, "min": lo, "max": hi}}],
+            "rdefs": {"model": "greyscale", "defaultZ": int(nz // 2)}}
 
 
 def _check_segmentation_block(sinfo: VolumeInfo, blk: np.ndarray, z0: int) -> None:
@@ -402,13 +458,29 @@ def convert_tomogram(
         meta = TomogramMeta(name=entry.name, voxel_size_A=vs, shape_zyx=shape,
                                   chunks=chunks, source=source, intensity=intensity,
                                   membranes=membranes)
-        ms = _ome_multiscales(entry.name, vs)
+        levels = pyramid_shapes(shape, cfg.pyramid_min)
+        src_t, src_l = tarr, larr
+        for k, lshape in enumerate(levels, start=1):
+            lchunks = tuple(min(c, s) for s in lshape)
+            dst_t = g.create_array(str(k), shape=lshape, dtype="float32", chunks=lchunks,
+                                   compressors=comp, fill_value=0.0,
+                                   dimension_names=("z", "y", "x"))
+            dst_l = mem_grp.create_array(str(k), shape=lshape, dtype="int32", chunks=lchunks,
+                                         compressors=comp, fill_value=0,
+                                         dimension_names=("z", "y", "x"))
+            _write_level(src_t, dst_t, True, c)
+            _write_level(src_l, dst_l, False, c)
+            src_t, src_l = dst_t, dst_l
+        n_levels = 1 + len(levels)
+        ms = _ome_multiscales(entry.name, vs, n_levels)
         labels_grp.attrs.update({"ome": {"version": "0.5", "labels": ["membranes"]}})
         mem_grp.attrs.update({"ome": {"version": "0.5",
-                                      "multiscales": _ome_multiscales("membranes", vs),
+                                      "multiscales": _ome_multiscales("membranes", vs, n_levels,
+                                                                      mean=False),
                                       "image-label": {"source": {"image": "../../"}}}})
         g.attrs.update({**meta.to_attrs(), "provenance": prov,
-                        "ome": {"version": "0.5", "multiscales": ms}})
+                        "ome": {"version": "0.5", "multiscales": ms,
+                                "omero": _omero(entry.name, center, scale, lo, hi, nz)}})
     log.info("%s: converted %s voxels at %g Å, %d membranes, intensity centre %.4g scale "
              "%.4g polarity %+d", entry.name, shape, vs, len(membranes), center, scale, polarity)
     return meta

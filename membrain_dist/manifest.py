@@ -128,6 +128,9 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
         where = f"line {i} ({name})" if name else f"line {i}"
         if not name:
             raise InputError(mpath, f"{where}: empty name")
+        if name == "OME":
+            raise InputError(mpath, f"{where}: the name 'OME' is reserved (the store's index "
+                                    "of tomograms)")
         if "/" in name or "\\" in name or name.startswith(".") or ".tmp-" in name:
             raise InputError(mpath, f"{where}: name {name!r} may not contain '/', '\\' or "
                                     "'.tmp-' nor start with '.' (it names a store group)")

@@ -38,6 +38,7 @@ from .errors import InputError
 from .geometry import GeometryConfig, geometry_key, process_membrane, read_geometry
 from .labels import ellipsoid_covariance, face_labels, template_covariance
 from .manifest import TomogramEntry
+from .napari_points import write_points_csv
 from .orientation import OrientationConfig
 from .picks import PickConfig, Picks, cluster_points, concat_picks, reduce_picks
 from .sides import SideSpec, parse_sides
@@ -60,6 +61,8 @@ MIN_SCORE_SPREAD = 1e-3
 PIPELINE_FILE = "pipeline.json"
 CAMPAIGN_STAR = "particles.star"
 TOMOGRAMS_STAR = "tomograms.star"
+#: ``<out>/napari/<name>.csv``: the picks as a napari points layer (Å, score, membrane, side)
+NAPARI_DIR = "napari"
 
 
 # --------------------------------------------------------------------------- conversion
@@ -323,6 +326,11 @@ def write_tomogram_outputs(
         qc_figure(out / "qc" / f"{name}.png", pts_a, sc_a, particles_zyx(df) if len(df) else
                   np.zeros((0, 3), np.float32), gt, image=np.asarray(tomo[z]), image_z=z,
                   score_threshold=score_threshold, title=name)
+    meta = store.read_meta(root, name)
+    write_points_csv(out / NAPARI_DIR / f"{name}.csv",
+                     particles_zyx(df) if len(df) else np.zeros((0, 3)), meta.voxel_size_A,
+                     {"score": df["mbScore"].to_numpy(), "membrane": df["mbMembrane"].to_numpy(),
+                      "side": df["mbSide"].to_numpy()})
     write_particles(out / f"{name}.star", df)
     return {"name": name, "particles": int(len(df)), "points": n_points}
 
@@ -332,7 +340,7 @@ def remove_tomogram_outputs(out_dir: str | os.PathLike, name: str) -> list[str]:
     output of an earlier run that ``particles.star`` would not match); returns what went."""
     out = Path(out_dir)
     gone = []
-    for p in (out / f"{name}.star", out / "qc" / f"{name}.png"):
+    for p in (out / f"{name}.star", out / "qc" / f"{name}.png", out / NAPARI_DIR / f"{name}.csv"):
         if p.is_file():
             p.unlink()
             gone.append(str(p))
@@ -749,6 +757,7 @@ def prepare_sequential(
         for mid in ids:
             geometry_membrane(root, entry.name, mid, cfg.geometry, sides[mid])
         membranes[entry.name] = ids
+    store.write_index(root)
     return membranes
 
 
@@ -774,5 +783,6 @@ def predict_sequential(
         summaries.append(write_tomogram_outputs(root, entry.name, out_dir, entry.particles,
                                                 cfg.cluster.score_threshold, pcfg=cfg.picks))
     store.sweep_orphans(root, [e.name for e in entries])
+    store.write_index(root)
     write_campaign_star(out_dir, [e.name for e in entries], root)
     return summaries

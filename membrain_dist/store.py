@@ -56,6 +56,8 @@ __all__ = [
     "list_tomograms",
     "code_version",
     "default_compressor",
+    "INDEX_GROUP",
+    "write_index",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ TOMOGRAM_KEY = "0"
 LABELS_KEY = "labels/membranes/0"
 GEOMETRY_KEY = "geometry"
 TMP_MARKER = ".tmp-"
+#: the NGFF ``bioformats2raw.layout`` group whose ``series`` lists the tomogram groups
+INDEX_GROUP = "OME"
 _TRASH_MARKER = ".old-"
 _HEX = "[0-9a-f]{32}"
 # a node of ours: ".<name>.tmp-<uuid>" or ".<name>.old-<uuid>" (and, written by versions
@@ -393,4 +397,21 @@ def list_tomograms(root: str | os.PathLike) -> list[str]:
             continue
         if read_meta(root, d.name) is not None:
             names.append(d.name)
+    return names
+
+
+def write_index(root: str | os.PathLike) -> list[str]:
+    """Make the store root an OME-NGFF 0.5 collection of its tomograms and return them.
+
+    The root gets ``{"ome": {"version": "0.5", "bioformats2raw.layout": 3}}`` and the group
+    ``OME`` the ``series`` list of the complete tomogram groups (NGFF's way to list several
+    images under one root; each is an NGFF image with its pyramid, ``omero`` window and
+    ``labels/membranes``). Call it once the writers of a run have finished (not concurrently)."""
+    names = list_tomograms(root)
+    g = open_store(root, "a")
+    ome = dict(g.attrs.get("ome", {}))
+    ome.update({"version": "0.5", "bioformats2raw.layout": 3})
+    g.attrs["ome"] = ome
+    idx = g.require_group(INDEX_GROUP)
+    idx.attrs["ome"] = {"version": "0.5", "series": names}
     return names

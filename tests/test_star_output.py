@@ -10,7 +10,7 @@ import starfile
 
 from membrain_dist.manifest import read_manifest
 from membrain_dist.mrc import read_info
-from membrain_dist.star import read_particles
+from membrain_dist.star import particles_zyx, read_particles
 
 #: the columns predict wrote before this change, kept as they were
 OLD_COLUMNS = ["rlnTomoName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ",
@@ -46,3 +46,24 @@ def test_outputs_carry_pixel_size_micrograph_name_and_a_tomograms_star(
         vox = mine[[f"rlnCoordinate{a}" for a in "XYZ"]].to_numpy()
         np.testing.assert_allclose(cen / row["rlnTomoTiltSeriesPixelSize"] + size / 2, vox,
                                    atol=1e-4)
+
+
+def test_picks_as_napari_points_in_angstrom_with_score_and_membrane(
+        sequential_prediction: Path, test_manifest: Path):
+    import csv
+
+    for e in read_manifest(test_manifest):
+        star = read_particles(sequential_prediction / f"{e.name}.star")
+        path = sequential_prediction / "napari" / f"{e.name}.csv"
+        with open(path, newline="") as fh:  # napari_builtins' rules: axis-* data, the rest
+            rows = list(csv.reader(fh))     # (but a leading index) float properties
+        head = rows[0]
+        assert head[:4] == ["index", "axis-0", "axis-1", "axis-2"]
+        table = np.array(rows[1:], dtype=float).reshape(-1, len(head))
+        vs = float(star["rlnMicrographPixelSize"].iloc[0]) if len(star) else 1.0
+        np.testing.assert_allclose(table[:, 1:4], particles_zyx(star) * vs, atol=1e-3)
+        props = dict(zip(head[4:], table[:, 4:].T, strict=True))
+        assert set(props) == {"score", "membrane", "side"}
+        np.testing.assert_allclose(props["score"], star["mbScore"], atol=1e-5)
+        np.testing.assert_array_equal(props["membrane"], star["mbMembrane"])
+        np.testing.assert_array_equal(props["side"], star["mbSide"])

@@ -157,6 +157,12 @@ def test_real_copick_reads_the_project_and_our_picks(project):
         import zarr
         arr = zarr.open(tomo.zarr(), "r")["0"]
         seg = run.get_segmentations(name="membrane")
+        # and copick writes picks for us to read back
+        mine = run.new_picks(object_name="psii", session_id="5", user_id="copick")
+        t = np.tile(np.eye(4), (len(pts), 1, 1))
+        t[:, :3, :3] = np.array(tr)[:, :3, :3].transpose(0, 2, 1)
+        mine.from_numpy(np.asarray(pts)[::-1].copy(), t[::-1].copy())
+        mine.store()
         print(json.dumps({{"points": pts.tolist(), "transforms": tr.tolist(),
                            "shape": list(arr.shape), "segs": len(seg),
                            "runs": sorted(r.name for r in root.runs)}}))
@@ -168,3 +174,6 @@ def test_real_copick_reads_the_project_and_our_picks(project):
     assert got["runs"] == ["TS_1", "TS_2"] and got["shape"] == list(SHAPE) and got["segs"] == 1
     np.testing.assert_allclose(got["points"], XYZ_A)
     np.testing.assert_allclose(np.array(got["transforms"])[:, :3, :3], MATS, atol=1e-12)
+    back = read_picks(project["overlay"] / "ExperimentRuns/TS_1/Picks/copick_5_psii.json")
+    np.testing.assert_allclose(back.xyz_A, XYZ_A[::-1])
+    np.testing.assert_allclose(back.matrices, MATS[::-1].transpose(0, 2, 1), atol=1e-12)

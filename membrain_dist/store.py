@@ -406,7 +406,9 @@ def write_index(root: str | os.PathLike) -> list[str]:
     The root gets ``{"ome": {"version": "0.5", "bioformats2raw.layout": 3}}`` and the group
     ``OME`` the ``series`` list of the complete tomogram groups (NGFF's way to list several
     images under one root; each is an NGFF image with its pyramid, ``omero`` window and
-    ``labels/membranes``). Call it once the writers of a run have finished (not concurrently)."""
+    ``labels/membranes``) and ``OME/METADATA.ome.xml`` (one ``Image`` per tomogram, ID
+    ``Image:<name>``: napari-ome-zarr's bioformats2raw reader opens the root through it and
+    lists every tomogram). Call it once the writers of a run have finished (not concurrently)."""
     names = list_tomograms(root)
     g = open_store(root, "a")
     ome = dict(g.attrs.get("ome", {}))
@@ -414,4 +416,33 @@ def write_index(root: str | os.PathLike) -> list[str]:
     g.attrs["ome"] = ome
     idx = g.require_group(INDEX_GROUP)
     idx.attrs["ome"] = {"version": "0.5", "series": names}
+    xml = _node_dir(root, INDEX_GROUP) / "METADATA.ome.xml"
+    tmp = xml.with_name(f".{xml.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(_ome_xml(root, names), encoding="utf-8")
+    os.replace(tmp, xml)
     return names
+
+
+def _ome_xml(root: str | os.PathLike, names: Iterable[str]) -> str:
+    """Minimal OME-XML of the tomograms: one ``Image`` per group, ``ID="Image:<name>"`` (the
+    group path, how napari-ome-zarr's bioformats2raw reader finds each image), metadata only."""
+    from xml.sax.saxutils import quoteattr
+
+    images = []
+    for n in names:
+        meta = read_meta(root, n)
+        if meta is None:
+            continue
+        nz, ny, nx = meta.shape_zyx
+        vs = float(meta.voxel_size_A)
+        images.append(
+            f'  <Image ID={quoteattr("Image:" + n)} Name={quoteattr(n)}>\n'
+            f'    <Pixels ID={quoteattr("Pixels:" + n)} DimensionOrder="XYZCT" Type="float" '
+            f'SizeX="{nx}" SizeY="{ny}" SizeZ="{nz}" SizeC="1" SizeT="1" '
+            f'PhysicalSizeX="{vs}" PhysicalSizeXUnit="Å" PhysicalSizeY="{vs}" '
+            f'PhysicalSizeYUnit="Å" PhysicalSizeZ="{vs}" PhysicalSizeZUnit="Å">\n'
+            f'      <Channel ID={quoteattr("Channel:" + n + ":0")} SamplesPerPixel="1"/>\n'
+            f'      <MetadataOnly/>\n    </Pixels>\n  </Image>')
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">\n'
+            + "\n".join(images) + "\n</OME>\n")

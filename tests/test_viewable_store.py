@@ -81,6 +81,15 @@ def test_root_lists_every_tomogram_and_ome_zarr_opens_each(campaign_store):
     assert attrs["ome"] == {"version": "0.5", "bioformats2raw.layout": 3}
     series = json.loads((root / "OME" / "zarr.json").read_text())["attributes"]["ome"]["series"]
     assert series == ["a", "b"] == store.list_tomograms(root)
+    # napari-ome-zarr's bioformats2raw reader: the OME-XML's Image IDs "Image:<path>" name the
+    # image groups it opens from the root
+    import xml.etree.ElementTree as ET
+
+    xml = ET.parse(root / "OME" / "METADATA.ome.xml").getroot()
+    ids = [c.attrib["ID"] for c in xml if c.tag.endswith("Image")]
+    assert [i.replace("Image:", "") for i in ids] == series
+    sizes = [c.find("{*}Pixels").attrib for c in xml if c.tag.endswith("Image")]
+    assert [(int(p["SizeZ"]), int(p["SizeY"]), int(p["SizeX"])) for p in sizes] == [SHAPE] * 2
     for name in series:
         nodes = list(Reader(parse_url(str(root / name)))())
         image = [n for n in nodes if n.load(Multiscales) and not n.load(Label)]

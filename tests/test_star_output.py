@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import starfile
 
 from membrain_dist.manifest import read_manifest
@@ -67,3 +68,37 @@ def test_picks_as_napari_points_in_angstrom_with_score_and_membrane(
         np.testing.assert_allclose(props["score"], star["mbScore"], atol=1e-5)
         np.testing.assert_array_equal(props["membrane"], star["mbMembrane"])
         np.testing.assert_array_equal(props["side"], star["mbSide"])
+
+
+def test_relion5_ground_truth_scores_like_the_voxel_one(
+        sequential_prediction: Path, test_manifest: Path, tmp_path: Path):
+    """evaluate --gt MANIFEST with RELION 5 STARs (centred Å only, data_optics at the unbinned
+    pixel size) gives the figures of the voxel ground truth."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from membrain_dist.evaluation import evaluate_campaign
+    from membrain_dist.manifest import write_manifest
+    from membrain_dist.star import CENTERED_COLUMNS
+
+    entries = read_manifest(test_manifest)
+    relion = []
+    for e in entries:
+        df = read_particles(e.particles)
+        df = df.drop(columns=["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"])
+        assert set(CENTERED_COLUMNS) <= set(df.columns) and len(df)
+        df["rlnOpticsGroup"] = 1
+        optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["o1"],
+                               "rlnTomoTiltSeriesPixelSize": [e.voxel_size_A / 4]})
+        path = tmp_path / f"{e.name}_relion5.star"
+        starfile.write({"optics": optics, "particles": df}, path)
+        relion.append(replace(e, particles=path))
+    gt5 = tmp_path / "gt5.csv"
+    write_manifest(relion, gt5)
+    ref_rows, ref = evaluate_campaign(sequential_prediction, test_manifest, symmetry=2)
+    got_rows, got = evaluate_campaign(sequential_prediction, gt5, symmetry=2)
+    assert ref["n_gt"] > 0 and ref["n_matched"] > 0
+    for k in ("n_gt", "n_pred", "n_matched", "f1", "precision", "recall", "angle_mean"):
+        assert got[k] == pytest.approx(ref[k], nan_ok=True), k
+    pd.testing.assert_frame_equal(got_rows, ref_rows)

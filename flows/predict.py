@@ -86,9 +86,10 @@ def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, 
     done = [e.name for e in entries if e.name in summaries]
     result = PredictResult(summaries, failures)
     if done:
-        result.campaign_star = str(pipeline.write_campaign_star(out_dir, done))
+        result.campaign_star = str(pipeline.write_campaign_star(out_dir, done, store))
     else:  # nothing of this run to gather: no particles.star of an earlier one either
         (Path(out_dir) / pipeline.CAMPAIGN_STAR).unlink(missing_ok=True)
+        (Path(out_dir) / pipeline.TOMOGRAMS_STAR).unlink(missing_ok=True)
     _artifacts(summaries, failures, out_dir)
     logger.info("%d/%d tomograms done, %d particles; failed: %s", len(done), len(entries),
                 sum(s["particles"] for s in summaries.values()), sorted(failures) or "none")

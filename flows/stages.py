@@ -15,7 +15,7 @@ from typing import Any
 import dask
 from prefect import flow, get_run_logger
 
-from membrain_dist import pipeline
+from membrain_dist import pipeline, store
 from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import TomogramEntry
 
@@ -59,6 +59,7 @@ def convert_flow(entries: Sequence[TomogramEntry], root: str,
     sign = pipeline.harmonise_polarity(root, list(ok))
     if sign is not None:
         logger.info("membrane contrast of the campaign: %s", "bright" if sign > 0 else "dark")
+    store.write_index(root)  # the root lists every converted tomogram (NGFF collection)
     return ok, _fail_by_tomogram(bad)
 
 

@@ -74,8 +74,8 @@ def outputs_task(root: str, name: str, out_dir: str, gt_star: str | None,
 
 
 @task(name="campaign-star", cache_policy=NO_CACHE)
-def campaign_star_task(out_dir: str, names: Sequence[str]) -> str:
-    return str(pipeline.write_campaign_star(out_dir, names))
+def campaign_star_task(out_dir: str, names: Sequence[str], root: str | None = None) -> str:
+    return str(pipeline.write_campaign_star(out_dir, names, root))
 
 
 def as_str(path: Path | str | None) -> str | None:

@@ -413,6 +413,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if summary["failures"] else 0
 
 
+def cmd_copick_manifest(args: argparse.Namespace) -> int:
+    from .copick_project import build_manifest
+
+    out = build_manifest(args.config, args.out, args.voxel_spacing, args.tomo_type,
+                         args.segmentation, args.seg_user, args.seg_session, args.picks,
+                         args.user, args.session, args.val_runs or (), args.runs)
+    print(f"manifest written: {out}")
+    return 0
+
+
+def cmd_copick_export(args: argparse.Namespace) -> int:
+    from .copick_project import export_predictions
+
+    paths = export_predictions(args.config, args.pred, args.object, args.user, args.session)
+    print(f"{len(paths)} copick picks files written under user {args.user!r}, session "
+          f"{args.session!r}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
@@ -542,6 +561,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_campaign)
+
+    p = sub.add_parser("copick-manifest", help="a campaign manifest from a copick project "
+                                               "(tomograms, membrane segmentations, picks)")
+    p.add_argument("--config", required=True, help="copick config JSON (local roots)")
+    p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.add_argument("--voxel-spacing", type=float, required=True, help="Å")
+    p.add_argument("--tomo-type", required=True, help="e.g. wbp, denoised")
+    p.add_argument("--segmentation", required=True, help="membrane segmentation name")
+    p.add_argument("--seg-user", default=None)
+    p.add_argument("--seg-session", default=None)
+    p.add_argument("--picks", default=None, help="pickable object whose picks annotate (train)")
+    p.add_argument("--user", default=None, help="picks' user id")
+    p.add_argument("--session", default=None, help="picks' session id")
+    p.add_argument("--val-runs", nargs="*", default=None, help="annotated runs to validate on")
+    p.add_argument("--runs", nargs="*", default=None, help="only these runs (default all)")
+    p.set_defaults(func=cmd_copick_manifest)
+
+    p = sub.add_parser("copick-export", help="write predict's picks into a copick project")
+    p.add_argument("--config", required=True, help="copick config JSON (local roots)")
+    p.add_argument("--pred", required=True, help="prediction folder (<name>.star per run)")
+    p.add_argument("--object", required=True, help="pickable object name")
+    p.add_argument("--user", default="membrain", help="user id (default membrain)")
+    p.add_argument("--session", default="0", help="session id (default 0: a tool's picks)")
+    p.set_defaults(func=cmd_copick_export)
     return parser
 
 

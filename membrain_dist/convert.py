@@ -1,10 +1,12 @@
-"""MRC -> Zarr ingest with bounded memory.
+"""MRC (or OME-Zarr) -> Zarr ingest with bounded memory.
 
 The tomogram and segmentation are streamed block by block (``slab`` sections in z,
 ``chunk`` rows in y, all columns in x; blocks align with the Zarr chunks), so a volume
 larger than memory converts. Each block is read with :func:`membrain_dist.mrc.read_slab`
 (positioned reads into a fresh array: no file pages stay mapped, which would count toward
-the resident set); peak memory is a few blocks plus Zarr's encode buffers.
+the resident set) or, for an OME-Zarr image (cryoET data portal, copick), with
+:func:`membrain_dist.omezarr.read_slab` from the level of the manifest's voxel size; peak
+memory is a few blocks plus Zarr's encode buffers.
 
 Membrane labels: a binary segmentation is split into 26-connected components (default;
 ``ConvertConfig.connectivity=6`` for face connectivity). Each block is labelled with
@@ -31,11 +33,15 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from . import store
+from . import mrc, omezarr, store
 from .errors import InputError
 from .manifest import TomogramEntry
-from .mrc import MrcInfo, read_info, read_slab
+from .mrc import MrcInfo
+from .omezarr import ZarrInfo
 from .store import TomogramMeta
+
+#: what a tomogram or segmentation header says (an MRC file or one level of an OME-Zarr image)
+VolumeInfo = MrcInfo | ZarrInfo
 
 __all__ = [
     "ConvertConfig",
@@ -66,6 +72,10 @@ class ConvertConfig:
         multiple of ``chunk``.
     min_membrane_voxels
         Components (labels) with fewer voxels are dropped.
+    pyramid_min
+        Viewing pyramid: levels ``1``, ``2``, ... each binned 2x on z, y and x (mean for the
+        tomogram, every second voxel for the labels) are added while the last level's largest
+        axis exceeds this many voxels (0: no pyramid).
     connectivity
         26 (faces, edges and corners) or 6 (faces) for connected components.
     intensity_samples
@@ -79,6 +89,7 @@ class ConvertConfig:
     min_membrane_voxels: int = 100
     connectivity: int = 26
     intensity_samples: int = 1_000_000
+    pyramid_min: int = 64
 
     def __post_init__(self) -> None:
         if self.chunk < 1:
@@ -95,7 +106,22 @@ class ConvertConfig:
         return max(1, math.ceil(s / self.chunk)) * self.chunk
 
 
-def resolve_voxel_size(entry: TomogramEntry, tinfo: MrcInfo, sinfo: MrcInfo) -> float:
+def read_info(path: str | os.PathLike, voxel_size_A: float | None = None) -> VolumeInfo:
+    """Header of an MRC file, or of the level of an OME-Zarr image whose voxel size is
+    ``voxel_size_A`` (Å; ``None``: its first level)."""
+    if omezarr.is_ome_zarr(path):
+        return omezarr.read_info(path, voxel_size_A)
+    return mrc.read_info(path)
+
+
+def read_slab(info: VolumeInfo, z0: int, z1: int, y0: int = 0, y1: int | None = None) -> np.ndarray:
+    """Sections ``z0:z1``, rows ``y0:y1``, all columns (see the format's ``read_slab``)."""
+    if isinstance(info, ZarrInfo):
+        return omezarr.read_slab(info, z0, z1, y0, y1)
+    return mrc.read_slab(info, z0, z1, y0, y1)
+
+
+def resolve_voxel_size(entry: TomogramEntry, tinfo: VolumeInfo, sinfo: VolumeInfo) -> float:
     """Voxel size (Å): the manifest's if given, else the tomogram header's.
 
     Raises
@@ -128,24 +154,32 @@ def is_blank(lo: float, hi: float) -> bool:
     return not hi - lo > 1e-5 * max(abs(lo), abs(hi), 1e-30)
 
 
-def validate_entry(entry: TomogramEntry) -> tuple[MrcInfo, MrcInfo]:
+def validate_entry(entry: TomogramEntry) -> tuple[VolumeInfo, VolumeInfo]:
     """Header-only checks of a manifest row.
 
     Both files readable, 3D, not truncated, of the same shape; a usable voxel size
-    (see :func:`resolve_voxel_size`).
+    (see :func:`resolve_voxel_size`). An OME-Zarr tomogram is read at the level of the
+    manifest's voxel size (its first level without one); an OME-Zarr segmentation at the
+    level of the tomogram's voxel size.
 
     Returns
     -------
-    tuple[MrcInfo, MrcInfo]
+    tuple[VolumeInfo, VolumeInfo]
         Tomogram and segmentation header info (header voxel sizes, not overridden).
     """
-    tinfo = read_info(entry.tomogram)
-    sinfo = read_info(entry.segmentation)
+    tinfo = read_info(entry.tomogram, entry.voxel_size_A)
+    sinfo = read_info(entry.segmentation, entry.voxel_size_A or tinfo.voxel_size_A)
     if tinfo.shape_zyx != sinfo.shape_zyx:
         raise InputError(sinfo.path, f"shape (z, y, x) {sinfo.shape_zyx} differs from the "
                                      f"tomogram's {tinfo.shape_zyx} ({tinfo.path})")
     resolve_voxel_size(entry, tinfo, sinfo)
     return tinfo, sinfo
+
+
+def _fingerprint(info: VolumeInfo) -> dict[str, Any]:
+    if isinstance(info, ZarrInfo):
+        return omezarr.fingerprint(info)
+    return source_fingerprint(info.path)
 
 
 def source_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -191,16 +225,67 @@ def _face_pairs(a: np.ndarray, b: np.ndarray, full: bool) -> np.ndarray:
     return np.unique(np.concatenate(out), axis=0).astype(np.int64)
 
 
-def _ome_multiscales(name: str, vs: float) -> list[dict]:
+def _ome_multiscales(name: str, vs: float, n_levels: int = 1, mean: bool = True) -> list[dict]:
+    """NGFF multiscales of levels ``0..n_levels-1`` binned 2**k on z, y, x. A mean-binned
+    voxel i of level k covers level-0 voxels ``2**k i .. 2**k (i + 1) - 1``: its centre lies
+    ``(2**k - 1) / 2`` level-0 voxels further (the translation); a strided (label) level
+    keeps voxel ``2**k i`` and needs none."""
+    datasets = []
+    for k in range(n_levels):
+        f = 2 ** k
+        ct: list[dict] = [{"type": "scale", "scale": [vs * f] * 3}]
+        if mean and k:
+            ct.append({"type": "translation", "translation": [vs * (f - 1) / 2] * 3})
+        datasets.append({"path": str(k), "coordinateTransformations": ct})
     return [{
         "name": name,
         "axes": [{"name": a, "type": "space", "unit": "angstrom"} for a in "zyx"],
-        "datasets": [{"path": "0",
-                      "coordinateTransformations": [{"type": "scale", "scale": [vs, vs, vs]}]}],
+        "datasets": datasets,
     }]
 
 
-def _check_segmentation_block(sinfo: MrcInfo, blk: np.ndarray, z0: int) -> None:
+def pyramid_shapes(shape: tuple[int, int, int], min_size: int) -> list[tuple[int, int, int]]:
+    """Shapes of the levels below level 0: each the previous one halved (floor) on z, y and
+    x, while the previous level's largest axis exceeds ``min_size`` and every axis keeps at
+    least one voxel."""
+    out: list[tuple[int, int, int]] = []
+    cur = tuple(int(s) for s in shape)
+    while min_size > 0 and max(cur) > min_size and min(cur) >= 2:
+        cur = tuple(s // 2 for s in cur)
+        out.append(cur)  # type: ignore[arg-type]
+    return out  # type: ignore[return-value]
+
+
+def _write_level(src, dst, mean: bool, step: int) -> None:
+    """``dst`` = ``src`` binned 2x on z, y, x (mean of each 2x2x2 block, or its first voxel),
+    computed in blocks of ``step`` output voxels per axis (bounded memory)."""
+    nz, ny, nx = dst.shape
+    for z0 in range(0, nz, step):
+        for y0 in range(0, ny, step):
+            for x0 in range(0, nx, step):
+                z1, y1, x1 = min(z0 + step, nz), min(y0 + step, ny), min(x0 + step, nx)
+                if mean:
+                    b = np.asarray(src[2 * z0:2 * z1, 2 * y0:2 * y1, 2 * x0:2 * x1],
+                                   dtype=np.float32)
+                    b = b.reshape(z1 - z0, 2, y1 - y0, 2, x1 - x0, 2).mean(axis=(1, 3, 5),
+                                                                           dtype=np.float64)
+                    dst[z0:z1, y0:y1, x0:x1] = b.astype(np.float32)
+                else:
+                    dst[z0:z1, y0:y1, x0:x1] = src[2 * z0:2 * z1:2, 2 * y0:2 * y1:2,
+                                                   2 * x0:2 * x1:2]
+
+
+def _omero(name: str, center: float, scale: float, lo: float, hi: float, nz: int) -> dict:
+    """OMERO rendering settings: the contrast window ``center -+ 3 robust std`` (within the
+    data range), greyscale, the middle section."""
+    start, end = max(lo, center - 3 * scale), min(hi, center + 3 * scale)
+    return {"channels": [{"label": name, "color": "FFFFFF", "active": True, "coefficient": 1.0,
+                          "family": "linear", "inverted": False,
+                          "window": {"start": start, "end": end, "min": lo, "max": hi}}],
+            "rdefs": {"model": "greyscale", "defaultZ": int(nz // 2)}}
+
+
+def _check_segmentation_block(sinfo: VolumeInfo, blk: np.ndarray, z0: int) -> None:
     if np.issubdtype(blk.dtype, np.floating):
         if not np.isfinite(blk).all():
             raise InputError(sinfo.path, f"NaN or infinite values in the segmentation "
@@ -256,8 +341,7 @@ def convert_tomogram(
     """
     tinfo, sinfo = validate_entry(entry)
     vs = resolve_voxel_size(entry, tinfo, sinfo)
-    source = {"tomogram": source_fingerprint(tinfo.path),
-              "segmentation": source_fingerprint(sinfo.path)}
+    source = {"tomogram": _fingerprint(tinfo), "segmentation": _fingerprint(sinfo)}
     forced = {"polarity": entry.polarity} if entry.polarity is not None else {}
     prov = store.provenance("convert", asdict(cfg), {**source, "voxel_size_A": vs, **forced})
     existing = store._group(root, entry.name)
@@ -374,13 +458,29 @@ def convert_tomogram(
         meta = TomogramMeta(name=entry.name, voxel_size_A=vs, shape_zyx=shape,
                                   chunks=chunks, source=source, intensity=intensity,
                                   membranes=membranes)
-        ms = _ome_multiscales(entry.name, vs)
+        levels = pyramid_shapes(shape, cfg.pyramid_min)
+        src_t, src_l = tarr, larr
+        for k, lshape in enumerate(levels, start=1):
+            lchunks = tuple(min(c, s) for s in lshape)
+            dst_t = g.create_array(str(k), shape=lshape, dtype="float32", chunks=lchunks,
+                                   compressors=comp, fill_value=0.0,
+                                   dimension_names=("z", "y", "x"))
+            dst_l = mem_grp.create_array(str(k), shape=lshape, dtype="int32", chunks=lchunks,
+                                         compressors=comp, fill_value=0,
+                                         dimension_names=("z", "y", "x"))
+            _write_level(src_t, dst_t, True, c)
+            _write_level(src_l, dst_l, False, c)
+            src_t, src_l = dst_t, dst_l
+        n_levels = 1 + len(levels)
+        ms = _ome_multiscales(entry.name, vs, n_levels)
         labels_grp.attrs.update({"ome": {"version": "0.5", "labels": ["membranes"]}})
         mem_grp.attrs.update({"ome": {"version": "0.5",
-                                      "multiscales": _ome_multiscales("membranes", vs),
+                                      "multiscales": _ome_multiscales("membranes", vs, n_levels,
+                                                                      mean=False),
                                       "image-label": {"source": {"image": "../../"}}}})
         g.attrs.update({**meta.to_attrs(), "provenance": prov,
-                        "ome": {"version": "0.5", "multiscales": ms}})
+                        "ome": {"version": "0.5", "multiscales": ms,
+                                "omero": _omero(entry.name, center, scale, lo, hi, nz)}})
     log.info("%s: converted %s voxels at %g Å, %d membranes, intensity centre %.4g scale "
              "%.4g polarity %+d", entry.name, shape, vs, len(membranes), center, scale, polarity)
     return meta

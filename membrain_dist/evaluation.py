@@ -266,6 +266,8 @@ def _star_tables(path: Path) -> dict[str, pd.DataFrame]:
         out: dict[str, pd.DataFrame] = {}
         campaign: list[pd.DataFrame] = []
         for f in sorted(path.glob("*.star")):
+            if f.name == "tomograms.star":  # predict's RELION 5 tomogram table, no particles
+                continue
             df = star.read_particles(f)
             names = set(df["rlnTomoName"].astype(str).unique())
             others = names - {f.stem}
@@ -291,6 +293,10 @@ def _star_tables(path: Path) -> dict[str, pd.DataFrame]:
 def _ground_truth_star(path: Path) -> dict[str, pd.DataFrame]:
     tables = _star_tables(path)
     for name, df in tables.items():
+        if not all(c in df.columns for c in star.VOXEL_COLUMNS):
+            raise InputError(path, f"the ground truth of {name!r} has only RELION 5 centred Å "
+                                   "coordinates: give --gt the manifest CSV instead (its "
+                                   "tomograms give the shape and voxel size they need)")
         _warn_outside(path, name, df, None)
     return tables
 
@@ -301,8 +307,8 @@ def _ground_truth(path: Path) -> dict[str, pd.DataFrame]:
     name, or all its rows when none is)."""
     if path.suffix.lower() != ".csv":
         return _ground_truth_star(path)
+    from .convert import resolve_voxel_size, validate_entry
     from .manifest import read_manifest
-    from .mrc import read_info
 
     out: dict[str, pd.DataFrame] = {}
     for entry in read_manifest(path):
@@ -310,9 +316,11 @@ def _ground_truth(path: Path) -> dict[str, pd.DataFrame]:
             continue
         df = star.read_particles(entry.particles)
         own = df[df["rlnTomoName"] == entry.name]
-        out[entry.name] = (own if len(own) else df).reset_index(drop=True)
-        _warn_outside(entry.particles, entry.name, out[entry.name],
-                      read_info(entry.tomogram).shape_zyx)
+        tinfo, sinfo = validate_entry(entry)
+        out[entry.name] = star.to_tomogram_voxels(
+            (own if len(own) else df).reset_index(drop=True), entry.particles, tinfo.shape_zyx,
+            resolve_voxel_size(entry, tinfo, sinfo), entry.particles_angpix, strict=False)
+        _warn_outside(entry.particles, entry.name, out[entry.name], tinfo.shape_zyx)
     return out
 
 

@@ -1,7 +1,7 @@
 """Campaign manifest CSV: one row per tomogram.
 
-Columns ``name,tomogram,segmentation,particles,voxel_size_A,split`` plus optional ``sides``
-and ``polarity`` columns; paths may be relative to the manifest's folder.
+Columns ``name,tomogram,segmentation,particles,voxel_size_A,split`` plus optional ``sides``,
+``polarity`` and ``particles_angpix`` columns; paths may be relative to the manifest's folder.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class TomogramEntry:
     name
         Tomogram name (``rlnTomoName``; store group name).
     tomogram, segmentation
-        MRC files.
+        MRC files or OME-Zarr images (NGFF 0.4 / 0.5 folders; the level of ``voxel_size_A``
+        is read, the first level without it).
     particles
         STAR file of ground-truth picks, ``None`` for tomograms to predict.
     voxel_size_A
@@ -47,6 +48,12 @@ class TomogramEntry:
     polarity
         Membrane contrast forced by the manifest: ``-1`` dark (raw cryo-ET), ``+1`` bright;
         ``None`` (empty or ``auto``): decided from the data, one sign per campaign.
+    particles_angpix
+        Pixel size (Å) of the ``particles`` STAR's ``rlnCoordinateX/Y/Z`` when it differs from
+        the tomogram's voxel size (unbinned picks for a binned tomogram); ``None``: the
+        STAR's own pixel size (``data_optics``), else voxels of the tomogram. The manifest
+        column holds a number or a RELION ``tomograms.star`` (its
+        ``rlnTomoTiltSeriesPixelSize`` for this row's name).
     """
 
     name: str
@@ -57,6 +64,7 @@ class TomogramEntry:
     split: str
     sides: str = "both"
     polarity: int | None = None
+    particles_angpix: float | None = None
 
 
 _POLARITY_WORDS = {"": None, "auto": None, "dark": -1, "bright": 1, "-1": -1, "1": 1, "+1": 1}
@@ -120,6 +128,9 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
         where = f"line {i} ({name})" if name else f"line {i}"
         if not name:
             raise InputError(mpath, f"{where}: empty name")
+        if name == "OME":
+            raise InputError(mpath, f"{where}: the name 'OME' is reserved (the store's index "
+                                    "of tomograms)")
         if "/" in name or "\\" in name or name.startswith(".") or ".tmp-" in name:
             raise InputError(mpath, f"{where}: name {name!r} may not contain '/', '\\' or "
                                     "'.tmp-' nor start with '.' (it names a store group)")
@@ -136,7 +147,13 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
                     continue
                 raise InputError(mpath, f"{where}: empty {col} path")
             p = _resolve(base, val)
-            if not p.is_file():
+            if col != "particles" and p.is_dir():
+                from .omezarr import is_ome_zarr
+
+                if not is_ome_zarr(p):
+                    raise InputError(mpath, f"{where}: {col} {p} is a folder but not an "
+                                            "OME-Zarr image (no zarr.json / .zattrs)")
+            elif not p.is_file():
                 raise InputError(mpath, f"{where}: {col} file not found: {p}")
             files[col] = p
         vs_txt = row["voxel_size_A"]
@@ -163,12 +180,34 @@ def read_manifest(path: str | os.PathLike) -> list[TomogramEntry]:
         if pol_txt not in _POLARITY_WORDS:
             raise InputError(mpath, f"{where}: polarity {row['polarity']!r} is not dark, bright "
                                     "or auto (the membranes' contrast)")
+        angpix = _particles_angpix(mpath, base, where, name, row.get("particles_angpix", ""))
         entries.append(TomogramEntry(
             name=name, tomogram=files["tomogram"], segmentation=files["segmentation"],  # type: ignore[arg-type]
             particles=files["particles"], voxel_size_A=voxel, split=split, sides=sides,
-            polarity=_POLARITY_WORDS[pol_txt]))
+            polarity=_POLARITY_WORDS[pol_txt], particles_angpix=angpix))
     log.info("%s: %d tomograms", mpath, len(entries))
     return entries
+
+
+def _particles_angpix(mpath: Path, base: Path, where: str, name: str,
+                      text: str | None) -> float | None:
+    """The ``particles_angpix`` cell: empty, a pixel size (Å) or a RELION tomograms.star."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        path = _resolve(base, text)
+        if not path.is_file():
+            raise InputError(mpath, f"{where}: particles_angpix {text!r} is neither a pixel "
+                                    f"size (Å) nor an existing tomograms.star: {path}") from None
+        from .star import tomograms_pixel_size
+
+        return tomograms_pixel_size(path, name)
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(mpath, f"{where}: particles_angpix must be > 0 Å, got {text}")
+    return value
 
 
 def _rel(p: Path | str | None, base: Path) -> str:
@@ -184,15 +223,17 @@ def _rel(p: Path | str | None, base: Path) -> str:
 def write_manifest(entries: Sequence[TomogramEntry], path: str | os.PathLike) -> None:
     """Write a manifest atomically; paths inside the manifest's folder are written relative.
 
-    The ``sides`` (``polarity``) column is written only when some entry differs from
-    ``"both"`` (``auto``).
+    The ``sides`` (``polarity``, ``particles_angpix``) column is written only when some entry
+    differs from ``"both"`` (``auto``, ``None``).
     """
     mpath = Path(path)
     base = mpath.resolve().parent
     with_sides = any(e.sides != "both" for e in entries)
     with_polarity = any(e.polarity is not None for e in entries)
+    with_angpix = any(e.particles_angpix is not None for e in entries)
     cols = (list(REQUIRED_COLUMNS) + (["sides"] if with_sides else [])
-            + (["polarity"] if with_polarity else []))
+            + (["polarity"] if with_polarity else [])
+            + (["particles_angpix"] if with_angpix else []))
     tmp = mpath.with_name(f".{mpath.name}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -206,6 +247,8 @@ def write_manifest(entries: Sequence[TomogramEntry], path: str | os.PathLike) ->
                     row.append(e.sides if e.sides in _SIDE_WORDS else _rel(e.sides, base))
                 if with_polarity:
                     row.append({None: "auto", -1: "dark", 1: "bright"}[e.polarity])
+                if with_angpix:
+                    row.append("" if e.particles_angpix is None else repr(float(e.particles_angpix)))
                 w.writerow(row)
         os.replace(tmp, mpath)
     except BaseException:

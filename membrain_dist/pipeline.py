@@ -52,6 +52,7 @@ from .geometry import (
 )
 from .labels import ellipsoid_covariance, face_labels, template_covariance
 from .manifest import TomogramEntry
+from .napari_points import write_points_csv
 from .orientation import OrientationConfig
 from .picks import PickConfig, Picks, cluster_points, concat_picks, reduce_picks
 from .sides import SideSpec, parse_sides
@@ -60,7 +61,10 @@ from .star import (
     particles_matrices,
     particles_zyx,
     read_particles,
+    to_tomogram_voxels,
+    tomostar_name,
     write_particles,
+    write_star_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,9 @@ PICKS_KEY = "picks"
 MIN_SCORE_SPREAD = 1e-3
 PIPELINE_FILE = "pipeline.json"
 CAMPAIGN_STAR = "particles.star"
+TOMOGRAMS_STAR = "tomograms.star"
+#: ``<out>/napari/<name>.csv``: the picks as a napari points layer (Å, score, membrane, side)
+NAPARI_DIR = "napari"
 
 
 # --------------------------------------------------------------------------- conversion
@@ -291,10 +298,14 @@ def tomogram_particles(
     df = particles_frame(
         name, picks.zyx, matrices, meta.shape_zyx, meta.voxel_size_A,
         extra={"mbScore": picks.score, "mbPoints": picks.n_points, "mbMembrane": membrane,
-               "mbSide": picks.side, "mbOrientationFrom": source},
+               "mbSide": picks.side, "mbOrientationFrom": source,
+               # Warp routes picks to tomograms by micrograph name; the coordinates' pixel size
+               "rlnMicrographName": np.full(picks.zyx.shape[0], tomostar_name(name), object),
+               "rlnMicrographPixelSize": np.full(picks.zyx.shape[0], float(meta.voxel_size_A))},
     )
     if not len(df):
-        df["mbOrientationFrom"] = df["mbOrientationFrom"].astype(object)
+        for c in ("mbOrientationFrom", "rlnMicrographName"):
+            df[c] = df[c].astype(object)
     return df
 
 
@@ -329,10 +340,18 @@ def write_tomogram_outputs(
         z = tomo.shape[0] // 2
         gt = None
         if gt_star is not None and Path(gt_star).is_file():
-            gt = particles_zyx(_particles_of(gt_star, name))
+            meta = store.read_meta(root, name)
+            gt = particles_zyx(to_tomogram_voxels(_particles_of(gt_star, name), gt_star,
+                                                  meta.shape_zyx, meta.voxel_size_A,
+                                                  strict=False))
         qc_figure(out / "qc" / f"{name}.png", pts_a, sc_a, particles_zyx(df) if len(df) else
                   np.zeros((0, 3), np.float32), gt, image=np.asarray(tomo[z]), image_z=z,
                   score_threshold=score_threshold, title=name)
+    meta = store.read_meta(root, name)
+    write_points_csv(out / NAPARI_DIR / f"{name}.csv",
+                     particles_zyx(df) if len(df) else np.zeros((0, 3)), meta.voxel_size_A,
+                     {"score": df["mbScore"].to_numpy(), "membrane": df["mbMembrane"].to_numpy(),
+                      "side": df["mbSide"].to_numpy()})
     write_particles(out / f"{name}.star", df)
     return {"name": name, "particles": int(len(df)), "points": n_points}
 
@@ -342,21 +361,49 @@ def remove_tomogram_outputs(out_dir: str | os.PathLike, name: str) -> list[str]:
     output of an earlier run that ``particles.star`` would not match); returns what went."""
     out = Path(out_dir)
     gone = []
-    for p in (out / f"{name}.star", out / "qc" / f"{name}.png"):
+    for p in (out / f"{name}.star", out / "qc" / f"{name}.png", out / NAPARI_DIR / f"{name}.csv"):
         if p.is_file():
             p.unlink()
             gone.append(str(p))
     return gone
 
 
-def write_campaign_star(out_dir: str | os.PathLike, names: Sequence[str]) -> Path:
-    """Concatenate ``<out>/<name>.star`` into ``<out>/particles.star``."""
+def write_campaign_star(out_dir: str | os.PathLike, names: Sequence[str],
+                        root: str | os.PathLike | None = None) -> Path:
+    """Concatenate ``<out>/<name>.star`` into ``<out>/particles.star``; with the store
+    ``root`` also write ``<out>/tomograms.star`` (:func:`write_tomograms_star`)."""
     out = Path(out_dir)
     frames = [read_particles(out / f"{n}.star") for n in names if (out / f"{n}.star").is_file()]
     frames = [f for f in frames if len(f)]
     df = pd.concat(frames, ignore_index=True) if frames else read_particles(out / f"{names[0]}.star")
     write_particles(out / CAMPAIGN_STAR, df)
+    if root is not None:
+        write_tomograms_star(out / TOMOGRAMS_STAR, root, names)
     return out / CAMPAIGN_STAR
+
+
+def write_tomograms_star(path: str | os.PathLike, root: str | os.PathLike,
+                         names: Sequence[str]) -> Path:
+    """A RELION 5 ``tomograms.star`` (block ``global``) of the converted tomograms ``names``:
+    ``rlnTomoName``, ``rlnTomoTiltSeriesPixelSize`` (the tomogram's voxel size: the tilt
+    series' own pixel size is not known here, so ``rlnTomoTomogramBinning`` is 1),
+    ``rlnTomoSizeX/Y/Z`` (voxels; RELION's centre is half of them, the centre of the
+    centred-Å coordinates in ``particles.star``), ``rlnTomoReconstructedTomogram`` (the
+    source) and Warp's ``rlnMicrographName`` (``<name>.tomostar``)."""
+    rows = []
+    for n in names:
+        meta = store.read_meta(root, n)
+        if meta is None:
+            continue
+        nz, ny, nx = meta.shape_zyx
+        rows.append({"rlnTomoName": n, "rlnTomoTiltSeriesPixelSize": float(meta.voxel_size_A),
+                     "rlnTomoTomogramBinning": 1.0, "rlnTomoSizeX": int(nx),
+                     "rlnTomoSizeY": int(ny), "rlnTomoSizeZ": int(nz),
+                     "rlnTomoReconstructedTomogram":
+                         str(meta.source.get("tomogram", {}).get("path", "")) or n,
+                     "rlnMicrographName": tomostar_name(n)})
+    write_star_blocks(path, {"global": pd.DataFrame(rows)})
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- training
@@ -370,6 +417,17 @@ def _particles_of(path: str | os.PathLike, name: str) -> pd.DataFrame:
         return df.reset_index(drop=True)
     found = sorted(set(names))[:5]
     raise InputError(path, f"no particles with rlnTomoName {name!r} (found {found})")
+
+
+def annotated_particles(entry: TomogramEntry, shape_zyx: tuple[int, int, int],
+                        voxel_size_A: float, strict: bool = True) -> pd.DataFrame:
+    """The annotated particles of a manifest row in voxels of its tomogram (shape, voxel size
+    in Å): voxel or RELION 5 centred-Å coordinates, at the STAR's pixel size or the row's
+    ``particles_angpix`` (:func:`membrain_dist.star.to_tomogram_voxels`)."""
+    if entry.particles is None:
+        raise InputError(entry.tomogram, f"manifest row {entry.name!r} has no particles STAR")
+    return to_tomogram_voxels(_particles_of(entry.particles, entry.name), entry.particles,
+                              shape_zyx, voxel_size_A, entry.particles_angpix, strict=strict)
 
 
 def label_covariance(cfg: LabelConfig) -> np.ndarray | None:
@@ -436,7 +494,10 @@ def _label_tomogram(
     that face's points, from its foot on the face: the other face of its membrane and the
     faces of neighbouring membranes see it as absent. Without angles in the STAR the shape is
     made in-plane isotropic about the membrane normal at the foot (:func:`labels.face_labels`)."""
-    df = _particles_of(entry.particles, entry.name)
+    meta = store.read_meta(root, entry.name)
+    if meta is None:
+        raise KeyError(f"{root}: tomogram {entry.name!r} is not converted")
+    df = annotated_particles(entry, meta.shape_zyx, meta.voxel_size_A)
     centres = particles_zyx(df)
     mats = particles_matrices(df)
     rot = mats if cov is not None else None
@@ -801,6 +862,7 @@ def prepare_sequential(
         for mid in ids:
             geometry_membrane(root, entry.name, mid, cfg.geometry, sides[mid])
         membranes[entry.name] = ids
+    store.write_index(root)
     return membranes
 
 
@@ -827,5 +889,6 @@ def predict_sequential(
                                                 cfg.cluster.score_threshold, pcfg=cfg.picks,
                                                 in_plane=in_plane_search(model_dir, cfg)))
     store.sweep_orphans(root, [e.name for e in entries])
-    write_campaign_star(out_dir, [e.name for e in entries])
+    store.write_index(root)
+    write_campaign_star(out_dir, [e.name for e in entries], root)
     return summaries

@@ -105,15 +105,18 @@ def check_model(model_dir: str | os.PathLike, entries: Sequence[TomogramEntry] =
 
 def check_particle_tables(entries: Sequence[TomogramEntry], training: bool = False) -> None:
     """Every particles STAR of the rows reads and has the required columns; for training
-    rows it also holds particles of that tomogram (``rlnTomoName``)."""
-    from .pipeline import _particles_of
+    rows it also holds particles of that tomogram (``rlnTomoName``) whose coordinates land in
+    the tomogram (their pixel size known: see ``star.to_tomogram_voxels``)."""
+    from .convert import resolve_voxel_size, validate_entry
+    from .pipeline import annotated_particles
     from .star import read_particles
 
     for e in entries:
         if e.particles is None:
             continue
         if training:
-            _particles_of(e.particles, e.name)
+            tinfo, sinfo = validate_entry(e)
+            annotated_particles(e, tinfo.shape_zyx, resolve_voxel_size(e, tinfo, sinfo))
         else:
             read_particles(e.particles)
 

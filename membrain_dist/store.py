@@ -56,6 +56,8 @@ __all__ = [
     "list_tomograms",
     "code_version",
     "default_compressor",
+    "INDEX_GROUP",
+    "write_index",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ TOMOGRAM_KEY = "0"
 LABELS_KEY = "labels/membranes/0"
 GEOMETRY_KEY = "geometry"
 TMP_MARKER = ".tmp-"
+#: the NGFF ``bioformats2raw.layout`` group whose ``series`` lists the tomogram groups
+INDEX_GROUP = "OME"
 _TRASH_MARKER = ".old-"
 _HEX = "[0-9a-f]{32}"
 # a node of ours: ".<name>.tmp-<uuid>" or ".<name>.old-<uuid>" (and, written by versions
@@ -394,3 +398,51 @@ def list_tomograms(root: str | os.PathLike) -> list[str]:
         if read_meta(root, d.name) is not None:
             names.append(d.name)
     return names
+
+
+def write_index(root: str | os.PathLike) -> list[str]:
+    """Make the store root an OME-NGFF 0.5 collection of its tomograms and return them.
+
+    The root gets ``{"ome": {"version": "0.5", "bioformats2raw.layout": 3}}`` and the group
+    ``OME`` the ``series`` list of the complete tomogram groups (NGFF's way to list several
+    images under one root; each is an NGFF image with its pyramid, ``omero`` window and
+    ``labels/membranes``) and ``OME/METADATA.ome.xml`` (one ``Image`` per tomogram, ID
+    ``Image:<name>``: napari-ome-zarr's bioformats2raw reader opens the root through it and
+    lists every tomogram). Call it once the writers of a run have finished (not concurrently)."""
+    names = list_tomograms(root)
+    g = open_store(root, "a")
+    ome = dict(g.attrs.get("ome", {}))
+    ome.update({"version": "0.5", "bioformats2raw.layout": 3})
+    g.attrs["ome"] = ome
+    idx = g.require_group(INDEX_GROUP)
+    idx.attrs["ome"] = {"version": "0.5", "series": names}
+    xml = _node_dir(root, INDEX_GROUP) / "METADATA.ome.xml"
+    tmp = xml.with_name(f".{xml.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(_ome_xml(root, names), encoding="utf-8")
+    os.replace(tmp, xml)
+    return names
+
+
+def _ome_xml(root: str | os.PathLike, names: Iterable[str]) -> str:
+    """Minimal OME-XML of the tomograms: one ``Image`` per group, ``ID="Image:<name>"`` (the
+    group path, how napari-ome-zarr's bioformats2raw reader finds each image), metadata only."""
+    from xml.sax.saxutils import quoteattr
+
+    images = []
+    for n in names:
+        meta = read_meta(root, n)
+        if meta is None:
+            continue
+        nz, ny, nx = meta.shape_zyx
+        vs = float(meta.voxel_size_A)
+        images.append(
+            f'  <Image ID={quoteattr("Image:" + n)} Name={quoteattr(n)}>\n'
+            f'    <Pixels ID={quoteattr("Pixels:" + n)} DimensionOrder="XYZCT" Type="float" '
+            f'SizeX="{nx}" SizeY="{ny}" SizeZ="{nz}" SizeC="1" SizeT="1" '
+            f'PhysicalSizeX="{vs}" PhysicalSizeXUnit="Å" PhysicalSizeY="{vs}" '
+            f'PhysicalSizeYUnit="Å" PhysicalSizeZ="{vs}" PhysicalSizeZUnit="Å">\n'
+            f'      <Channel ID={quoteattr("Channel:" + n + ":0")} SamplesPerPixel="1"/>\n'
+            f'      <MetadataOnly/>\n    </Pixels>\n  </Image>')
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">\n'
+            + "\n".join(images) + "\n</OME>\n")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from membrain_dist.manifest import read_manifest
@@ -65,6 +66,10 @@ def test_flow_gives_the_sequential_picks(flow_prediction, sequential_prediction,
     assert sum(len(v) for v in flow_picks.values()) > 0
     _assert_same_picks(flow_picks, _picks(sequential_prediction, names))
     assert (pred / "particles.star").is_file()
+    import starfile
+
+    pd.testing.assert_frame_equal(starfile.read(pred / "tomograms.star"),
+                                  starfile.read(sequential_prediction / "tomograms.star"))
     assert all((pred / "qc" / f"{n}.png").is_file() for n in names)
 
 

@@ -404,7 +404,9 @@ def test_7_model_and_star_checked_before_any_work(test_manifest: Path, trained_m
     # a ground-truth STAR missing a column
     star = tmp_path / "gt.star"
     text = entries[0].particles.read_text()
-    star.write_text(text.replace("_rlnCoordinateZ", "_rlnSomethingElse"))
+    # (neither the voxel nor the RELION 5 centred-Å z column: either set alone would do)
+    star.write_text(text.replace("_rlnCoordinateZ", "_rlnSomethingElse")
+                    .replace("_rlnCenteredCoordinateZAngst", "_rlnOtherThing"))
     nocol = tmp_path / "nocol.csv"
     write_manifest([replace(entries[0], particles=star)], nocol)
     rc, err = _run_main(["predict", "--manifest", str(nocol), "--model", str(trained_model),
@@ -440,6 +442,7 @@ def test_8_manifest_messages_evaluate_warning_campaign_before_prefect(
 
     df = read_particles(entries[0].particles)
     df["rlnCoordinateX"] += 10_000
+    df["rlnCenteredCoordinateXAngst"] += 10_000 * entries[0].voxel_size_A  # (these win)
     write_particles(shifted, df)
     gt = tmp_path / "gt.csv"
     write_manifest([replace(entries[0], particles=shifted)], gt)

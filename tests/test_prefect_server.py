@@ -149,11 +149,10 @@ def test_flow_state_and_artifact_on_server(server, tmp_path):
         assert client.read_flow(run.flow_id).name == "membrain-evaluate"
 
 
-def test_prefect_deploy_registers_the_project(server):
-    """`prefect deploy --all --prefect-file deploy/prefect.yaml`, as deploy/README.md says."""
-    from prefect import get_client
-    from prefect.exceptions import PrefectHTTPStatusError
-
+@pytest.fixture(scope="module")
+def deployed(server):
+    """`prefect deploy --all --prefect-file deploy/prefect.yaml`, as deploy/README.md says,
+    into the module's server (once); yields its API URL."""
     url, home = server
     env = dict(_server_env(home), PREFECT_API_URL=url)
     subprocess.run([PREFECT, "--no-prompt", "work-pool", "create", "membrain-slurm", "--type",
@@ -162,6 +161,14 @@ def test_prefect_deploy_registers_the_project(server):
                           "deploy/prefect.yaml"], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return url
+
+
+def test_prefect_deploy_registers_the_project(deployed):
+    from prefect import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    url = deployed
     with _use_api(url), get_client(sync_client=True) as client:
         deps = {d.name: d for d in client.read_deployments()}
         assert set(deps) == {"nightly-campaign", "predict", "train"}
@@ -194,6 +201,41 @@ def test_prefect_deploy_registers_the_project(server):
         with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
             client.create_flow_run_from_deployment(
                 deps["nightly-campaign"].id, parameters={"cluster": {"kind": "slurm", "gpu_jobs": "x"}})
+
+
+def test_server_schedules_the_nightly_runs(deployed, server):
+    """The server's own scheduler service turns the nightly cron into scheduled flow runs
+    (prefect 3.8 with SQLAlchemy 2.1 raised on every scheduler loop and created none): at
+    least 3 runs, every one at 02:00 Europe/Berlin, none for the on-demand deployments."""
+    from zoneinfo import ZoneInfo
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    url, home = deployed, server[1]
+    runs = []
+    deadline = time.monotonic() + 60  # the recent-deployments loop runs every 5 s
+    with _use_api(url), get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["nightly-campaign"])))
+            if len(runs) >= 3 or "Can't evaluate bulk DML" in (home / "server.log").read_text():
+                break
+            time.sleep(1)
+        others = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["predict", "train"])))
+    log = (home / "server.log").read_text()
+    assert "Can't evaluate bulk DML" not in log, log[-3000:]
+    assert len(runs) >= 3, f"no scheduled runs after 60 s; server log:\n{log[-3000:]}"
+    berlin = ZoneInfo("Europe/Berlin")
+    for run in runs:
+        assert run.state is not None and run.state.type.value == "SCHEDULED"
+        assert run.auto_scheduled
+        local = run.expected_start_time.astimezone(berlin)
+        assert (local.hour, local.minute) == (2, 0), run.expected_start_time
+        assert run.parameters["model_dir"] and run.parameters["cluster"]["kind"] == "slurm"
+    # the on-demand deployments have no schedule: their only run is the one asked for above
+    assert all(not r.auto_scheduled for r in others)
 
 
 def test_prefect_api_starts_exports_and_stops(monkeypatch, tmp_path):

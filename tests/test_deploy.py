@@ -116,7 +116,24 @@ def test_job_script_matches_yaml(job_scripts, slurm_cfg, section, index):
         assert f"--nworkers {cfg['processes']}" in worker_cmd
     else:
         assert "--nworkers" not in worker_cmd
-    assert f"--local-directory {cfg['local_directory']}" in worker_cmd
+    from dask.utils import parse_bytes
+
+    from flows.runtime import MEMORY_HEADROOM, lifetime_args, walltime_seconds, with_tmp_fallback
+
+    # scratch that exists whether or not the site sets $TMPDIR (SLURM does not)
+    assert f"--local-directory {with_tmp_fallback(cfg['local_directory'])}" in worker_cmd
+    assert "${TMPDIR:-/tmp}" in worker_cmd
+    # the workers' memory limits leave headroom under --mem
+    limit = parse_bytes(re.search(r"--memory-limit (\S+)", worker_cmd).group(1))
+    headroom = cfg.get("memory_headroom", MEMORY_HEADROOM)
+    assert headroom > 0
+    assert limit * cfg["processes"] <= (1 - headroom) * parse_bytes(cfg["memory"]) * 1.001
+    # workers retire gracefully before the walltime: lifetime + stagger < walltime
+    lifetime = lifetime_args(cfg["walltime"])
+    assert " ".join(lifetime) in worker_cmd
+    assert "--lifetime-restart" not in worker_cmd  # the job ends and is replaced
+    life, stagger = (int(v.rstrip("s")) for v in lifetime[1::2])
+    assert 0 < stagger and life + stagger < walltime_seconds(cfg["walltime"])
     for line in cfg["job_script_prologue"]:
         assert line in script
     # the venv is activated before the worker starts
@@ -147,6 +164,93 @@ def test_slurm_clusters_appends_gpu_resource(tmp_path, monkeypatch, slurm_cfg):
         assert gpu.job_script().strip().endswith("--resources GPU=1")
         assert "--resources" not in cpu.job_script()
     finally:
+        gpu.close()
+        cpu.close()
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("04:00:00", 4 * 3600), ("30", 1800), ("10:30", 630), ("1-0", 86400), ("2-03:04", 183840),
+    ("1-00:00:10", 86410)])
+def test_walltime_formats(text, seconds):
+    from flows.runtime import walltime_seconds
+
+    assert walltime_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("gpu", "walltime", "4 hours", "gpu.walltime"),
+    ("cpu", "walltime", "-1", "cpu.walltime"),
+    ("cpu", "memory_headroom", 1.5, "memory_headroom"),
+    ("gpu", "memory", "lots", "gpu.memory"),
+])
+def test_bad_slurm_values_are_named(tmp_path, monkeypatch, slurm_cfg, section, key, value,
+                                    message):
+    from flows.runtime import slurm_clusters
+    from membrain_dist.errors import InputError
+
+    cfg = {k: dict(v) for k, v in slurm_cfg.items()}
+    cfg[section][key] = value
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=message):
+        slurm_clusters(path)
+
+
+def test_job_scripts_worker_commands_start_without_tmpdir(tmp_path, monkeypatch, slurm_cfg):
+    """The last line of each generated job script, run here by bash with TMPDIR unset (as
+    SLURM leaves it at many sites), starts workers that join the cluster's real scheduler,
+    spill to /tmp, advertise GPU=1 on the GPU cluster, and retire by themselves before the
+    walltime (a test walltime of 20 s), exiting 0."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from distributed import Client
+
+    from flows.runtime import slurm_clusters
+
+    cfg = {k: dict(v) for k, v in slurm_cfg.items()}
+    small = {"cpu": dict(cores=2, processes=2, memory="2GiB"),
+             "gpu": dict(cores=1, processes=1, memory="1GiB")}
+    for sec in ("cpu", "gpu"):  # the file as shipped, scaled to this machine, on loopback
+        cfg[sec].update(small[sec], walltime="00:00:20", interface="lo",
+                        scheduler_options={"dashboard_address": "127.0.0.1:0"})
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+    cpu, gpu = slurm_clusters(path)
+    procs = []
+    try:
+        for cluster in (cpu, gpu):
+            cmd = cluster.job_script().strip().splitlines()[-1]
+            procs.append(subprocess.Popen(["bash", "-c", cmd], env=env, cwd=tmp_path,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True))
+        for cluster, n, resources in ((cpu, 2, {}), (gpu, 1, {"GPU": 1})):
+            with Client(cluster, timeout=30) as client:
+                client.wait_for_workers(n, timeout=60)
+                workers = client.scheduler_info(n_workers=-1)["workers"]
+                assert len(workers) == n
+                assert all(w["host"] == "127.0.0.1" for w in workers.values())
+                assert [w["resources"] for w in workers.values()] == [resources] * n
+                dirs = client.run(lambda dask_worker: dask_worker.local_directory)
+                assert all(d.startswith("/tmp/") for d in dirs.values()), dirs
+        # lifetime 15 s +- 1 s: the workers close themselves, the command (the job) ends
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+        assert all("lifetime" in o for o in outs), [o[-2000:] for o in outs]
+        deadline = time.monotonic() + 10
+        while (cpu.scheduler.workers or gpu.scheduler.workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not cpu.scheduler.workers and not gpu.scheduler.workers
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         gpu.close()
         cpu.close()
 

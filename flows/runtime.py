@@ -26,7 +26,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import ConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,11 @@ class ClusterSpec:
         ``:0`` would listen on every interface without authentication).
     """
 
-    kind: str = "local"
+    # a misspelt field (n_workerz) is refused by pydantic: client side and, through the
+    # registered schema (additionalProperties: false), by the server when a run is created
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "address", "slurm"] = "local"
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str = "auto"

@@ -372,6 +372,13 @@ def test_parameter_validation_can_fail():
     with pytest.raises(ParameterTypeError):
         flow.validate_parameters({"manifest": "m.csv", "out_dir": "o",
                                   "cluster": {"kind": "slurm"}})  # no slurm_config
+    with pytest.raises(ParameterTypeError, match="n_workerz"):
+        flow.validate_parameters({"manifest": "m.csv", "out_dir": "o",
+                                  "cluster": {"kind": "slurm", "slurm_config": "s.yaml",
+                                              "n_workerz": 8}})
+    with pytest.raises(ParameterTypeError, match="band_widht"):
+        flow.validate_parameters({"manifest": "m.csv", "out_dir": "o",
+                                  "cfg": {"geometry": {"band_widht": 3.0}}})
     with pytest.raises(SignatureMismatchError):
         flow.validate_parameters({"manifest": "m.csv", "out_dir": "o", "clusters": {}})
 

@@ -201,6 +201,19 @@ def test_prefect_deploy_registers_the_project(deployed):
         with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
             client.create_flow_run_from_deployment(
                 deps["nightly-campaign"].id, parameters={"cluster": {"kind": "slurm", "gpu_jobs": "x"}})
+        # typed parameters: a misspelt key of a ClusterSpec or a stage config, or an unknown
+        # cluster kind, is refused when the run is created, not when it starts
+        good = dict(nightly.parameters)
+        for bad in ({"cluster": {**good["cluster"], "n_workerz": 8}},
+                    {"cluster": {**good["cluster"], "kind": "slurmm"}},
+                    {"cfg": {"cluster": {"score_treshold": 3.0}}}):
+            with pytest.raises(PrefectHTTPStatusError, match="Validation failed") as err:
+                client.create_flow_run_from_deployment(nightly.id, parameters={**good, **bad})
+            assert ("n_workerz" in str(err.value.response.text) or "slurmm" in
+                    err.value.response.text or "score_treshold" in err.value.response.text)
+        ok = client.create_flow_run_from_deployment(
+            nightly.id, parameters={**good, "cfg": {"cluster": {"score_threshold": 3.0}}})
+        assert ok.parameters["cfg"] == {"cluster": {"score_threshold": 3.0}}
 
 
 def test_server_schedules_the_nightly_runs(deployed, server):
@@ -217,8 +230,8 @@ def test_server_schedules_the_nightly_runs(deployed, server):
     deadline = time.monotonic() + 60  # the recent-deployments loop runs every 5 s
     with _use_api(url), get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
-                name=DeploymentFilterName(any_=["nightly-campaign"])))
+            runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["nightly-campaign"]))) if r.auto_scheduled]
             if len(runs) >= 3 or "Can't evaluate bulk DML" in (home / "server.log").read_text():
                 break
             time.sleep(1)
@@ -230,7 +243,6 @@ def test_server_schedules_the_nightly_runs(deployed, server):
     berlin = ZoneInfo("Europe/Berlin")
     for run in runs:
         assert run.state is not None and run.state.type.value == "SCHEDULED"
-        assert run.auto_scheduled
         local = run.expected_start_time.astimezone(berlin)
         assert (local.hour, local.minute) == (2, 0), run.expected_start_time
         assert run.parameters["model_dir"] and run.parameters["cluster"]["kind"] == "slurm"

@@ -498,3 +498,18 @@ def task_runner(address: str):  # -> DaskTaskRunner
     from prefect_dask import DaskTaskRunner
 
     return DaskTaskRunner(address=address)
+
+
+def manifest_run_name() -> str:
+    """Flow run name: the manifest's file name (without .csv) and the local start time,
+    e.g. ``watched-2026-12-04T02:00:03`` (Prefect would pick two random words)."""
+    from datetime import datetime
+
+    from prefect.runtime import flow_run
+
+    try:
+        manifest = (flow_run.parameters or {}).get("manifest")
+    except Exception:  # noqa: BLE001 - outside a run: a name without the manifest
+        manifest = None
+    stem = Path(str(manifest)).stem if manifest else "run"
+    return f"{stem}-{datetime.now():%Y-%m-%dT%H:%M:%S}"

@@ -75,13 +75,32 @@ def _base_config(args: argparse.Namespace):
     return PipelineConfig.from_toml(args.config) if args.config else PipelineConfig()
 
 
+_VERBOSE = [0]
+
+
+class _QuietPrefect(logging.Filter):
+    """Default verbosity: Prefect's own INFO lines (task and flow states, run log lines) go
+    to the API and the dashboard, not to the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("prefect")
+
+
 def _setup_logging(verbose: int) -> None:
+    _VERBOSE[0] = verbose
     level = logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("distributed", "prefect", "httpx", "numexpr", "matplotlib", "asyncio"):
+    for noisy in ("distributed", "httpx", "numexpr", "matplotlib", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if verbose < 1 else "INFO")
+    # Prefect's run loggers at INFO at every verbosity: their lines (and the library's,
+    # flows.logs) reach the API; the terminal shows them with -v only (here through the
+    # filter, in dask workers through Prefect's console handler level)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    if verbose < 1:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietPrefect())
     # distributed sets its loggers' levels from dask's config when it is imported (after this)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning" if verbose < 2 else "info")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -109,7 +128,12 @@ def _in_prefect(fn, *a, **kw):
 
     with prefect_api() as url:
         log.info("Prefect API: %s", url)
-        return fn(*a, **kw)
+        if _VERBOSE[0] > 0:  # -v: the log lines are the display
+            return fn(*a, **kw)
+        from flows.progress import TerminalProgress
+
+        with TerminalProgress():  # tomograms and stages done, time left (a terminal only)
+            return fn(*a, **kw)
 
 
 # --------------------------------------------------------------------------- commands

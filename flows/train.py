@@ -22,13 +22,10 @@ from .stages import convert_flow, geometry_flow
 @task(name="fit-model", cache_policy=NO_CACHE)
 def fit_task(root: str, train: list[TomogramEntry], val: list[TomogramEntry],
              cfg: PipelineConfig, model_dir: str) -> dict:
-    logger = get_run_logger()
-
-    def progress(stats) -> None:
-        log_epoch(stats)  # the terminal (the CLI shows INFO of membrain_dist)
-        logger.info("%s", stats.line())  # the Prefect UI
-
-    return pipeline.fit_model(root, train, val, cfg, model_dir, progress)
+    # one line per epoch: on the terminal (the CLI shows INFO of membrain_dist) and, forwarded
+    # by flows.logs, in this task run's logs in the Prefect UI
+    forward_library_logs()
+    return pipeline.fit_model(root, train, val, cfg, model_dir, log_epoch)
 
 
 def split_training(entries: list[TomogramEntry], manifest: str) -> tuple[list, list]:

@@ -54,7 +54,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="TOML", default=None,
                    help="stage parameters, one [table] per stage (see docs/ARCHITECTURE.md)")
     p.add_argument("--store", default=None,
-                   help="campaign Zarr store (default: <out>/campaign.zarr)")
+                   help="campaign Zarr store (default: <out>/campaign.zarr; train: "
+                        "<out>.train.zarr beside the model directory)")
 
 
 def _cluster_spec(args: argparse.Namespace):
@@ -212,7 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, val = split_training(read_manifest(args.manifest), args.manifest)
     validate_entries([*train, *val])  # bad input fails here, before any work
     _check_training_inputs([*train, *val], cfg)
-    out, store_path = _outputs(args.out, args.store)
+    # the model directory holds the model only: the training store goes beside it
+    out, store_path = _outputs(args.out, args.store, training_store)
     store = str(store_path)
     t0 = time.time()
     with _writing((out, "folder"), (store_path, "store")):
@@ -250,13 +252,22 @@ def _check_training_inputs(rows, cfg) -> None:
     check_template(cfg.labels.template)
 
 
-def _outputs(out_arg: str, store_arg: str | None) -> tuple[Path, Path]:
-    """The output folder (created, writable) and the store (default ``<out>/campaign.zarr``)."""
+def _outputs(out_arg: str, store_arg: str | None, default_store=None) -> tuple[Path, Path]:
+    """The output folder (created, writable) and the store (default ``<out>/campaign.zarr``,
+    or ``default_store(out)``)."""
     from .preflight import output_dir, store_location
 
     out = output_dir(out_arg, "--out folder")
-    store = store_location(store_arg or out / "campaign.zarr")
+    store = store_location(store_arg or (default_store(out) if default_store
+                                         else out / "campaign.zarr"))
     return out, store
+
+
+def training_store(model_dir: Path) -> Path:
+    """Default store of ``train``: ``<MODEL_DIR>.train.zarr`` beside the model directory (the
+    converted tomograms and geometry, kept so that a rerun resumes; not part of the model)."""
+    model_dir = Path(model_dir).absolute()
+    return model_dir.with_name(f"{model_dir.name}.train.zarr")
 
 
 def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
@@ -335,7 +346,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # before any work: the model (integrity, voxel size of every row) and the rows' STARs
     check_model(args.model, rows)
     check_particle_tables(rows, training=True)
-    store = args.store or str(Path(args.model) / "calibration.zarr")
+    model = Path(args.model).absolute()
+    store = args.store or str(model.with_name(f"{model.name}.calibration.zarr"))
     metrics = pipeline.calibrate_model(store, rows, args.model, args.device or "auto")
     print(f"calibrated {args.model} on {len(rows)} rows ({metrics['points']} points): "
           + _picking_line(metrics))
@@ -544,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", choices=("train", "val", "test"), default=["val"],
                    help="splits whose annotated rows calibrate (default val)")
     p.add_argument("--store", default=None,
-                   help="campaign Zarr store (default: <model>/calibration.zarr)")
+                   help="campaign Zarr store (default: <model>.calibration.zarr beside the "
+                        "model directory)")
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.set_defaults(func=cmd_calibrate)
 

@@ -255,6 +255,73 @@ def test_job_scripts_worker_commands_start_without_tmpdir(tmp_path, monkeypatch,
         cpu.close()
 
 
+_FAKE_SBATCH = """#!/bin/bash
+# sbatch where SLURM is absent: run a copy of the job script in its own session, locally
+cp "$1" "{dir}/job-$$.sh"
+setsid bash "{dir}/job-$$.sh" > "{dir}/job-$$.log" 2>&1 < /dev/null &
+echo $! >> "{dir}/jobs"
+echo "Submitted batch job $!"
+"""
+_FAKE_SCANCEL = """#!/bin/bash
+for j in "$@"; do kill -- -"$j" 2>/dev/null; done
+exit 0
+"""
+
+
+def test_gpu_cluster_replaces_a_job_that_ended(tmp_path, monkeypatch, slurm_cfg):
+    """Finding 3: the GPU cluster of open_clusters (adaptive, minimum = maximum = gpu_jobs)
+    submits a new job when its worker's job ends (here: the lifetime derived from a 10 s
+    walltime). No SLURM on this machine: `sbatch` is a script that runs the
+    generated job script locally (the job script, worker and scheduler are the real ones)."""
+    import os
+    import signal
+    import time
+
+    from distributed import Client
+
+    from flows.runtime import ClusterSpec, open_clusters
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", _FAKE_SBATCH.format(dir=tmp_path)), ("scancel", _FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("TMPDIR", raising=False)
+    cfg = {k: dict(v) for k, v in slurm_cfg.items()}
+    for sec in ("cpu", "gpu"):
+        cfg[sec].update(cores=1, processes=1, memory="1GiB", walltime="00:00:10", interface="lo",
+                        job_script_prologue=[], scheduler_options={"dashboard_address": "127.0.0.1:0"})
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    joined: list[str] = []  # worker addresses, in the order they joined
+    try:
+        with open_clusters(ClusterSpec(kind="slurm", slurm_config=str(path), n_workers=1,
+                                       gpu_jobs=1)) as cl, \
+                Client(cl.gpu_address, timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while len(joined) < 2 and time.monotonic() < deadline:
+                workers = client.scheduler_info(n_workers=-1)["workers"]
+                assert len(workers) <= 1  # never two GPU jobs at once
+                for addr, w in workers.items():
+                    if addr not in joined:
+                        assert w["resources"] == {"GPU": 1}
+                        joined.append(addr)
+                time.sleep(0.2)
+    finally:
+        jobs = tmp_path / "jobs"
+        for job in jobs.read_text().split() if jobs.exists() else []:
+            try:  # whatever a failure left running: the job's process group
+                os.killpg(int(job), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("job-*.log")))
+    assert len(joined) == 2, logs[-3000:]  # the first job ended, a second one took over
+    assert "worker-lifetime-reached" in logs
+    assert len(list(tmp_path.glob("job-*.sh"))) >= 2
+
+
 def test_load_slurm_config_rejects_missing_section(tmp_path):
     from flows.runtime import load_slurm_config
     from membrain_dist.errors import InputError

@@ -277,6 +277,7 @@ def test_gpu_cluster_replaces_a_job_that_ended(tmp_path, monkeypatch, slurm_cfg)
     import signal
     import time
 
+    import dask
     from distributed import Client
 
     from flows.runtime import ClusterSpec, open_clusters
@@ -297,9 +298,11 @@ def test_gpu_cluster_replaces_a_job_that_ended(tmp_path, monkeypatch, slurm_cfg)
     monkeypatch.chdir(tmp_path)
     joined: list[str] = []  # worker addresses, in the order they joined
     try:
-        with open_clusters(ClusterSpec(kind="slurm", slurm_config=str(path), n_workers=1,
-                                       gpu_jobs=1)) as cl, \
-                Client(cl.gpu_address, timeout=30) as client:
+        # the job of a worker that left is closed after this timeout (dask: 15 s), then
+        # replaced; shortened to keep the test short
+        spec = ClusterSpec(kind="slurm", slurm_config=str(path), n_workers=1, gpu_jobs=1)
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}), \
+                open_clusters(spec) as cl, Client(cl.gpu_address, timeout=30) as client:
             deadline = time.monotonic() + 60
             while len(joined) < 2 and time.monotonic() < deadline:
                 workers = client.scheduler_info(n_workers=-1)["workers"]

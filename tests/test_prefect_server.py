@@ -394,7 +394,7 @@ def test_progress_artifact_run_name_and_terminal_display(server, cli_run):
     assert art.description.startswith("1/1 tomograms done"), art.description
     assert art.updated > art.created  # created at 0 % and updated as the run went
     err = proc.stderr
-    assert "tomograms" in err and "1/1" in err, err[-3000:]
+    assert "tomograms" in err and "1/1" in err and " left" in err, err[-3000:]
     for stage in ("convert", "geometry", "inference", "particles"):
         assert stage in err, err[-3000:]
 

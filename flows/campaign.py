@@ -11,18 +11,20 @@ from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import read_manifest, write_manifest
 
 from .evaluate import evaluate_predictions
+from .logs import forward_library_logs
 from .predict import PredictResult, predict_entries
-from .runtime import ClusterSpec, open_clusters
+from .runtime import ClusterSpec, manifest_run_name, open_clusters
 from .train import train_campaign
 
 
-@flow(name="membrain-campaign")
+@flow(name="membrain-campaign", flow_run_name=manifest_run_name)
 def run_campaign(manifest: str, out_dir: str, cfg: PipelineConfig = PipelineConfig(),
                  model_dir: str | None = None, cluster: ClusterSpec = ClusterSpec(),
                  symmetry: int = 1) -> dict:
     """Train (unless ``model_dir`` holds a model), predict the test rows, evaluate them
     against their particles STAR when the manifest gives one. Layout of ``out_dir``:
     ``campaign.zarr``, ``model/``, ``predictions/`` (STAR, qc/), ``evaluation.json``."""
+    forward_library_logs()
     logger = get_run_logger()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,16 @@ from prefect import flow
 from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import read_manifest
 
-from .runtime import ClusterSpec, open_clusters, task_runner
+from .logs import forward_library_logs
+from .runtime import ClusterSpec, manifest_run_name, open_clusters, task_runner
 from .stages import Failures, convert_flow
 
 
-@flow(name="membrain-convert")
+@flow(name="membrain-convert", flow_run_name=manifest_run_name)
 def convert_campaign(manifest: str, store: str, cfg: PipelineConfig = PipelineConfig(),
                      cluster: ClusterSpec = ClusterSpec()) -> tuple[dict[str, list[int]], Failures]:
     """Convert every manifest row (skipping rows already converted unchanged)."""
+    forward_library_logs()
     entries = read_manifest(manifest)
     Path(store).parent.mkdir(parents=True, exist_ok=True)
     with open_clusters(cluster) as cl:

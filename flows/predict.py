@@ -14,7 +14,9 @@ from membrain_dist.errors import InputError
 from membrain_dist.manifest import TomogramEntry, read_manifest
 from membrain_dist.store import sweep_orphans
 
-from .runtime import ClusterSpec, open_clusters, task_runner
+from . import progress
+from .logs import forward_library_logs
+from .runtime import ClusterSpec, manifest_run_name, open_clusters, task_runner
 from .stages import Failures, convert_flow, geometry_flow, inference_flow, particles_flow
 
 
@@ -36,9 +38,54 @@ def _validate(entries: list[TomogramEntry]) -> Failures:
     return bad
 
 
+#: QC thumbnails in the qc-figures artifact: width in pixels, bytes per thumbnail and in all
+#: (the figures themselves stay files: whole images in the database made a 1.2 MB artifact
+#: for 3 tomograms, and Prefect refused its 1.8 MB event)
+THUMB_WIDTH = 240
+THUMB_MAX_BYTES = 40_000
+THUMBS_MAX_BYTES = 400_000
+
+
+def qc_thumbnail(png: Path, width: int = THUMB_WIDTH) -> bytes | None:
+    """A small PNG of a QC figure, or None when it cannot be read or is still too large."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(png) as im:
+            im = im.convert("RGB")
+            im.thumbnail((width, width * 4))
+            buf = io.BytesIO()
+            im.quantize(colors=64).save(buf, format="PNG", optimize=True)
+    except OSError:
+        return None
+    data = buf.getvalue()
+    return data if len(data) <= THUMB_MAX_BYTES else None
+
+
+def qc_markdown(names: list[str], out_dir: str) -> str:
+    """One row per tomogram: the QC figure's path (a file:// link) and a small thumbnail
+    while the thumbnails stay under :data:`THUMBS_MAX_BYTES` in all."""
+    qc = Path(out_dir).resolve() / "qc"
+    lines = [f"QC figures: `{qc}`", "", "| tomogram | figure | thumbnail |", "| --- | --- | --- |"]
+    budget = THUMBS_MAX_BYTES
+    for n in names:
+        png = qc / f"{n}.png"
+        if not png.is_file():
+            continue
+        thumb = qc_thumbnail(png) if budget > 0 else None
+        cell = ""
+        if thumb is not None and len(thumb) <= budget:
+            budget -= len(thumb)
+            cell = f"![{n}](data:image/png;base64,{base64.b64encode(thumb).decode()})"
+        lines.append(f"| {n} | [{png.name}]({png.as_uri()}) | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
 def _artifacts(summaries: dict[str, dict], failures: Failures, out_dir: str) -> None:
-    """Table of picks per tomogram and the QC figures, for the Prefect UI."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    """Table of picks per tomogram and the QC figures (paths and thumbnails), for the UI."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     rows = [{"tomogram": n, "particles": s["particles"], "points": s["points"]}
             for n, s in summaries.items()]
@@ -46,39 +93,48 @@ def _artifacts(summaries: dict[str, dict], failures: Failures, out_dir: str) -> 
              for n, m in failures.items()]
     create_table_artifact(key="picks-per-tomogram", table=rows,
                           description="Particles found per tomogram")
-    parts = []
-    for n in summaries:
-        png = Path(out_dir) / "qc" / f"{n}.png"
-        if png.is_file() and png.stat().st_size < 2_000_000:
-            data = base64.b64encode(png.read_bytes()).decode()
-            parts.append(f"### {n}\n![{n}](data:image/png;base64,{data})\n")
-    if parts:
-        create_markdown_artifact(key="qc-figures", markdown="\n".join(parts),
-                                 description="QC: picks on the membranes")
+    qc = Path(out_dir).resolve() / "qc"
+    if any((qc / f"{n}.png").is_file() for n in summaries):
+        create_markdown_artifact(key="qc-figures", markdown=qc_markdown(list(summaries), out_dir),
+                                 description="QC: picks on the membranes (figures are files)")
+        create_link_artifact(key="qc-folder", link=qc.as_uri(), link_text=str(qc),
+                             description="Folder of the QC figures (PNG)")
 
 
 def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, store: str,
                     cfg: PipelineConfig, cpu_address: str, gpu_address: str,
                     gpu_resource: bool) -> PredictResult:
     """The stage subflows of a prediction, on already running clusters."""
+    with progress.tracking(progress.RunProgress([e.name for e in entries])) as run:
+        return _predict_entries(entries, model_dir, out_dir, store, cfg, cpu_address,
+                                gpu_address, gpu_resource, run)
+
+
+def _predict_entries(entries, model_dir, out_dir, store, cfg, cpu_address, gpu_address,
+                     gpu_resource, run: progress.RunProgress) -> PredictResult:
     logger = get_run_logger()
     failures = _validate(entries)
     for n, m in failures.items():
         logger.error("skipping %s: %s", n, m)
+    run.tomograms_failed(failures)
     good = [e for e in entries if e.name not in failures]
     cpu = task_runner(cpu_address)
     membranes, bad = convert_flow.with_options(task_runner=cpu)(good, store, cfg)
     failures.update(bad)
+    run.tomograms_failed(failures)
     geo, bad = geometry_flow.with_options(task_runner=cpu)(good, membranes, store, cfg)
     failures.update(bad)
+    run.tomograms_failed(failures)
     keys = [k for k in geo if k[0] not in failures]
     scored, bad = inference_flow.with_options(task_runner=task_runner(gpu_address))(
         keys, store, model_dir, cfg, gpu_resource)
     failures.update(bad)
+    run.tomograms_failed(failures)
     keys = [k for k in scored if k[0] not in failures]
     summaries, bad = particles_flow.with_options(task_runner=cpu)(
         keys, good, store, out_dir, cfg, pipeline.in_plane_search(model_dir, cfg))
     failures.update(bad)
+    run.tomograms_failed(failures)
     sweep_orphans(store, [e.name for e in good])  # left by workers lost mid-write
     for n in failures:  # no output of an earlier run that particles.star would not match
         for path in pipeline.remove_tomogram_outputs(out_dir, n):
@@ -96,11 +152,12 @@ def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, 
     return result
 
 
-@flow(name="membrain-predict")
+@flow(name="membrain-predict", flow_run_name=manifest_run_name)
 def predict_campaign(manifest: str, model_dir: str, out_dir: str, store: str,
                      cfg: PipelineConfig | None = None,
                      cluster: ClusterSpec = ClusterSpec()) -> PredictResult:
     """Every manifest row (all splits) -> ``out_dir/<name>.star`` + QC + campaign STAR."""
+    forward_library_logs()
     cfg = cfg or pipeline.model_pipeline_config(model_dir)
     pipeline.model_fingerprint(model_dir)  # a missing/broken model fails before any work
     entries = read_manifest(manifest)

@@ -26,7 +26,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import ConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,11 @@ class ClusterSpec:
         ``:0`` would listen on every interface without authentication).
     """
 
-    kind: str = "local"
+    # a misspelt field (n_workerz) is refused by pydantic: client side and, through the
+    # registered schema (additionalProperties: false), by the server when a run is created
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "address", "slurm"] = "local"
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str = "auto"
@@ -205,12 +211,105 @@ def slurm_clusters(path: str | os.PathLike) -> tuple[Any, Any]:
     from dask_jobqueue import SLURMCluster
 
     cfg = load_slurm_config(path)
-    cpu, gpu = (_with_worker_exports(dict(cfg[k])) for k in ("cpu", "gpu"))
-    extra = list(gpu.pop("worker_extra_args", []))
-    if "--resources" not in extra:
-        extra += ["--resources", "GPU=1"]
+    cpu, gpu = (_job_section(path, k, dict(cfg[k])) for k in ("cpu", "gpu"))
+    if "--resources" not in gpu["worker_extra_args"]:
+        gpu["worker_extra_args"] += ["--resources", "GPU=1"]
     with dask.config.set(cluster_dask_config()):
-        return SLURMCluster(**cpu), SLURMCluster(worker_extra_args=extra, **gpu)
+        return SLURMCluster(**cpu), SLURMCluster(**gpu)
+
+
+#: share of a job's ``memory`` (``--mem``) kept out of the dask workers' memory limits: the
+#: job's shell, the nanny processes and what dask does not count (libraries, fragmentation)
+MEMORY_HEADROOM = 0.1
+
+
+def _job_section(path: str | os.PathLike, name: str, section: dict[str, Any]) -> dict[str, Any]:
+    """SLURMCluster kwargs of one section of ``slurm.yaml``: worker exports, a scratch
+    directory that exists without ``$TMPDIR``, lifetimes before the walltime, memory headroom.
+    """
+    from membrain_dist.errors import InputError
+
+    section = _with_worker_exports(section)
+    if isinstance(section.get("local_directory"), str):
+        section["local_directory"] = with_tmp_fallback(section["local_directory"])
+    extra = [str(a) for a in section.get("worker_extra_args") or []]
+    if "--lifetime" not in extra and section.get("walltime"):
+        try:
+            extra = lifetime_args(str(section["walltime"])) + extra
+        except ValueError as exc:
+            raise InputError(path, f"{name}.walltime: {exc}") from None
+    section["worker_extra_args"] = extra
+    headroom = section.pop("memory_headroom", MEMORY_HEADROOM)
+    if not isinstance(headroom, int | float) or not 0 <= headroom < 1:
+        raise InputError(path, f"{name}.memory_headroom must be a fraction in [0, 1), "
+                               f"not {headroom!r}")
+    if section.get("memory") and not section.get("job_mem"):
+        from dask.utils import parse_bytes
+        from dask_jobqueue.slurm import slurm_format_bytes_ceil
+
+        try:
+            total = parse_bytes(str(section["memory"]))
+        except ValueError as exc:
+            raise InputError(path, f"{name}.memory: {exc}") from None
+        section["job_mem"] = slurm_format_bytes_ceil(total)  # sbatch --mem: all of it
+        section["memory"] = f"{int(total * (1 - headroom))}B"  # the workers' limits: less
+    return section
+
+
+def with_tmp_fallback(directory: str) -> str:
+    """``$TMPDIR`` / ``${TMPDIR}`` (a value that is one variable) -> ``${TMPDIR:-/tmp}``.
+
+    SLURM does not set ``TMPDIR`` by itself: an unset variable left ``--local-directory``
+    without a value, and the dask worker exited with code 2 (on the GPU worker "unexpected
+    extra argument (GPU=1)"). The job's shell now expands it to ``/tmp`` there."""
+    import re
+
+    m = re.fullmatch(r"\$(?:\{(\w+)\}|(\w+))", directory.strip())
+    if not m:
+        return directory
+    return "${%s:-/tmp}" % (m.group(1) or m.group(2))
+
+
+def walltime_seconds(walltime: str) -> int:
+    """SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    text = walltime.strip()
+    days, dash, rest = text.rpartition("-")
+    try:
+        if dash and not days:
+            raise ValueError
+        d = int(days) if days else 0
+        parts = [int(p) for p in rest.split(":")]
+    except ValueError:
+        raise ValueError(f"not a SLURM time limit: {walltime!r}") from None
+    if days:
+        parts += [0] * (3 - len(parts))  # D-H, D-H:M
+        h, m, s = parts if len(parts) == 3 else (None, None, None)
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts if len(parts) == 3 else (None, None, None)
+    if h is None or min(d, h, m, s) < 0:
+        raise ValueError(f"not a SLURM time limit: {walltime!r}")
+    total = ((d * 24 + h) * 60 + m) * 60 + s
+    if total <= 0:
+        raise ValueError(f"not a SLURM time limit: {walltime!r}")
+    return total
+
+
+def lifetime_args(walltime: str) -> list[str]:
+    """``--lifetime``/``--lifetime-stagger`` that end a worker before SLURM kills its job.
+
+    The worker closes gracefully (its results move to other workers, its tasks are
+    rescheduled) between ``walltime - margin - stagger`` and ``walltime - margin + stagger``;
+    margin: a quarter of the walltime, at most 15 min; stagger: a third of the margin, so the
+    jobs of one cluster do not all leave at once. The job then ends and the cluster's adaptive
+    scaling submits a replacement (flows.runtime.open_clusters)."""
+    total = walltime_seconds(walltime)
+    margin = min(15 * 60, total // 4)
+    stagger = margin // 3
+    return ["--lifetime", f"{total - margin}s", "--lifetime-stagger", f"{stagger}s"]
 
 
 def _with_worker_exports(section: dict[str, Any]) -> dict[str, Any]:
@@ -254,8 +353,10 @@ def open_clusters(spec: ClusterSpec) -> Iterator[Clusters]:
             log.warning(problem)
         cpu, gpu = slurm_clusters(spec.slurm_config)
         try:
-            cpu.adapt(minimum=0, maximum=spec.n_workers or 4)
-            gpu.scale(jobs=spec.gpu_jobs)
+            # both adaptive, counted in jobs: a job that ends (walltime lifetime, node
+            # failure, scancel) is replaced; CPU jobs follow the work, GPU jobs stay at gpu_jobs
+            cpu.adapt(minimum_jobs=0, maximum_jobs=spec.n_workers or 4)
+            gpu.adapt(minimum_jobs=spec.gpu_jobs, maximum_jobs=spec.gpu_jobs)
             yield Clusters(cpu.scheduler_address, gpu.scheduler_address, True)
         finally:
             gpu.close()
@@ -397,3 +498,18 @@ def task_runner(address: str):  # -> DaskTaskRunner
     from prefect_dask import DaskTaskRunner
 
     return DaskTaskRunner(address=address)
+
+
+def manifest_run_name() -> str:
+    """Flow run name: the manifest's file name (without .csv) and the local start time,
+    e.g. ``watched-2026-12-04T02:00:03`` (Prefect would pick two random words)."""
+    from datetime import datetime
+
+    from prefect.runtime import flow_run
+
+    try:
+        manifest = (flow_run.parameters or {}).get("manifest")
+    except Exception:  # noqa: BLE001 - outside a run: a name without the manifest
+        manifest = None
+    stem = Path(str(manifest)).stem if manifest else "run"
+    return f"{stem}-{datetime.now():%Y-%m-%dT%H:%M:%S}"

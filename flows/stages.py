@@ -19,14 +19,18 @@ from membrain_dist import pipeline, store
 from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import TomogramEntry
 
+from . import progress
 from .tasks import cluster_task, convert_task, geometry_task, outputs_task, score_task
 
 Failures = dict[str, str]
 
 
-def gather(futures: Mapping[Any, Any]) -> tuple[dict[Any, Any], dict[Any, str]]:
-    """Wait for Prefect futures; split into results and failure messages (by key)."""
+def gather(futures: Mapping[Any, Any], stage: str | None = None
+           ) -> tuple[dict[Any, Any], dict[Any, str]]:
+    """Wait for Prefect futures; split into results and failure messages (by key). Each
+    finished future advances ``stage`` of the run's progress (flows.progress)."""
     ok, bad = {}, {}
+    run = progress.current() if stage else None
     for key, fut in futures.items():
         fut.wait()
         state = fut.state
@@ -34,7 +38,15 @@ def gather(futures: Mapping[Any, Any]) -> tuple[dict[Any, Any], dict[Any, str]]:
             ok[key] = fut.result()
         else:
             bad[key] = state.message or state.type.value
+        if run is not None:
+            run.advance(stage)
     return ok, bad
+
+
+def _begin(stage: str, total: int) -> None:
+    run = progress.current()
+    if run is not None:
+        run.begin(stage, total)
 
 
 def _fail_by_tomogram(bad: Mapping[Any, str]) -> Failures:
@@ -50,8 +62,9 @@ def convert_flow(entries: Sequence[TomogramEntry], root: str,
                  cfg: PipelineConfig) -> tuple[dict[str, list[int]], Failures]:
     """MRC -> chunked Zarr for every tomogram; returns membrane ids per tomogram."""
     logger = get_run_logger()
+    _begin("convert", len(entries))
     futs = {e.name: convert_task.submit(e, root, cfg.convert) for e in entries}
-    ok, bad = gather(futs)
+    ok, bad = gather(futs, "convert")
     for name, ids in ok.items():
         logger.info("converted %s: %d membranes", name, len(ids))
     for name, msg in bad.items():
@@ -75,7 +88,8 @@ def geometry_flow(entries: Sequence[TomogramEntry], membranes: Mapping[str, list
         sides = pipeline.side_specs(e, membranes[e.name])
         for mid in membranes[e.name]:
             futs[(e.name, mid)] = geometry_task.submit(root, e.name, mid, cfg.geometry, sides[mid])
-    ok, bad = gather(futs)
+    _begin("geometry", len(futs))
+    ok, bad = gather(futs, "geometry")
     logger.info("geometry: %d membranes, %d points", len(ok), sum(ok.values()))
     return ok, _fail_by_tomogram(bad)
 
@@ -87,9 +101,10 @@ def inference_flow(keys: Sequence[tuple[str, int]], root: str, model_dir: str,
     """CNN scores for every membrane's cubes; on GPU workers when the cluster has them."""
     logger = get_run_logger()
     ctx = dask.annotate(resources={"GPU": 1}) if gpu_resource else contextlib.nullcontext()
+    _begin("inference", len(keys))
     with ctx:
         futs = {k: score_task.submit(root, k[0], k[1], model_dir, cfg.inference) for k in keys}
-    ok, bad = gather(futs)
+    ok, bad = gather(futs, "inference")
     logger.info("inference: %d membranes, %d cubes scored", len(ok), sum(ok.values()))
     return ok, _fail_by_tomogram(bad)
 
@@ -102,17 +117,28 @@ def particles_flow(keys: Sequence[tuple[str, int]], entries: Sequence[TomogramEn
     """Mean Shift + orientation per membrane, then STAR and QC per tomogram (in-plane angles
     from the model's average when ``in_plane`` is given)."""
     logger = get_run_logger()
+    candidates = {k[0] for k in keys}
+    _begin("particles", len(keys) + len(candidates))  # membranes clustered + STARs written
     futs = {k: cluster_task.submit(root, k[0], k[1], cfg.cluster, cfg.orientation) for k in keys}
-    ok, bad = gather(futs)
+    ok, bad = gather(futs, "particles")
     failed = _fail_by_tomogram(bad)
     by_name = {e.name: e for e in entries}
-    names = sorted({k[0] for k in keys} - set(failed), key=list(by_name).index)
+    names = sorted(candidates - set(failed), key=list(by_name).index)
+    run = progress.current()
+    if run is not None:
+        run.retotal("particles", len(keys) + len(names))
     out_futs = {n: outputs_task.submit(root, n, out_dir,
                                        None if by_name[n].particles is None
                                        else str(by_name[n].particles),
                                        cfg.cluster.score_threshold, cfg.picks, in_plane)
                 for n in names}
-    summaries, bad_out = gather(out_futs)
+    summaries, bad_out = {}, {}
+    for n, fut in out_futs.items():  # each tomogram counts as done when its STAR is written
+        one, one_bad = gather({n: fut}, "particles")
+        summaries.update(one)
+        bad_out.update(one_bad)
+        if run is not None and n in one:
+            run.tomogram_done(n)
     for i, n in enumerate(names, 1):
         if n in summaries:
             logger.info("[%d/%d] %s: %d particles from %d points", i, len(names), n,

@@ -26,6 +26,12 @@ from membrain_dist.orientation import OrientationConfig
 from membrain_dist.picks import PickConfig
 from membrain_dist.sides import SideSpec
 
+from .logs import forward_library_logs
+
+# this module is imported in every dask worker that runs one of its tasks: the library's log
+# lines of those tasks go to their Prefect task run (flows.logs)
+forward_library_logs()
+
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: never retry bad input, retry anything else."""

@@ -14,20 +14,18 @@ from membrain_dist.manifest import TomogramEntry, read_manifest
 from membrain_dist.store import sweep_orphans
 from membrain_dist.training import log_epoch
 
-from .runtime import ClusterSpec, open_clusters, task_runner
+from .logs import forward_library_logs
+from .runtime import ClusterSpec, manifest_run_name, open_clusters, task_runner
 from .stages import convert_flow, geometry_flow
 
 
 @task(name="fit-model", cache_policy=NO_CACHE)
 def fit_task(root: str, train: list[TomogramEntry], val: list[TomogramEntry],
              cfg: PipelineConfig, model_dir: str) -> dict:
-    logger = get_run_logger()
-
-    def progress(stats) -> None:
-        log_epoch(stats)  # the terminal (the CLI shows INFO of membrain_dist)
-        logger.info("%s", stats.line())  # the Prefect UI
-
-    return pipeline.fit_model(root, train, val, cfg, model_dir, progress)
+    # one line per epoch: on the terminal (the CLI shows INFO of membrain_dist) and, forwarded
+    # by flows.logs, in this task run's logs in the Prefect UI
+    forward_library_logs()
+    return pipeline.fit_model(root, train, val, cfg, model_dir, log_epoch)
 
 
 def split_training(entries: list[TomogramEntry], manifest: str) -> tuple[list, list]:
@@ -44,13 +42,14 @@ def split_training(entries: list[TomogramEntry], manifest: str) -> tuple[list, l
     return train, val
 
 
-@flow(name="membrain-train")
+@flow(name="membrain-train", flow_run_name=manifest_run_name)
 def train_campaign(manifest: str, model_dir: str, store: str,
                    cfg: PipelineConfig = PipelineConfig(),
                    cluster: ClusterSpec = ClusterSpec()) -> dict:
     """Convert -> geometry on dask workers, then training: on a GPU worker when there is one,
     else in this process with all its cores, after the clusters of the first two stages are
     closed (a local cluster's idle workers and scheduler would take CPU time from it)."""
+    forward_library_logs()
     logger = get_run_logger()
     entries = read_manifest(manifest)
     train, val = split_training(entries, manifest)

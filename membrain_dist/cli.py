@@ -55,7 +55,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="TOML", default=None,
                    help="stage parameters, one [table] per stage (see docs/ARCHITECTURE.md)")
     p.add_argument("--store", default=None,
-                   help="campaign Zarr store (default: <out>/campaign.zarr)")
+                   help="campaign Zarr store (default: <out>/campaign.zarr; train: "
+                        "<out>.train.zarr beside the model directory)")
 
 
 def _cluster_spec(args: argparse.Namespace):
@@ -76,13 +77,32 @@ def _base_config(args: argparse.Namespace):
     return PipelineConfig.from_toml(args.config) if args.config else PipelineConfig()
 
 
+_VERBOSE = [0]
+
+
+class _QuietPrefect(logging.Filter):
+    """Default verbosity: Prefect's own INFO lines (task and flow states, run log lines) go
+    to the API and the dashboard, not to the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("prefect")
+
+
 def _setup_logging(verbose: int) -> None:
+    _VERBOSE[0] = verbose
     level = logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("distributed", "prefect", "httpx", "numexpr", "matplotlib", "asyncio"):
+    for noisy in ("distributed", "httpx", "numexpr", "matplotlib", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.INFO)
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if verbose < 1 else "INFO")
+    # Prefect's run loggers at INFO at every verbosity: their lines (and the library's,
+    # flows.logs) reach the API; the terminal shows them with -v only (here through the
+    # filter, in dask workers through Prefect's console handler level)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    if verbose < 1:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietPrefect())
     # distributed sets its loggers' levels from dask's config when it is imported (after this)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning" if verbose < 2 else "info")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -110,7 +130,12 @@ def _in_prefect(fn, *a, **kw):
 
     with prefect_api() as url:
         log.info("Prefect API: %s", url)
-        return fn(*a, **kw)
+        if _VERBOSE[0] > 0:  # -v: the log lines are the display
+            return fn(*a, **kw)
+        from flows.progress import TerminalProgress
+
+        with TerminalProgress():  # tomograms and stages done, time left (a terminal only)
+            return fn(*a, **kw)
 
 
 # --------------------------------------------------------------------------- commands
@@ -189,7 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, val = split_training(read_manifest(args.manifest), args.manifest)
     validate_entries([*train, *val])  # bad input fails here, before any work
     _check_training_inputs([*train, *val], cfg)
-    out, store_path = _outputs(args.out, args.store)
+    # the model directory holds the model only: the training store goes beside it
+    out, store_path = _outputs(args.out, args.store, training_store)
     store = str(store_path)
     t0 = time.time()
     with _writing((out, "folder"), (store_path, "store")):
@@ -227,13 +253,22 @@ def _check_training_inputs(rows, cfg) -> None:
     check_template(cfg.labels.template)
 
 
-def _outputs(out_arg: str, store_arg: str | None) -> tuple[Path, Path]:
-    """The output folder (created, writable) and the store (default ``<out>/campaign.zarr``)."""
+def _outputs(out_arg: str, store_arg: str | None, default_store=None) -> tuple[Path, Path]:
+    """The output folder (created, writable) and the store (default ``<out>/campaign.zarr``,
+    or ``default_store(out)``)."""
     from .preflight import output_dir, store_location
 
     out = output_dir(out_arg, "--out folder")
-    store = store_location(store_arg or out / "campaign.zarr")
+    store = store_location(store_arg or (default_store(out) if default_store
+                                         else out / "campaign.zarr"))
     return out, store
+
+
+def training_store(model_dir: Path) -> Path:
+    """Default store of ``train``: ``<MODEL_DIR>.train.zarr`` beside the model directory (the
+    converted tomograms and geometry, kept so that a rerun resumes; not part of the model)."""
+    model_dir = Path(model_dir).absolute()
+    return model_dir.with_name(f"{model_dir.name}.train.zarr")
 
 
 def _train_sequential(manifest: str, model_dir: str, store: str, cfg) -> dict:
@@ -312,7 +347,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     # before any work: the model (integrity, voxel size of every row) and the rows' STARs
     check_model(args.model, rows)
     check_particle_tables(rows, training=True)
-    store = args.store or str(Path(args.model) / "calibration.zarr")
+    model = Path(args.model).absolute()
+    store = args.store or str(model.with_name(f"{model.name}.calibration.zarr"))
     metrics = pipeline.calibrate_model(store, rows, args.model, args.device or "auto")
     print(f"calibrated {args.model} on {len(rows)} rows ({metrics['points']} points): "
           + _picking_line(metrics))
@@ -540,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", choices=("train", "val", "test"), default=["val"],
                    help="splits whose annotated rows calibrate (default val)")
     p.add_argument("--store", default=None,
-                   help="campaign Zarr store (default: <model>/calibration.zarr)")
+                   help="campaign Zarr store (default: <model>.calibration.zarr beside the "
+                        "model directory)")
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.set_defaults(func=cmd_calibrate)
 

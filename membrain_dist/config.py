@@ -208,3 +208,18 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: tuple(v) if isinstance(v, list) else v
                   for k, v in data.items() if k in names})
+
+
+def _forbid_unknown_keys() -> None:
+    """Deployment parameters (``cfg`` of the flows) are validated by pydantic, client side and
+    by the Prefect server against the registered JSON schema: with ``extra="forbid"`` that
+    schema says ``additionalProperties: false``, so a misspelt key is refused when a run is
+    created, not ignored."""
+    from pydantic import ConfigDict
+
+    for cls in (ConvertConfig, GeometryConfig, LabelConfig, TrainConfig, InferenceConfig,
+                ClusterConfig, OrientationConfig, PickConfig, PipelineConfig):
+        cls.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+
+
+_forbid_unknown_keys()

@@ -212,10 +212,29 @@ class ModelMeta:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux allows (else set and
+    restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a unique temporary file, fsync and ``os.replace``."""
+    """Write ``data`` to ``path`` through a unique temporary file, fsync and ``os.replace``.
+
+    The file gets the mode of an ordinary new file (0o666 less the umask: 0o644 with the
+    usual 022, group-readable), not the 0o600 of a temporary file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -664,6 +664,7 @@ def fit_model(
         cube_size=cfg.geometry.cube_size, channels=cfg.train.channels, voxel_size_A=voxel_size,
         train_config=config_dict(cfg.train), metrics=metrics,
     ))
+    cfg = _with_template_copy(cfg, out)
     _write_json_atomic(out / PIPELINE_FILE, cfg.to_dict())
     return metrics
 
@@ -716,6 +717,32 @@ def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices
         search.angle_step)
 
 
+MODEL_TEMPLATE = "template.mrc"
+
+
+def _with_template_copy(cfg: PipelineConfig, model_dir: Path) -> PipelineConfig:
+    """The template copied into the model directory, and ``labels.template`` naming that
+    copy relative to the directory: the model stays usable when moved, shared or run from
+    another working directory (calibrate reads the template)."""
+    from dataclasses import replace
+
+    template = cfg.labels.template
+    if not template:
+        return cfg
+    src = Path(template)
+    if not src.is_absolute() and not src.is_file() and (model_dir / src).is_file():
+        src = model_dir / src  # already relative to the model (calibrate rewrites the file)
+    dst = model_dir / MODEL_TEMPLATE
+    if src.resolve() != dst.resolve():
+        from .model import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(dst, src.read_bytes())
+        except OSError as exc:
+            raise InputError(src, f"cannot copy the template into the model: {exc}") from exc
+    return replace(cfg, labels=replace(cfg.labels, template=MODEL_TEMPLATE))
+
+
 def calibrate_model(
     root: str | os.PathLike,
     entries: Sequence[TomogramEntry],
@@ -743,6 +770,7 @@ def calibrate_model(
     metrics: dict = {"rows": [e.name for e in entries], "points": len(vs)}
     cfg = _learn_picking(model, vs, np.arange(len(vs)), vs.heights, cfg, metrics)
     out = Path(model_dir)
+    cfg = _with_template_copy(cfg, out)
     _write_json_atomic(out / PIPELINE_FILE, cfg.to_dict())
     _write_json_atomic(out / "calibration.json", metrics)
     return metrics
@@ -844,7 +872,13 @@ def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
                 raise InputError(path, f"[{section}]: {exc}") from exc
     from dataclasses import replace
 
-    return replace(base, **kw)
+    cfg = replace(base, **kw)
+    template = cfg.labels.template
+    if template and not Path(template).is_absolute() and (Path(model_dir) / template).is_file():
+        # the model's own copy (fit_model), wherever the model directory is now
+        cfg = replace(cfg, labels=replace(cfg.labels,
+                                          template=str((Path(model_dir) / template).absolute())))
+    return cfg
 
 
 # --------------------------------------------------------------------------- sequential path

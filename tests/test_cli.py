@@ -63,9 +63,10 @@ def test_train_through_the_flows_writes_a_loadable_model(campaign: Path, tmp_pat
     from membrain_dist.model import load_model
 
     out = tmp_path / "model"
+    # the template relative to the working directory, as a user types it
     proc = subprocess.Popen(
         [*CLI, "train", "--manifest", str(campaign), "--out", str(out), "--epochs", "2",
-         "--template", str(campaign.parent / "template.mrc"), "--workers", "2"],
+         "--template", "template.mrc", "--workers", "2"], cwd=campaign.parent,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, during_training = [], None
     assert proc.stdout is not None
@@ -84,6 +85,28 @@ def test_train_through_the_flows_writes_a_loadable_model(campaign: Path, tmp_pat
     assert meta.voxel_size_A == pytest.approx(14.08)
     assert meta.metrics["epochs_run"] >= 1
     assert (out / "pipeline.json").is_file()
+    _assert_self_contained(out, campaign.parent / "template.mrc")
+    assert (tmp_path / "model.train.zarr" / "zarr.json").is_file()  # beside, not inside
+
+
+def _assert_self_contained(model_dir: Path, template: Path) -> None:
+    """Finding 8 of issue 14: the model directory holds its own template copy (named relative
+    to itself), no store, and files a group can read (0o666 less the umask, not 0o600)."""
+    import os
+
+    from membrain_dist.pipeline import model_pipeline_config
+
+    cfg = json.loads((model_dir / "pipeline.json").read_text())
+    assert cfg["labels"]["template"] == "template.mrc"
+    assert (model_dir / "template.mrc").read_bytes() == template.read_bytes()
+    assert not [p for p in model_dir.rglob("*") if p.suffix == ".zarr"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in model_dir.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))
+    moved = model_dir.parent / "moved" / "model"
+    shutil.copytree(model_dir, moved)
+    assert model_pipeline_config(moved).labels.template == str(moved / "template.mrc")
 
 
 def _child_commands(pid: int, psutil) -> list[str]:

@@ -116,7 +116,24 @@ def test_job_script_matches_yaml(job_scripts, slurm_cfg, section, index):
         assert f"--nworkers {cfg['processes']}" in worker_cmd
     else:
         assert "--nworkers" not in worker_cmd
-    assert f"--local-directory {cfg['local_directory']}" in worker_cmd
+    from dask.utils import parse_bytes
+
+    from flows.runtime import MEMORY_HEADROOM, lifetime_args, walltime_seconds, with_tmp_fallback
+
+    # scratch that exists whether or not the site sets $TMPDIR (SLURM does not)
+    assert f"--local-directory {with_tmp_fallback(cfg['local_directory'])}" in worker_cmd
+    assert "${TMPDIR:-/tmp}" in worker_cmd
+    # the workers' memory limits leave headroom under --mem
+    limit = parse_bytes(re.search(r"--memory-limit (\S+)", worker_cmd).group(1))
+    headroom = cfg.get("memory_headroom", MEMORY_HEADROOM)
+    assert headroom > 0
+    assert limit * cfg["processes"] <= (1 - headroom) * parse_bytes(cfg["memory"]) * 1.001
+    # workers retire gracefully before the walltime: lifetime + stagger < walltime
+    lifetime = lifetime_args(cfg["walltime"])
+    assert " ".join(lifetime) in worker_cmd
+    assert "--lifetime-restart" not in worker_cmd  # the job ends and is replaced
+    life, stagger = (int(v.rstrip("s")) for v in lifetime[1::2])
+    assert 0 < stagger and life + stagger < walltime_seconds(cfg["walltime"])
     for line in cfg["job_script_prologue"]:
         assert line in script
     # the venv is activated before the worker starts
@@ -149,6 +166,163 @@ def test_slurm_clusters_appends_gpu_resource(tmp_path, monkeypatch, slurm_cfg):
     finally:
         gpu.close()
         cpu.close()
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("04:00:00", 4 * 3600), ("30", 1800), ("10:30", 630), ("1-0", 86400), ("2-03:04", 183840),
+    ("1-00:00:10", 86410)])
+def test_walltime_formats(text, seconds):
+    from flows.runtime import walltime_seconds
+
+    assert walltime_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("gpu", "walltime", "4 hours", "gpu.walltime"),
+    ("cpu", "walltime", "-1", "cpu.walltime"),
+    ("cpu", "memory_headroom", 1.5, "memory_headroom"),
+    ("gpu", "memory", "lots", "gpu.memory"),
+])
+def test_bad_slurm_values_are_named(tmp_path, monkeypatch, slurm_cfg, section, key, value,
+                                    message):
+    from flows.runtime import slurm_clusters
+    from membrain_dist.errors import InputError
+
+    cfg = {k: dict(v) for k, v in slurm_cfg.items()}
+    cfg[section][key] = value
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=message):
+        slurm_clusters(path)
+
+
+def test_job_scripts_worker_commands_start_without_tmpdir(tmp_path, monkeypatch, slurm_cfg):
+    """The last line of each generated job script, run here by bash with TMPDIR unset (as
+    SLURM leaves it at many sites), starts workers that join the cluster's real scheduler,
+    spill to /tmp, advertise GPU=1 on the GPU cluster, and retire by themselves before the
+    walltime (a test walltime of 20 s), exiting 0."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from distributed import Client
+
+    from flows.runtime import slurm_clusters
+
+    cfg = {k: dict(v) for k, v in slurm_cfg.items()}
+    small = {"cpu": dict(cores=2, processes=2, memory="2GiB"),
+             "gpu": dict(cores=1, processes=1, memory="1GiB")}
+    for sec in ("cpu", "gpu"):  # the file as shipped, scaled to this machine, on loopback
+        cfg[sec].update(small[sec], walltime="00:00:20", interface="lo",
+                        scheduler_options={"dashboard_address": "127.0.0.1:0"})
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+    cpu, gpu = slurm_clusters(path)
+    procs = []
+    try:
+        for cluster in (cpu, gpu):
+            cmd = cluster.job_script().strip().splitlines()[-1]
+            procs.append(subprocess.Popen(["bash", "-c", cmd], env=env, cwd=tmp_path,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True))
+        for cluster, n, resources in ((cpu, 2, {}), (gpu, 1, {"GPU": 1})):
+            with Client(cluster, timeout=30) as client:
+                client.wait_for_workers(n, timeout=60)
+                workers = client.scheduler_info(n_workers=-1)["workers"]
+                assert len(workers) == n
+                assert all(w["host"] == "127.0.0.1" for w in workers.values())
+                assert [w["resources"] for w in workers.values()] == [resources] * n
+                dirs = client.run(lambda dask_worker: dask_worker.local_directory)
+                assert all(d.startswith("/tmp/") for d in dirs.values()), dirs
+        # lifetime 15 s +- 1 s: the workers close themselves, the command (the job) ends
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+        assert all("lifetime" in o for o in outs), [o[-2000:] for o in outs]
+        deadline = time.monotonic() + 10
+        while (cpu.scheduler.workers or gpu.scheduler.workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not cpu.scheduler.workers and not gpu.scheduler.workers
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        gpu.close()
+        cpu.close()
+
+
+_FAKE_SBATCH = """#!/bin/bash
+# sbatch where SLURM is absent: run a copy of the job script in its own session, locally
+cp "$1" "{dir}/job-$$.sh"
+setsid bash "{dir}/job-$$.sh" > "{dir}/job-$$.log" 2>&1 < /dev/null &
+echo $! >> "{dir}/jobs"
+echo "Submitted batch job $!"
+"""
+_FAKE_SCANCEL = """#!/bin/bash
+for j in "$@"; do kill -- -"$j" 2>/dev/null; done
+exit 0
+"""
+
+
+def test_gpu_cluster_replaces_a_job_that_ended(tmp_path, monkeypatch, slurm_cfg):
+    """Finding 3: the GPU cluster of open_clusters (adaptive, minimum = maximum = gpu_jobs)
+    submits a new job when its worker's job ends (here: the lifetime derived from a 10 s
+    walltime). No SLURM on this machine: `sbatch` is a script that runs the
+    generated job script locally (the job script, worker and scheduler are the real ones)."""
+    import os
+    import signal
+    import time
+
+    import dask
+    from distributed import Client
+
+    from flows.runtime import ClusterSpec, open_clusters
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", _FAKE_SBATCH.format(dir=tmp_path)), ("scancel", _FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("TMPDIR", raising=False)
+    cfg = {k: dict(v) for k, v in slurm_cfg.items()}
+    for sec in ("cpu", "gpu"):
+        cfg[sec].update(cores=1, processes=1, memory="1GiB", walltime="00:00:10", interface="lo",
+                        job_script_prologue=[], scheduler_options={"dashboard_address": "127.0.0.1:0"})
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    joined: list[str] = []  # worker addresses, in the order they joined
+    try:
+        # the job of a worker that left is closed after this timeout (dask: 15 s), then
+        # replaced; shortened to keep the test short
+        spec = ClusterSpec(kind="slurm", slurm_config=str(path), n_workers=1, gpu_jobs=1)
+        with dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}), \
+                open_clusters(spec) as cl, Client(cl.gpu_address, timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while len(joined) < 2 and time.monotonic() < deadline:
+                workers = client.scheduler_info(n_workers=-1)["workers"]
+                assert len(workers) <= 1  # never two GPU jobs at once
+                for addr, w in workers.items():
+                    if addr not in joined:
+                        assert w["resources"] == {"GPU": 1}
+                        joined.append(addr)
+                time.sleep(0.2)
+    finally:
+        jobs = tmp_path / "jobs"
+        for job in jobs.read_text().split() if jobs.exists() else []:
+            try:  # whatever a failure left running: the job's process group
+                os.killpg(int(job), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("job-*.log")))
+    assert len(joined) == 2, logs[-3000:]  # the first job ended, a second one took over
+    assert "worker-lifetime-reached" in logs
+    assert len(list(tmp_path.glob("job-*.sh"))) >= 2
 
 
 def test_load_slurm_config_rejects_missing_section(tmp_path):
@@ -268,6 +442,13 @@ def test_parameter_validation_can_fail():
     with pytest.raises(ParameterTypeError):
         flow.validate_parameters({"manifest": "m.csv", "out_dir": "o",
                                   "cluster": {"kind": "slurm"}})  # no slurm_config
+    with pytest.raises(ParameterTypeError, match="n_workerz"):
+        flow.validate_parameters({"manifest": "m.csv", "out_dir": "o",
+                                  "cluster": {"kind": "slurm", "slurm_config": "s.yaml",
+                                              "n_workerz": 8}})
+    with pytest.raises(ParameterTypeError, match="band_widht"):
+        flow.validate_parameters({"manifest": "m.csv", "out_dir": "o",
+                                  "cfg": {"geometry": {"band_widht": 3.0}}})
     with pytest.raises(SignatureMismatchError):
         flow.validate_parameters({"manifest": "m.csv", "out_dir": "o", "clusters": {}})
 

@@ -149,11 +149,10 @@ def test_flow_state_and_artifact_on_server(server, tmp_path):
         assert client.read_flow(run.flow_id).name == "membrain-evaluate"
 
 
-def test_prefect_deploy_registers_the_project(server):
-    """`prefect deploy --all --prefect-file deploy/prefect.yaml`, as deploy/README.md says."""
-    from prefect import get_client
-    from prefect.exceptions import PrefectHTTPStatusError
-
+@pytest.fixture(scope="module")
+def deployed(server):
+    """`prefect deploy --all --prefect-file deploy/prefect.yaml`, as deploy/README.md says,
+    into the module's server (once); yields its API URL."""
     url, home = server
     env = dict(_server_env(home), PREFECT_API_URL=url)
     subprocess.run([PREFECT, "--no-prompt", "work-pool", "create", "membrain-slurm", "--type",
@@ -162,6 +161,14 @@ def test_prefect_deploy_registers_the_project(server):
                           "deploy/prefect.yaml"], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return url
+
+
+def test_prefect_deploy_registers_the_project(deployed):
+    from prefect import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    url = deployed
     with _use_api(url), get_client(sync_client=True) as client:
         deps = {d.name: d for d in client.read_deployments()}
         assert set(deps) == {"nightly-campaign", "predict", "train"}
@@ -194,6 +201,53 @@ def test_prefect_deploy_registers_the_project(server):
         with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
             client.create_flow_run_from_deployment(
                 deps["nightly-campaign"].id, parameters={"cluster": {"kind": "slurm", "gpu_jobs": "x"}})
+        # typed parameters: a misspelt key of a ClusterSpec or a stage config, or an unknown
+        # cluster kind, is refused when the run is created, not when it starts
+        good = dict(nightly.parameters)
+        for bad in ({"cluster": {**good["cluster"], "n_workerz": 8}},
+                    {"cluster": {**good["cluster"], "kind": "slurmm"}},
+                    {"cfg": {"cluster": {"score_treshold": 3.0}}}):
+            with pytest.raises(PrefectHTTPStatusError, match="Validation failed") as err:
+                client.create_flow_run_from_deployment(nightly.id, parameters={**good, **bad})
+            assert ("n_workerz" in str(err.value.response.text) or "slurmm" in
+                    err.value.response.text or "score_treshold" in err.value.response.text)
+        ok = client.create_flow_run_from_deployment(
+            nightly.id, parameters={**good, "cfg": {"cluster": {"score_threshold": 3.0}}})
+        assert ok.parameters["cfg"] == {"cluster": {"score_threshold": 3.0}}
+
+
+def test_server_schedules_the_nightly_runs(deployed, server):
+    """The server's own scheduler service turns the nightly cron into scheduled flow runs
+    (prefect 3.8 with SQLAlchemy 2.1 raised on every scheduler loop and created none): at
+    least 3 runs, every one at 02:00 Europe/Berlin, none for the on-demand deployments."""
+    from zoneinfo import ZoneInfo
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    url, home = deployed, server[1]
+    runs = []
+    deadline = time.monotonic() + 60  # the recent-deployments loop runs every 5 s
+    with _use_api(url), get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["nightly-campaign"]))) if r.auto_scheduled]
+            if len(runs) >= 3 or "Can't evaluate bulk DML" in (home / "server.log").read_text():
+                break
+            time.sleep(1)
+        others = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["predict", "train"])))
+    log = (home / "server.log").read_text()
+    assert "Can't evaluate bulk DML" not in log, log[-3000:]
+    assert len(runs) >= 3, f"no scheduled runs after 60 s; server log:\n{log[-3000:]}"
+    berlin = ZoneInfo("Europe/Berlin")
+    for run in runs:
+        assert run.state is not None and run.state.type.value == "SCHEDULED"
+        local = run.expected_start_time.astimezone(berlin)
+        assert (local.hour, local.minute) == (2, 0), run.expected_start_time
+        assert run.parameters["model_dir"] and run.parameters["cluster"]["kind"] == "slurm"
+    # the on-demand deployments have no schedule: their only run is the one asked for above
+    assert all(not r.auto_scheduled for r in others)
 
 
 def test_prefect_api_starts_exports_and_stops(monkeypatch, tmp_path):
@@ -236,3 +290,147 @@ def test_prefect_api_reuses_an_existing_server(server, monkeypatch):
         assert got == url
         assert {p.pid for p in psutil.Process().children(recursive=True)} == before
     assert os.environ["PREFECT_API_URL"] == url  # not ours to remove
+
+
+# --------------------------------------------------------------------------- a CLI run
+@pytest.fixture(scope="module")
+def cli_run(server, test_manifest, trained_model, tmp_path_factory):
+    """``membrain-dist predict`` at the default verbosity, in the default (flow) mode, on one
+    tomogram, reporting to the module's server; stderr made a terminal for rich
+    (TTY_COMPATIBLE=1). Yields (completed process, its top flow run, the out folder)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from membrain_dist.manifest import read_manifest, write_manifest
+
+    url, home = server
+    work = tmp_path_factory.mktemp("cli-run")
+    manifest = work / "night-42.csv"
+    rows = read_manifest(test_manifest)[:1]
+    write_manifest(rows, manifest)
+    env = dict(_server_env(home), PREFECT_API_URL=url, TTY_COMPATIBLE="1", COLUMNS="120")
+    for var in ("PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
+        env.pop(var, None)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "membrain_dist.cli", "predict", "--manifest",
+                          str(manifest), "--model", str(trained_model), "--out",
+                          str(work / "pred"), "--workers", "1"], env=env, capture_output=True,
+                         text=True, timeout=400)
+    (work / "cli.log").write_text(f"{time.monotonic() - t0:.1f} s\n{out.stdout}\n{out.stderr}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with _use_api(url), get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["membrain-predict"])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return out, run, work / "pred", rows[0].name
+
+
+def _runs_of(client, top):
+    """The flow run and its stage subflows."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[top.id])))
+    return [top, *subs]
+
+
+def test_library_log_lines_reach_the_run_logs_at_default_verbosity(server, cli_run):
+    """Finding 4: per-tomogram and per-stage lines of membrain_dist.* loggers, from the flow
+    process and from the dask worker's tasks, are in the API's logs of the run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    url, _ = server
+    proc, top, _, name = cli_run
+    with _use_api(url), get_client(sync_client=True) as client:
+        runs = _runs_of(client, top)
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])), limit=200)
+    library = [rec for rec in logs if rec.name.startswith("membrain_dist")]
+    text = "\n".join(f"{rec.name}: {rec.message}" for rec in library)
+    assert {r.name.split("-")[0] for r in runs} >= {"convert", "geometry", "inference",
+                                                     "particles"} or len(runs) >= 5
+    # from tasks on the dask worker (a task run id) and per stage, naming the tomogram
+    assert any(rec.task_run_id for rec in library), text
+    for logger, words in (("membrain_dist.convert", "converted"),
+                          ("membrain_dist.geometry", "points"),
+                          ("membrain_dist.pipeline", "particles")):
+        assert any(rec.name == logger and name in rec.message and words in rec.message
+                   for rec in library), f"{logger} {words!r} missing in:\n{text}"
+    # and the flows' own run-logger lines (INFO) as well
+    assert any("tomograms done" in rec.message for rec in logs)
+    # the terminal stayed quiet: no Prefect INFO state lines at the default verbosity, and
+    # the workers stopped in time (finding 7: "Worker process still alive after 4.0 s")
+    assert "Finished in state" not in proc.stderr + proc.stdout
+    assert "still alive" not in proc.stderr + proc.stdout
+
+
+def test_progress_artifact_run_name_and_terminal_display(server, cli_run):
+    """Finding 6: a progress artifact (tomograms done / total) that was updated to 100 %,
+    a flow run named after the manifest and the time, and the rich display on the
+    terminal."""
+    import datetime as dt
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterType,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    url, _ = server
+    proc, top, _, _ = cli_run
+    assert top.name.startswith("night-42-"), top.name
+    started = dt.datetime.strptime(top.name.removeprefix("night-42-"), "%Y-%m-%dT%H:%M:%S")
+    assert abs(started - dt.datetime.now()) < dt.timedelta(minutes=15)
+    with _use_api(url), get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[top.id])))
+    assert art.key == "progress"
+    assert float(art.data) == 100.0
+    assert art.description.startswith("1/1 tomograms done"), art.description
+    assert art.updated > art.created  # created at 0 % and updated as the run went
+    err = proc.stderr
+    assert "tomograms" in err and "1/1" in err and " left" in err, err[-3000:]
+    for stage in ("convert", "geometry", "inference", "particles"):
+        assert stage in err, err[-3000:]
+
+
+def test_qc_figures_are_files_with_thumbnails(server, cli_run):
+    """Finding 5: the qc-figures artifact links the PNG files and holds only small
+    thumbnails (the whole figures were 1.2 MB of base64 for 3 tomograms)."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    url, _ = server
+    _, top, pred, name = cli_run
+    png = (pred / "qc" / f"{name}.png").resolve()
+    assert png.is_file()
+    with _use_api(url), get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["qc-figures", "qc-folder"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[top.id])))}
+    md = arts["qc-figures"].data
+    assert png.as_uri() in md
+    thumbs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", md)
+    assert len(thumbs) == 1
+    data = base64.b64decode(thumbs[0])
+    assert len(data) <= 40_000 < png.stat().st_size
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.width <= 240
+    assert len(md) < 60_000
+    # a link artifact (Prefect stores it as markdown) to the folder of the figures
+    assert f"({png.parent.as_uri()})" in arts["qc-folder"].data

@@ -296,6 +296,25 @@ def test_3_sigterm_in_the_default_mode(one_row: Path, trained_model: Path,
     assert _still_listening(ports) == []
 
 
+def test_3_sigterm_to_train_stops_its_prefect_server(campaign: Path, tmp_path: Path) -> None:
+    """Issue 14, finding 7: SIGTERM to ``train`` (default mode) while its flows run: exit
+    143, its temporary Prefect server and dask workers gone, no port left listening."""
+    live = Live("train", "--manifest", str(campaign), "--out", str(tmp_path / "model"),
+                "--epochs", "2", "--template", str(campaign.parent / "template.mrc"),
+                "--workers", "1")
+    try:
+        live.wait_for("dask LocalCluster")
+        rc, took, after, (procs, ports) = _interrupt(live, signal.SIGTERM, group=False)
+    finally:
+        live.kill_all()
+    assert rc == 143, "".join(after)[-3000:]
+    assert took < 15, took
+    assert "SIGTERM received" in "".join(after), "".join(after)[-3000:]
+    assert any("uvicorn" in p.command for p in procs)  # its temporary server was running
+    assert _alive(procs) == []
+    assert _still_listening(ports) == []
+
+
 def test_3_sigkill_leaves_no_prefect_server(one_row: Path, trained_model: Path,
                                             tmp_path: Path) -> None:
     live = Live("predict", "--manifest", str(one_row), "--model", str(trained_model),

@@ -221,6 +221,9 @@ def test_job_scripts_worker_commands_start_without_tmpdir(tmp_path, monkeypatch,
     path.write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
+    # the workers' INFO lines say why they stop ("lifetime"); an in-process CLI test earlier
+    # in the session may have set this to warning in os.environ
+    env["DASK_LOGGING__DISTRIBUTED"] = "info"
     cpu, gpu = slurm_clusters(path)
     procs = []
     try:
@@ -289,6 +292,7 @@ def test_gpu_cluster_replaces_a_job_that_ended(tmp_path, monkeypatch, slurm_cfg)
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.delenv("TMPDIR", raising=False)
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "info")  # the jobs log "lifetime-reached"
     cfg = {k: dict(v) for k, v in slurm_cfg.items()}
     for sec in ("cpu", "gpu"):
         cfg[sec].update(cores=1, processes=1, memory="1GiB", walltime="00:00:10", interface="lo",

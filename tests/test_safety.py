@@ -282,26 +282,16 @@ def test_3_ctrl_c_in_the_default_mode(live_predict: Live) -> None:
 def test_3_sigterm_in_the_default_mode(one_row: Path, trained_model: Path,
                                        tmp_path: Path) -> None:
     """SIGTERM to the CLI alone, while Prefect flows run (they replace the SIGTERM handler)."""
-    live = Live("predict", "--manifest", str(one_row), "--model", str(trained_model),
-                "--out", str(tmp_path / "pred"), "--workers", "1")
-    try:
-        live.wait_for("dask LocalCluster")
-        rc, took, after, (procs, ports) = _interrupt(live, signal.SIGTERM, group=False)
-    finally:
-        live.kill_all()
-    assert rc == 143, "".join(after)[-3000:]
-    assert took < 15, took
-    assert len(after) <= 3 and "SIGTERM received" in "".join(after), "".join(after)[-3000:]
-    assert _alive(procs) == []
-    assert _still_listening(ports) == []
+    after, procs = _sigterm_while_flows_run(Live(
+        "predict", "--manifest", str(one_row), "--model", str(trained_model),
+        "--out", str(tmp_path / "pred"), "--workers", "1"))
+    assert len(after) <= 3, "".join(after)[-3000:]
 
 
-def test_3_sigterm_to_train_stops_its_prefect_server(campaign: Path, tmp_path: Path) -> None:
-    """Issue 14, finding 7: SIGTERM to ``train`` (default mode) while its flows run: exit
-    143, its temporary Prefect server and dask workers gone, no port left listening."""
-    live = Live("train", "--manifest", str(campaign), "--out", str(tmp_path / "model"),
-                "--epochs", "2", "--template", str(campaign.parent / "template.mrc"),
-                "--workers", "1")
+def _sigterm_while_flows_run(live: Live) -> tuple[list[str], list]:
+    """SIGTERM to the CLI alone once its dask cluster is up: exit 143 within 15 s, one line,
+    no child process and no listening port left. Returns the lines after the signal and the
+    processes that ran."""
     try:
         live.wait_for("dask LocalCluster")
         rc, took, after, (procs, ports) = _interrupt(live, signal.SIGTERM, group=False)
@@ -310,9 +300,18 @@ def test_3_sigterm_to_train_stops_its_prefect_server(campaign: Path, tmp_path: P
     assert rc == 143, "".join(after)[-3000:]
     assert took < 15, took
     assert "SIGTERM received" in "".join(after), "".join(after)[-3000:]
-    assert any("uvicorn" in p.command for p in procs)  # its temporary server was running
     assert _alive(procs) == []
     assert _still_listening(ports) == []
+    return after, procs
+
+
+def test_3_sigterm_to_train_stops_its_prefect_server(campaign: Path, tmp_path: Path) -> None:
+    """Issue 14, finding 7: SIGTERM to ``train`` (default mode) while its flows run: exit
+    143, its temporary Prefect server and dask workers gone, no port left listening."""
+    _, procs = _sigterm_while_flows_run(Live(
+        "train", "--manifest", str(campaign), "--out", str(tmp_path / "model"), "--epochs", "2",
+        "--template", str(campaign.parent / "template.mrc"), "--workers", "1"))
+    assert any("uvicorn" in p.command for p in procs)  # its temporary server was running
 
 
 def test_3_sigkill_leaves_no_prefect_server(one_row: Path, trained_model: Path,

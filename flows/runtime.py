@@ -39,6 +39,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _drain_api_logs(timeout: float = 5.0) -> None:
+    """Send the run log records Prefect still holds (its API log worker batches them) while
+    the server is up; otherwise they are retried at interpreter exit and print "Error
+    logging to API" after the temporary server has stopped."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - a shutdown step must not mask the run's outcome
+        log.debug("draining Prefect's API logs failed: %s", exc)
+
+
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,6 +121,7 @@ def prefect_api(timeout: float = 120.0) -> Iterator[str]:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
+        _drain_api_logs()  # sent now, not retried against a stopped server at exit
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()
         try:

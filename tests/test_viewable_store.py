@@ -5,6 +5,9 @@ bioformats2raw.layout + OME/series), each opened by ome-zarr-py's reader (napari
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import textwrap
 from dataclasses import replace
 
 import numpy as np
@@ -100,3 +103,27 @@ def test_root_lists_every_tomogram_and_ome_zarr_opens_each(campaign_store):
         assert image[0].metadata["contrast_limits"][0][0] < w.intensity["center"]
         assert labels[0].metadata["name"] == "membranes"
         assert [a.shape for a in labels[0].data] == [SHAPE, (10, 22, 18), (5, 11, 9)]
+
+
+@pytest.mark.skipif(not os.environ.get("MEMBRAIN_NAPARI_PYTHON"),
+                    reason="MEMBRAIN_NAPARI_PYTHON (a Python with napari + napari-ome-zarr) not set")
+def test_napari_ome_zarr_opens_the_store_root(campaign_store):
+    """napari's own OME-Zarr reader (napari-ome-zarr, which needs napari: not a dependency)
+    opens the store root and gives every tomogram's pyramid and its membrane labels."""
+    script = textwrap.dedent(f"""
+        import json
+        from napari_ome_zarr._reader import napari_get_reader
+        path = {str(campaign_store["root"])!r}
+        layers = napari_get_reader(path)(path)
+        print(json.dumps([[kind, meta.get("name"), [list(d.shape) for d in data]]
+                          for data, meta, kind in layers]))
+        """)
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    res = subprocess.run([os.environ["MEMBRAIN_NAPARI_PYTHON"], "-c", script], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    layers = json.loads(res.stdout.strip().splitlines()[-1])
+    images = {name.split(":")[0]: shapes for kind, name, shapes in layers if kind == "image"}
+    assert set(images) == {"a", "b"}, layers
+    assert all(shapes == [[20, 44, 36], [10, 22, 18], [5, 11, 9]] for shapes in images.values())
+    assert sum(kind == "labels" for kind, _, _ in layers) == 2

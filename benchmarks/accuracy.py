@@ -187,7 +187,7 @@ def run_setting(name: str, cfg: PipelineConfig, store: Path, train: list, val: l
     metrics = pipeline.fit_model(store, train, val, cfg, model_dir)
     fit_s = time.perf_counter() - t0
     pcfg = pipeline.model_pipeline_config(model_dir)
-    run_cfg = pipeline.with_learned_picking(cfg, model_dir)
+    run_cfg = pipeline.over_model(cfg, model_dir)
     pipeline.predict_sequential(test, store, model_dir, pred_dir, run_cfg)
     res = evaluate_dir(pred_dir, test, gt_all)
     cal = metrics.get("calibration") or {}

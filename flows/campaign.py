@@ -32,7 +32,7 @@ def run_campaign(manifest: str, out_dir: str, cfg: PipelineConfig = PipelineConf
     model = model_dir or str(out / "model")
     if model_dir is None:
         train_campaign(manifest, model, store, cfg, cluster)
-    cfg = pipeline.with_learned_picking(cfg, model)
+    cfg = pipeline.over_model(cfg, model)  # the model's settings, the file's on top
     entries = [e for e in read_manifest(manifest) if e.split == "test"]
     pred_dir = str(out / "predictions")
     with open_clusters(cluster) as cl:

@@ -829,13 +829,26 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
 
-def with_learned_picking(cfg: PipelineConfig, model_dir: str | os.PathLike) -> PipelineConfig:
-    """``cfg`` with the picking a model learnt in training (its ``cluster`` and ``picks``
-    sections: calibrated threshold and bandwidth, annotation height)."""
-    from dataclasses import replace
+#: sections a model's prediction settings come from (training-only ones are not merged)
+PREDICT_SECTIONS = ("convert", "geometry", "inference", "cluster", "orientation", "picks")
 
-    learned = model_pipeline_config(model_dir)
-    return replace(cfg, cluster=learned.cluster, picks=learned.picks)
+
+def over_model(cfg: PipelineConfig, model_dir: str | os.PathLike) -> PipelineConfig:
+    """The settings to predict with: the model's own (:func:`model_pipeline_config`: its
+    geometry, scoring passes, calibrated threshold and bandwidth, learnt height) with every
+    field of ``cfg`` that differs from the defaults on top (what a ``--config`` file or a
+    deployment set), section by section; ``cfg``'s ``train`` and ``labels`` are kept."""
+    from dataclasses import fields, replace
+
+    out = model_pipeline_config(model_dir)
+    default = PipelineConfig()
+    for section in PREDICT_SECTIONS:
+        mine, base = getattr(cfg, section), getattr(default, section)
+        changed = {f.name: getattr(mine, f.name) for f in fields(mine)
+                   if getattr(mine, f.name) != getattr(base, f.name)}
+        if changed:
+            out = replace(out, **{section: replace(getattr(out, section), **changed)})
+    return replace(out, train=cfg.train, labels=cfg.labels)
 
 
 def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:

@@ -179,3 +179,32 @@ def test_predict_config_file_overrides_only_what_it_sets(trained_model: Path,
     assert cfg.cluster.score_threshold == 2.75 and cfg.picks.height == 1.5
     ns.threshold = 3.5
     assert _predict_config(ns).cluster.score_threshold == 3.5
+
+
+def test_campaign_settings_go_on_top_of_the_model_ones(trained_model: Path,
+                                                       tmp_path: Path) -> None:
+    """``campaign --model M --config c.toml`` (issue 14, left open there): the model's own
+    settings (calibrated threshold, height, geometry, scoring passes) with what the file sets
+    on top -- before, the model's cluster/picks sections replaced the file's and the rest came
+    from the defaults."""
+    from membrain_dist.config import PipelineConfig
+    from membrain_dist.pipeline import over_model
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    pipe = json.loads((model / "pipeline.json").read_text())
+    pipe["cluster"]["score_threshold"] = 2.75  # as calibrated
+    pipe["picks"]["height"] = 1.5
+    pipe["geometry"]["band_width"] = 11.0  # as trained
+    (model / "pipeline.json").write_text(json.dumps(pipe))
+    toml = tmp_path / "params.toml"
+    toml.write_text("[cluster]\nmin_points = 6\n[picks]\nnms_distance = 6.0\n"
+                    "[train]\nmax_epochs = 3\n")
+    cfg = over_model(PipelineConfig.from_toml(toml), model)
+    assert cfg.cluster.min_points == 6 and cfg.picks.nms_distance == 6.0  # the file's
+    assert cfg.cluster.score_threshold == 2.75 and cfg.picks.height == 1.5  # the model's
+    assert cfg.geometry.band_width == 11.0
+    assert cfg.inference.rotations == pipe["inference"]["rotations"]
+    assert cfg.train.max_epochs == 3
+    toml.write_text("[cluster]\nscore_threshold = 3.5\n")
+    assert over_model(PipelineConfig.from_toml(toml), model).cluster.score_threshold == 3.5

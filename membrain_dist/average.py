@@ -227,12 +227,11 @@ def write_average(path: str | os.PathLike, average: np.ndarray, voxel_size_A: fl
     mrc.write_volume(path, np.asarray(average, np.float32), voxel_size_A)
 
 
-def read_average(model_dir: str | os.PathLike) -> np.ndarray | None:
-    """The model's average (s, s, s) float32, or None when it has none."""
+def read_average(path: str | os.PathLike) -> np.ndarray | None:
+    """The average (s, s, s) float32 in ``path`` (a model's ``average.mrc``), or None when
+    there is none."""
     from . import mrc
 
-    path = Path(model_dir) / AVERAGE_FILE
-    if not path.is_file():
+    if not Path(path).is_file():
         return None
-    info = mrc.read_info(path)
-    return np.asarray(mrc.open_volume(info.path), np.float32)
+    return np.asarray(mrc.open_volume(mrc.read_info(path).path), np.float32)

@@ -709,7 +709,7 @@ def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices
                    search: InPlaneSearch) -> tuple[np.ndarray, np.ndarray]:
     """Matrices of picks at ``zyx`` (K, 3) with in-plane angles from the model's average
     (normals kept), and the correlation at each; reads the tomogram region by region."""
-    average = read_average(Path(search.average_path).parent)
+    average = read_average(search.average_path)
     meta = store.read_meta(root, name)
     return search_in_plane(
         store.tomogram_array(root, name).__getitem__, tuple(meta.shape_zyx), zyx,

@@ -230,10 +230,7 @@ def to_tomogram_voxels(
         xyz = axes.from_centered_angstrom(cen, shape_zyx, vs)
         how = "RELION 5 centred Å"
         if n and all(c in out.columns for c in VOXEL_COLUMNS):
-            px_v, _ = coordinate_pixel_size(out, path, coords_angpix)
-            ratio = np.ones(n) if px_v is None else px_v / vs
-            vox = (out[list(VOXEL_COLUMNS)].to_numpy(np.float64)
-                   - origin / (vs * ratio)[:, None]) * ratio[:, None]
+            vox, _ = _scaled_voxels(out, path, coords_angpix, origin, vs)
             off = np.abs(vox - xyz).max(axis=1)
             if (off > 1.0).any():
                 log.warning("%s: rlnCoordinateX/Y/Z disagree with the centred Å coordinates by "
@@ -241,10 +238,7 @@ def to_tomogram_voxels(
                             "(binning-independent)", path, float(off.max()),
                             int((off > 1.0).sum()), n)
     else:
-        px, how = coordinate_pixel_size(out, path, coords_angpix)
-        raw = out[list(VOXEL_COLUMNS)].to_numpy(np.float64)
-        ratio = np.ones(n) if px is None else px / vs
-        xyz = (raw - origin / (vs * ratio)[:, None]) * ratio[:, None]
+        xyz, (px, how) = _scaled_voxels(out, path, coords_angpix, origin, vs)
         how = (f"voxels at {sorted(set(np.round(px, 6).tolist()))[:3]} Å ({how})"
                if px is not None else "voxels of the tomogram (no pixel size given)")
     for i, c in enumerate(VOXEL_COLUMNS):
@@ -268,6 +262,18 @@ def to_tomogram_voxels(
             log.warning("%s: %s", path, msg)
     log.debug("%s: %d particles read as %s", path, n, how)
     return out
+
+
+def _scaled_voxels(df: pd.DataFrame, path: str | os.PathLike, coords_angpix: float | None,
+                   origin_A: np.ndarray, voxel_size_A: float
+                   ) -> tuple[np.ndarray, tuple[np.ndarray | None, str]]:
+    """``rlnCoordinateX/Y/Z`` less the origin shifts (Å), in voxels of ``voxel_size_A``
+    (scaled by the coordinates' pixel size over it, when one is known), and that pixel size
+    with its source (:func:`coordinate_pixel_size`)."""
+    px, how = coordinate_pixel_size(df, path, coords_angpix)
+    ratio = np.ones(len(df)) if px is None else px / voxel_size_A
+    raw = df[list(VOXEL_COLUMNS)].to_numpy(np.float64)
+    return (raw - origin_A / (voxel_size_A * ratio)[:, None]) * ratio[:, None], (px, how)
 
 
 def tomograms_pixel_size(path: str | os.PathLike, name: str) -> float:

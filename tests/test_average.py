@@ -141,7 +141,7 @@ def test_trained_model_keeps_the_average_and_its_picks_turn_better_than_pca(
     from membrain_dist.manifest import read_manifest
     from membrain_dist.star import particles_matrices, particles_zyx, read_particles
 
-    avg = read_average(trained_model)
+    avg = read_average(trained_model / AVERAGE_FILE)
     assert avg is not None and avg.shape == (16, 16, 16)
     assert (trained_model / AVERAGE_FILE).is_file()
     assert json.loads((trained_model / "model.json").read_text())["metrics"][

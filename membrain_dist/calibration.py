@@ -85,13 +85,8 @@ def threshold_grid(max_distance: float, step: float = 0.25, low: float = 1.0) ->
 
 
 def scaled_bandwidth(ccfg: ClusterConfig, scale: float) -> ClusterConfig:
-    """Mean Shift lengths (bandwidth, its floor, the particle extent, the merge distance)
-    multiplied by ``scale``: the same clustering for a particle ``scale`` times as wide."""
-    if scale == 1.0:
-        return ccfg
-    return dataclasses.replace(
-        ccfg, bandwidth=ccfg.bandwidth * scale, min_bandwidth=ccfg.min_bandwidth * scale,
-        max_extent=ccfg.max_extent * scale, merge_distance=ccfg.merge_distance * scale)
+    """Mean Shift lengths multiplied by ``scale`` (:meth:`ClusterConfig.scaled`)."""
+    return ccfg.scaled(scale)
 
 
 def _score(rows: CalibrationRows, ccfg: ClusterConfig, ocfg: OrientationConfig,

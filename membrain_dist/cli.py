@@ -373,6 +373,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     per_tomo, overall = evaluate_campaign(args.pred, args.gt, args.radius, args.symmetry)
     print(format_table(per_tomo, overall))
+    if overall.get("classes"):
+        import pandas as pd
+
+        print("\nper class")
+        print(format_table(pd.DataFrame([{"tomogram": k, **m}
+                                         for k, m in overall["classes"].items()])))
     if args.json:
         data = {"overall": overall, "per_tomogram": json.loads(per_tomo.to_json(orient="records")),
                 "radius": args.radius, "symmetry": args.symmetry}

@@ -101,6 +101,11 @@ class ClusterConfig:
         A seed that moves less than this in one iteration has converged (default 0.01).
     units : str
         ``"voxel"`` (all pipeline functions expect this) or ``"A"``; :meth:`in_voxels` converts.
+    class_score_thresholds, class_bandwidth_scales : tuple of float
+        Per particle class (a model with several outputs): the score threshold (voxels) and
+        the factor on every Mean Shift length (:meth:`scaled`) of each class, as calibrated by
+        ``train``; empty: ``score_threshold`` and these lengths for every class
+        (:meth:`for_class`).
     """
 
     score_threshold: float = DEFAULT_SCORE_THRESHOLD
@@ -114,8 +119,12 @@ class ClusterConfig:
     max_iter: int = 300
     tol: float = 0.01
     units: str = "voxel"
+    class_score_thresholds: tuple[float, ...] = ()
+    class_bandwidth_scales: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "class_score_thresholds", tuple(self.class_score_thresholds))
+        object.__setattr__(self, "class_bandwidth_scales", tuple(self.class_bandwidth_scales))
         if self.units not in ("voxel", "A"):
             raise ValueError(f"units must be 'voxel' or 'A', got {self.units!r}")
         for name in ("bandwidth", "min_bandwidth", "max_extent", "weight_eps", "tol"):
@@ -155,11 +164,39 @@ class ClusterConfig:
         if not voxel_size_A > 0:
             raise ValueError(f"voxel size must be > 0 Å, got {voxel_size_A}")
         scaled = {k: getattr(self, k) / voxel_size_A for k in _LENGTH_FIELDS}
-        return dataclasses.replace(self, units="voxel", **scaled)
+        thresholds = tuple(t / voxel_size_A for t in self.class_score_thresholds)
+        return dataclasses.replace(self, units="voxel", class_score_thresholds=thresholds,
+                                   **scaled)
+
+    def scaled(self, scale: float) -> ClusterConfig:
+        """Mean Shift lengths (bandwidth, its floor, the particle extent, the merge distance)
+        multiplied by ``scale``: the same clustering for a particle ``scale`` times as wide."""
+        if scale == 1.0:
+            return self
+        return dataclasses.replace(
+            self, bandwidth=self.bandwidth * scale, min_bandwidth=self.min_bandwidth * scale,
+            max_extent=self.max_extent * scale, merge_distance=self.merge_distance * scale)
+
+    def for_class(self, c: int) -> ClusterConfig:
+        """The clustering of class ``c`` (0-based): its calibrated threshold and bandwidth
+        scale where given (``class_*`` fields), else this configuration; without the
+        ``class_*`` fields."""
+        out = dataclasses.replace(self, class_score_thresholds=(), class_bandwidth_scales=())
+        if c < len(self.class_bandwidth_scales):
+            out = out.scaled(float(self.class_bandwidth_scales[c]))
+        if c < len(self.class_score_thresholds):
+            out = dataclasses.replace(out,
+                                      score_threshold=float(self.class_score_thresholds[c]))
+        return out
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-serialisable parameters (for provenance)."""
-        return dataclasses.asdict(self)
+        """JSON-serialisable parameters (for provenance; the ``class_*`` fields only when set,
+        so a single-class configuration's provenance is as before they existed)."""
+        data = dataclasses.asdict(self)
+        for key in ("class_score_thresholds", "class_bandwidth_scales"):
+            if not data[key]:
+                del data[key]
+        return data
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,18 @@ class LabelConfig:
     max_membranes
         Use at most this many annotated membranes (the most populated first): 1 reproduces
         the paper's "one annotated membrane" setting. None: all.
+    classes
+        Particle class names, one network output each (v1's ``TRAINING_PARTICLE_DISTS``).
+        Empty (default): one unnamed class, every annotation counts. Otherwise each
+        annotation's class is its ``mbClassName`` (a name of this list) or its
+        ``rlnClassNumber`` (1-based into this list) column; annotations of other classes are
+        left out (one name: a single-class model of that class from a mixed STAR).
+    class_templates
+        One template MRC per class (as ``template``); empty: ``template`` (or the radii) for
+        every class.
+    class_radii_zyx
+        One ellipsoid (normal, second, long semi-axes, voxels) per class, for classes
+        without a template; empty: ``ellipsoid_radii_zyx`` for every class.
     """
 
     max_distance: float = 7.0
@@ -59,6 +71,27 @@ class LabelConfig:
     ellipsoid_radii_zyx: tuple[float, float, float] | None = None
     annotated_only: bool = True
     max_membranes: int | None = None
+    classes: tuple[str, ...] = ()
+    class_templates: tuple[str, ...] = ()
+    class_radii_zyx: tuple[tuple[float, float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "class_templates", tuple(self.class_templates))
+        object.__setattr__(self, "class_radii_zyx",
+                           tuple(tuple(float(v) for v in r) for r in self.class_radii_zyx))
+        n = len(self.classes)
+        if len(set(self.classes)) != n:
+            raise ValueError(f"class names must differ, got {list(self.classes)}")
+        for name in ("class_templates", "class_radii_zyx"):
+            if getattr(self, name) and len(getattr(self, name)) != n:
+                raise ValueError(f"{name} needs one entry per class ({n}), got "
+                                 f"{len(getattr(self, name))}")
+
+    @property
+    def n_classes(self) -> int:
+        """Network outputs: one per named class, one when none is named."""
+        return max(1, len(self.classes))
 
 
 @dataclass(frozen=True)

@@ -369,7 +369,9 @@ def evaluate_campaign(
         tomogram without predictions scores with zero predictions.
     overall : dict
         JSON-serialisable :class:`Metrics` of the summed counts (not a mean of per-tomogram
-        ratios; angles pooled over all pairs) plus ``n_tomograms``, ``radius``, ``symmetry``.
+        ratios; angles pooled over all pairs) plus ``n_tomograms``, ``radius``, ``symmetry``;
+        when both sides carry particle classes (:func:`particle_classes`), ``classes``: the
+        same figures per class, each class's picks matched to that class's truth only.
     """
     pred_p, gt_p = Path(pred), Path(gt)
     if not pred_p.exists():
@@ -408,8 +410,52 @@ def evaluate_campaign(
         "symmetry": int(symmetry),
         **overall_m.to_dict(),
     }
+    per_class = _class_metrics(preds, gts, radius, symmetry)
+    if per_class:
+        overall["classes"] = per_class
     columns = ["tomogram"] + [f.name for f in dataclasses.fields(Metrics)]
     return pd.DataFrame(rows, columns=columns), overall
+
+
+def particle_classes(df: pd.DataFrame | None) -> np.ndarray | None:
+    """The class of each particle as a string: ``mbClassName``, else ``rlnClassNumber``;
+    None when the table has neither (or is None)."""
+    if df is None:
+        return None
+    for col in ("mbClassName", "rlnClassNumber"):
+        if col in df.columns:
+            return df[col].astype(str).to_numpy()
+    return None
+
+
+def _class_metrics(preds: dict[str, pd.DataFrame], gts: dict[str, pd.DataFrame],
+                   radius: float, symmetry: int) -> dict[str, dict]:
+    """Figures per class (summed over tomograms) when the truth and the picks name classes
+    the same way (both ``mbClassName`` or both ``rlnClassNumber``); ``{}`` otherwise."""
+    col = next((c for c in ("mbClassName", "rlnClassNumber")
+                if any(c in g.columns for g in gts.values())
+                and any(c in p.columns for p in preds.values())), None)
+    if col is None:
+        return {}
+    sums: dict[str, list] = {}
+    for name, gdf in gts.items():
+        pdf = preds.get(name)
+        gk = gdf[col].astype(str).to_numpy() if col in gdf else np.full(len(gdf), "")
+        pk = (pdf[col].astype(str).to_numpy() if pdf is not None and col in pdf
+              else np.zeros(0, str))
+        for k in sorted(set(gk.tolist()) | set(pk.tolist())):
+            g, p = gdf[gk == k], (pdf[pk == k] if pdf is not None else None)
+            p_zyx = star.particles_zyx(p) if p is not None else np.zeros((0, 3), np.float32)
+            mt = match_particles(p_zyx, star.particles_zyx(g), radius)
+            met, ang = _metrics(mt, star.particles_matrices(p) if p is not None else None,
+                                star.particles_matrices(g), symmetry)
+            acc = sums.setdefault(k, [np.zeros(5, np.int64), [], []])
+            acc[0] += [met.n_pred, met.n_gt, met.pred_hits, met.gt_hits, met.n_matched]
+            acc[1].append(mt["distances"])
+            acc[2].append(ang)
+    return {k: Metrics.from_counts(*(int(t) for t in tot), match_distances=np.concatenate(d),
+                                   angles=np.concatenate(a)).to_dict()
+            for k, (tot, d, a) in sums.items()}
 
 
 _TABLE_COLUMNS = (

@@ -190,7 +190,7 @@ def predict_distances(
 
     Returns
     -------
-    (N,) float32 numpy array.
+    (N,) float32 numpy array; (N, C) for a model with ``C > 1`` classes (``n_classes``).
     """
     check_rotations(rotations)
     dev = torch.device(resolve_device(device))
@@ -202,7 +202,9 @@ def predict_distances(
     cuda = dev.type == "cuda"
     layout = memory_layout(dev)
     step = _read_size_for(cubes, batch_size)
-    out = torch.empty(n, dtype=torch.float32, device=dev)
+    n_classes = int(getattr(model, "n_classes", 1))
+    out = torch.empty((n,) if n_classes == 1 else (n, n_classes), dtype=torch.float32,
+                      device=dev)
     with torch.inference_mode():
         for start in range(0, n, step):
             block = torch.from_numpy(

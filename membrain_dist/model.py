@@ -14,8 +14,9 @@ conv3  C -> C      0       10 -> 8       7^3
 conv4  C -> C      1       8 -> 8        9^3
 ====== =========== ======= ============= =======================
 
-then flatten ``C x (s-4)^3`` (32 x 8^3 = 16384) and one Linear layer to one output, the predicted
-distance (voxels) from the cube centre to the nearest particle centre. Each conv feature sees a
+then flatten ``C x (s-4)^3`` (32 x 8^3 = 16384) and one Linear layer to one output per particle
+class (v1's ``TRAINING_PARTICLE_DISTS``; one by default), the predicted distance (voxels) from
+the cube centre to the nearest particle centre of that class. Each conv feature sees a
 9^3 neighbourhood; the 8^3 feature positions tile the cube, so through the fully connected layer
 the output sees every voxel of the 12^3 cube (receptive field = the whole cube), while the
 position-specific linear weights let it tell where in the cube a feature lies.
@@ -124,7 +125,7 @@ def package_version() -> str:
 
 
 class MemBrainCNN(nn.Module):
-    """v1 scoring CNN: 4 x (Conv3d k3 + BatchNorm3d + ReLU), flatten, Linear -> 1.
+    """v1 scoring CNN: 4 x (Conv3d k3 + BatchNorm3d + ReLU), flatten, Linear -> n_classes.
 
     Parameters
     ----------
@@ -132,20 +133,25 @@ class MemBrainCNN(nn.Module):
         Edge ``s`` of the input cubes (voxels); at least 5 (the convolutions remove 4).
     channels : int
         Feature channels of every convolution (v1: 32).
+    n_classes : int
+        Particle classes, one predicted distance each (default 1).
 
     ``forward`` takes ``(B, s, s, s)`` or ``(B, 1, s, s, s)`` float32 and returns ``(B,)``
-    predicted distances (voxels).
+    predicted distances (voxels) for one class, ``(B, n_classes)`` for several.
     """
 
     def __init__(self, cube_size: int = 12, channels: int = 32,
-                 input_transform: dict[str, Any] | None = None) -> None:
+                 input_transform: dict[str, Any] | None = None, n_classes: int = 1) -> None:
         super().__init__()
         if cube_size < 5:
             raise ValueError(f"cube_size must be >= 5, got {cube_size}")
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
         self.cube_size = int(cube_size)
         self.channels = int(channels)
+        self.n_classes = int(n_classes)
         layers: list[nn.Module] = []
         for c_in, pad in ((1, 0), (channels, 1), (channels, 0), (channels, 1)):
             layers += [
@@ -154,7 +160,7 @@ class MemBrainCNN(nn.Module):
                 nn.ReLU(inplace=True),
             ]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels * (cube_size - 4) ** 3, 1)
+        self.head = nn.Linear(channels * (cube_size - 4) ** 3, self.n_classes)
         # applied to the cubes before ``features`` (an imported v1 model: its own input scaling)
         self.input_transform = check_input_transform(input_transform or {})
         self.prepare = (CubeMinMax(self.input_transform["invert"]) if self.input_transform
@@ -166,7 +172,8 @@ class MemBrainCNN(nn.Module):
         s = self.cube_size
         if x.dim() != 5 or tuple(x.shape[1:]) != (1, s, s, s):
             raise ValueError(f"expected (B, {s}, {s}, {s}) cubes, got {tuple(x.shape)}")
-        return self.head(self.features(self.prepare(x)).flatten(1)).squeeze(1)
+        out = self.head(self.features(self.prepare(x)).flatten(1))
+        return out.squeeze(1) if self.n_classes == 1 else out
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,11 @@ class ModelMeta:
     input_transform : dict
         What the network does to each cube before its first convolution (``{}``: nothing;
         see :data:`INPUT_TRANSFORMS`); taken from the model by :func:`save_model`.
+    n_classes : int
+        Outputs of the network (taken from the model by :func:`save_model`).
+    classes : list of str
+        Particle class names, one per output (``[]``: an unnamed single class). Both are left
+        out of ``model.json`` at their defaults, so a single-class model's file is as before.
     """
 
     cube_size: int = 12
@@ -207,9 +219,14 @@ class ModelMeta:
     membrain_dist_version: str = field(default_factory=package_version)
     weights_sha256: str = ""
     input_transform: dict[str, Any] = field(default_factory=dict)
+    n_classes: int = 1
+    classes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        data = dataclasses.asdict(self)
+        if self.n_classes == 1 and not self.classes:
+            del data["n_classes"], data["classes"]
+        return json.dumps(data, indent=2, sort_keys=True)
 
 
 def current_umask() -> int:
@@ -263,7 +280,11 @@ def save_model(model: MemBrainCNN, out_dir: str | os.PathLike[str], meta: ModelM
         architecture_version=ARCHITECTURE_VERSION,
         weights_sha256=hashlib.sha256(blob).hexdigest(),
         input_transform=dict(model.input_transform),
+        n_classes=model.n_classes,
+        classes=list(meta.classes),
     )
+    if meta.classes and len(meta.classes) != model.n_classes:
+        raise ValueError(f"{len(meta.classes)} class names for {model.n_classes} outputs")
     atomic_write_bytes(out / WEIGHTS_FILE, blob)
     atomic_write_bytes(out / META_FILE, (meta.to_json() + "\n").encode())
     log.info("model saved to %s (sha256 %s)", out, meta.weights_sha256[:12])
@@ -316,6 +337,13 @@ def _read_meta(path: Path) -> ModelMeta:
         (
             isinstance(meta.train_config, dict) and isinstance(meta.metrics, dict),
             "train_config and metrics must be objects",
+        ),
+        (
+            isinstance(meta.n_classes, int) and meta.n_classes >= 1
+            and isinstance(meta.classes, list)
+            and all(isinstance(c, str) for c in meta.classes)
+            and len(meta.classes) in (0, meta.n_classes),
+            "n_classes must be an int >= 1 and classes a list of that many names (or [])",
         ),
     ]
     for ok, problem in checks:
@@ -379,7 +407,7 @@ def load_model(
         state = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise InputError(weights_path, f"not a valid safetensors file ({e})") from None
-    model = MemBrainCNN(meta.cube_size, meta.channels, meta.input_transform)
+    model = MemBrainCNN(meta.cube_size, meta.channels, meta.input_transform, meta.n_classes)
     want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     got = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     if want != got:

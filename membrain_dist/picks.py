@@ -28,9 +28,10 @@ from scipy.spatial import cKDTree
 from .clustering import ClusterConfig, hierarchical_mean_shift
 from .orientation import OrientationConfig, cluster_orientations
 
-__all__ = ["PickConfig", "Picks", "cluster_points", "reduce_picks", "suppress_duplicates", "lift"]
+__all__ = ["PickConfig", "Picks", "cluster_points", "cluster_classes", "reduce_picks",
+           "suppress_duplicates", "lift"]
 
-_FIELDS = ("zyx", "matrices", "score", "n_points", "side", "from_pca")
+_FIELDS = ("zyx", "matrices", "score", "n_points", "side", "from_pca", "klass")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class PickConfig:
         held-out membrane holds 3 and chose 3.25 where the test rows peak at 4.0 (F1 0.75
         against 0.83); the training rows are no substitute (the fitted model scores them
         lower: they chose 3.5). Give a ``val`` row to calibrate.
+    class_heights : tuple of float
+        Per particle class (a model with several outputs): the height of each class (set by
+        ``train``); empty: ``height`` for every class.
     """
 
     height: float = 0.0
@@ -65,8 +69,17 @@ class PickConfig:
     calibrate: bool = True
     learn_height: bool = True
     min_calibration_particles: int = 10
+    class_heights: tuple[float, ...] = ()
+
+    def for_class(self, c: int) -> PickConfig:
+        """The rules of class ``c`` (0-based): its own height where ``class_heights`` has one."""
+        out = dataclasses.replace(self, class_heights=())
+        if c < len(self.class_heights):
+            out = dataclasses.replace(out, height=float(self.class_heights[c]))
+        return out
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "class_heights", tuple(self.class_heights))
         if not self.nms_distance >= 0:
             raise ValueError(f"nms_distance must be >= 0, got {self.nms_distance}")
         if not np.isfinite(self.height):
@@ -142,6 +155,11 @@ class Picks:
     n_points: np.ndarray  # (K,) int32
     side: np.ndarray  # (K,) int8
     from_pca: np.ndarray  # (K,) bool: in-plane angle from PCA (else rot = 0 from the normal)
+    klass: np.ndarray | None = None  # (K,) int16: particle class (0-based model output); 0s
+
+    def __post_init__(self) -> None:
+        if self.klass is None:
+            object.__setattr__(self, "klass", np.zeros(len(self.zyx), np.int16))
 
 
 def cluster_points(
@@ -151,8 +169,10 @@ def cluster_points(
     scores: np.ndarray,
     ccfg: ClusterConfig,
     ocfg: OrientationConfig,
+    klass: int = 0,
 ) -> Picks:
-    """Stages 4 + 5 on one membrane's points, each side clustered on its own (pure)."""
+    """Stages 4 + 5 on one membrane's points, each side clustered on its own (pure); the
+    picks are of class ``klass``."""
     parts = []
     for s in np.unique(side):
         m = side == s
@@ -165,14 +185,32 @@ def cluster_points(
             zyx=cl.centres.astype(np.float32), matrices=mats.astype(np.float32),
             score=cl.mean_score.astype(np.float32), n_points=cl.n_points.astype(np.int32),
             side=np.full(len(cl), s, np.int8), from_pca=np.asarray(src) == "pca",
+            klass=np.full(len(cl), klass, np.int16),
         ))
     return concat_picks(parts)
+
+
+def cluster_classes(
+    zyx: np.ndarray,
+    normal: np.ndarray,
+    side: np.ndarray,
+    scores: np.ndarray,
+    ccfg: ClusterConfig,
+    ocfg: OrientationConfig,
+) -> Picks:
+    """:func:`cluster_points` for each class on its own column of ``scores`` ((N,) one
+    class, (N, C) several), with that class's threshold and bandwidth
+    (:meth:`ClusterConfig.for_class`): picks of different classes may overlap in space."""
+    if scores.ndim == 1:
+        return cluster_points(zyx, normal, side, scores, ccfg, ocfg)
+    return concat_picks([cluster_points(zyx, normal, side, scores[:, c], ccfg.for_class(c),
+                                        ocfg, c) for c in range(scores.shape[1])])
 
 
 def empty_picks() -> Picks:
     return Picks(np.zeros((0, 3), np.float32), np.zeros((0, 3, 3), np.float32),
                  np.zeros(0, np.float32), np.zeros(0, np.int32), np.zeros(0, np.int8),
-                 np.zeros(0, bool))
+                 np.zeros(0, bool), np.zeros(0, np.int16))
 
 
 def concat_picks(parts: list[Picks]) -> Picks:
@@ -191,7 +229,19 @@ def reduce_picks(picks: Picks, cfg: PickConfig) -> tuple[Picks, np.ndarray]:
     """A tomogram's picks (all membranes) without duplicates, moved to the annotated height.
 
     Returns the kept picks (positions lifted by ``cfg.height``) and the keep mask over the
-    input rows."""
+    input rows. Picks of several classes are reduced class by class (a PSII and a b6f may
+    stand closer than ``nms_distance``), each lifted by its own height
+    (:meth:`PickConfig.for_class`); the kept rows stay in input order."""
+    classes = np.unique(picks.klass)
+    if len(classes) > 1 or cfg.class_heights:
+        keep = np.zeros(len(picks.klass), bool)
+        zyx = np.zeros_like(picks.zyx)
+        for c in classes:
+            rows = np.flatnonzero(picks.klass == c)
+            part, k = reduce_picks(select_picks(picks, rows), cfg.for_class(int(c)))
+            keep[rows[k]] = True
+            zyx[rows[k]] = part.zyx
+        return dataclasses.replace(select_picks(picks, keep), zyx=zyx[keep]), keep
     keep = suppress_duplicates(picks.zyx, picks.score, cfg.nms_distance)
     kept = select_picks(picks, keep)
     return dataclasses.replace(kept, zyx=lift(kept.zyx, kept.matrices, cfg.height)), keep

@@ -54,7 +54,7 @@ from .labels import ellipsoid_covariance, face_labels, template_covariance
 from .manifest import TomogramEntry
 from .napari_points import write_points_csv
 from .orientation import OrientationConfig
-from .picks import PickConfig, Picks, cluster_points, concat_picks, reduce_picks
+from .picks import PickConfig, Picks, cluster_classes, concat_picks, reduce_picks
 from .sides import SideSpec, parse_sides
 from .star import (
     particles_frame,
@@ -195,14 +195,12 @@ def score_membrane(
     device = resolve_device(cfg.device)
     configure_threads()
     meta = store.read_meta(root, name)
-    model, _ = get_model(model_dir, device)
+    model, model_meta = get_model(model_dir, device)
     _check_model(model_dir, meta.voxel_size_A if meta else None)
     cubes = zarr.open_array(store=str(root), path=f"{gkey}/cubes", mode="r")
     scores = predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
                                rotations=cfg.rotations)
-    n = int(scores.shape[0])
-    store.write_array_atomic(root, skey, scores.astype(np.float32),
-                             chunks=(max(1, min(n, 65536)),), attrs={"provenance": prov})
+    n = write_scores(root, skey, scores, prov, model_meta.classes)
     log.info("%s: %d points scored on %s", skey, n, device)
     return n
 
@@ -218,9 +216,37 @@ def _check_model(model_dir: str | os.PathLike, voxel_size_A: float | None) -> No
         load_model(model_dir, "cpu", voxel_size_A=voxel_size_A)
 
 
+#: attribute of a scores array naming the model's classes (one per column; absent: unnamed)
+CLASSES_ATTR = "classes"
+
+
+def write_scores(root: str | os.PathLike, key: str, scores: np.ndarray, prov: dict,
+                 classes: Sequence[str] = ()) -> int:
+    """Store one membrane's predicted distances at ``key``: (N,) for one class, (N, C) for a
+    model of several (``classes``, their names, in the attrs when given); returns N."""
+    n = int(scores.shape[0])
+    attrs: dict = {"provenance": prov}
+    if classes:
+        attrs[CLASSES_ATTR] = list(classes)
+    store.write_array_atomic(root, key, np.asarray(scores, np.float32),
+                             chunks=(max(1, min(n, 65536)), *scores.shape[1:]), attrs=attrs)
+    return n
+
+
 def read_scores(root: str | os.PathLike, name: str, membrane_id: int) -> np.ndarray:
+    """One membrane's stored scores as written: (N,) one class, (N, C) several."""
     key = f"{geometry_key(name, membrane_id)}/scores"
     return np.asarray(zarr.open_array(store=str(root), path=key, mode="r")[...])
+
+
+def read_class_scores(root: str | os.PathLike, name: str, membrane_id: int
+                      ) -> tuple[np.ndarray, list[str]]:
+    """One membrane's scores with a class axis, (N, C), and the class names (``[]``: one
+    unnamed class, as every store written before classes existed)."""
+    key = f"{geometry_key(name, membrane_id)}/scores"
+    arr = zarr.open_array(store=str(root), path=key, mode="r")
+    scores = np.asarray(arr[...])
+    return scores.reshape(scores.shape[0], -1), list(arr.attrs.get(CLASSES_ATTR, []))
 
 
 # --------------------------------------------------------------------------- clustering
@@ -255,20 +281,34 @@ def cluster_membrane(
                     "membrane", gkey, scores.size, float(scores[0]))
         geo = {k: v[:0] for k, v in geo.items() if k in ("zyx", "normal", "side")}
         scores = scores[:0]
-    picks = cluster_points(geo["zyx"], geo["normal"], geo["side"], scores, ccfg, ocfg)
+    picks = cluster_classes(geo["zyx"], geo["normal"], geo["side"], scores, ccfg, ocfg)
     with store.atomic_group(root, key) as g:
-        for field_name in ("zyx", "matrices", "score", "n_points", "side", "from_pca"):
+        for field_name in PICK_FIELDS:
             data = getattr(picks, field_name)
             g.create_array(field_name, data=data, chunks=tuple(max(1, c) for c in data.shape))
-        g.attrs.update({"provenance": prov, "n_picks": int(picks.zyx.shape[0])})
+        g.attrs.update({"provenance": prov, "n_picks": int(picks.zyx.shape[0]),
+                        CLASSES_ATTR: list(sattrs.get(CLASSES_ATTR, []))})
     log.info("%s: %d particles", key, picks.zyx.shape[0])
     return int(picks.zyx.shape[0])
 
 
+#: arrays of a picks group (``klass``: absent in stores written before classes, read as 0)
+PICK_FIELDS = ("zyx", "matrices", "score", "n_points", "side", "from_pca", "klass")
+
+
 def read_picks(root: str | os.PathLike, name: str, membrane_id: int) -> Picks:
     g = zarr.open_group(store=str(root), path=picks_key(name, membrane_id), mode="r")
-    return Picks(*(np.asarray(g[f][...]) for f in
-                   ("zyx", "matrices", "score", "n_points", "side", "from_pca")))
+    return Picks(*(np.asarray(g[f][...]) if f in g else None for f in PICK_FIELDS))
+
+
+def picks_classes(root: str | os.PathLike, name: str) -> list[str]:
+    """Class names of a tomogram's picks (``[]``: one unnamed class), from its first
+    membrane's picks group (every membrane is scored by the same model)."""
+    for mid in membrane_ids(root, name):
+        attrs = _group_attrs(root, picks_key(name, mid))
+        if attrs is not None:
+            return list(attrs.get(CLASSES_ATTR, []))
+    return []
 
 
 # --------------------------------------------------------------------------- outputs
@@ -279,7 +319,9 @@ def tomogram_particles(
     """All picks of one tomogram as a STAR table (CONVENTIONS.md columns), duplicates across
     faces and membranes suppressed and centres lifted to the annotated height
     (:func:`membrain_dist.picks.reduce_picks`); with ``in_plane`` their in-plane angles come
-    from the model's average (``mbOrientationFrom`` = ``average``)."""
+    from the model's average (``mbOrientationFrom`` = ``average``). Picks of a model with
+    named classes carry ``rlnClassNumber`` (1-based) and ``mbClassName``; each class is
+    reduced on its own (:func:`membrain_dist.picks.reduce_picks`)."""
     meta = store.read_meta(root, name)
     if meta is None:
         raise KeyError(f"{root}: tomogram {name!r} is not converted")
@@ -303,9 +345,14 @@ def tomogram_particles(
                "rlnMicrographName": np.full(picks.zyx.shape[0], tomostar_name(name), object),
                "rlnMicrographPixelSize": np.full(picks.zyx.shape[0], float(meta.voxel_size_A))},
     )
+    classes = picks_classes(root, name)
+    if classes:
+        df[CLASS_NUMBER_COLUMN] = picks.klass.astype(np.int64) + 1
+        df[CLASS_NAME_COLUMN] = np.array([classes[k] for k in picks.klass], dtype=object)
     if not len(df):
-        for c in ("mbOrientationFrom", "rlnMicrographName"):
-            df[c] = df[c].astype(object)
+        for c in ("mbOrientationFrom", "rlnMicrographName", CLASS_NAME_COLUMN):
+            if c in df:
+                df[c] = df[c].astype(object)
     return df
 
 
@@ -332,7 +379,7 @@ def write_tomogram_outputs(
         pts, sc = [], []
         for mid in membrane_ids(root, name):
             pts.append(read_geometry(root, name, mid)["zyx"])
-            sc.append(read_scores(root, name, mid))
+            sc.append(read_class_scores(root, name, mid)[0].min(axis=1))  # nearest class
         pts_a = np.concatenate(pts) if pts else np.zeros((0, 3), np.float32)
         sc_a = np.concatenate(sc) if sc else np.zeros(0, np.float32)
         n_points = int(pts_a.shape[0])
@@ -432,12 +479,54 @@ def annotated_particles(entry: TomogramEntry, shape_zyx: tuple[int, int, int],
 
 def label_covariance(cfg: LabelConfig) -> np.ndarray | None:
     """Particle shape covariance (zyx, voxels^2) from the template or radii; None: Euclidean."""
-    if cfg.template:
-        info = mrc.read_info(cfg.template)
+    return _shape_covariance(cfg.template, cfg.ellipsoid_radii_zyx)
+
+
+def _shape_covariance(template: str | None, radii: Sequence[float] | None) -> np.ndarray | None:
+    if template:
+        info = mrc.read_info(template)
         return template_covariance(np.asarray(mrc.open_volume(info.path), dtype=np.float32))
-    if cfg.ellipsoid_radii_zyx:
-        return ellipsoid_covariance(cfg.ellipsoid_radii_zyx)
+    if radii:
+        return ellipsoid_covariance(tuple(radii))
     return None
+
+
+def class_covariances(cfg: LabelConfig) -> list[np.ndarray | None]:
+    """One shape covariance per class (:attr:`LabelConfig.n_classes`): the class's own
+    template, else its own radii, else :func:`label_covariance` (shared)."""
+    shared = label_covariance(cfg)
+    out = []
+    for c in range(cfg.n_classes):
+        if c < len(cfg.class_templates) and cfg.class_templates[c]:
+            out.append(_shape_covariance(cfg.class_templates[c], None))
+        elif c < len(cfg.class_radii_zyx):
+            out.append(_shape_covariance(None, cfg.class_radii_zyx[c]))
+        else:
+            out.append(shared)
+    return out
+
+
+#: STAR columns naming an annotation's class: a name of ``LabelConfig.classes``, or 1-based
+CLASS_NAME_COLUMN, CLASS_NUMBER_COLUMN = "mbClassName", "rlnClassNumber"
+
+
+def annotation_classes(df: pd.DataFrame, classes: Sequence[str],
+                       source: str | os.PathLike) -> np.ndarray:
+    """(K,) int: the class (0-based into ``classes``) of each annotation, -1 for a class not
+    in the list; all 0 when ``classes`` is empty (one unnamed class). Read from
+    ``mbClassName`` (names) or, without it, ``rlnClassNumber`` (1-based); InputError when
+    ``classes`` are named and the STAR has neither column."""
+    if not classes:
+        return np.zeros(len(df), np.int64)
+    if CLASS_NAME_COLUMN in df.columns:
+        lookup = {n: i for i, n in enumerate(classes)}
+        return np.array([lookup.get(str(v), -1) for v in df[CLASS_NAME_COLUMN]], np.int64)
+    if CLASS_NUMBER_COLUMN in df.columns:
+        num = pd.to_numeric(df[CLASS_NUMBER_COLUMN], errors="coerce").to_numpy()
+        ok = np.isfinite(num) & (num >= 1) & (num <= len(classes))
+        return np.where(ok, np.nan_to_num(num) - 1, -1).astype(np.int64)
+    raise InputError(source, f"[labels] classes {list(classes)} are named but the STAR has "
+                             f"no {CLASS_NAME_COLUMN} or {CLASS_NUMBER_COLUMN} column")
 
 
 @dataclass
@@ -449,10 +538,13 @@ class TrainingSet:
     (what threshold calibration scores picks against); ``heights`` are the centres' offsets
     from their faces along the normal (voxels), of every placed particle of the annotated
     tomograms. ``truth_centre`` / ``truth_axis`` are the same particles' annotated centres
-    and long in-plane axes (zyx; NaN where the STAR has no angles), for the average."""
+    and long in-plane axes (zyx; NaN where the STAR has no angles), for the average.
+    ``labels`` has one column per class for a multi-class config (``LabelConfig.classes``);
+    ``truth_class`` and ``height_class`` give the class (0-based) of each truth row and
+    height."""
 
     cubes: np.ndarray  # (N, s, s, s) float32
-    labels: np.ndarray  # (N,) float32, voxels
+    labels: np.ndarray  # (N,) or (N, C) float32, voxels
     groups: np.ndarray  # (N,) int64: one id per (tomogram, membrane)
     zyx: np.ndarray  # (N, 3) float32
     membranes: list[tuple[str, int, int]]  # (tomogram, membrane id, points)
@@ -463,9 +555,15 @@ class TrainingSet:
     heights: np.ndarray  # (H,) float32
     truth_centre: np.ndarray | None = None  # (K, 3) float32: the annotated centres
     truth_axis: np.ndarray | None = None  # (K, 3) float32: annotated long axes (NaN: none)
+    truth_class: np.ndarray | None = None  # (K,) int64: class of each truth row
+    height_class: np.ndarray | None = None  # (H,) int64: class of each height
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def class_labels(self, c: int) -> np.ndarray:
+        """(N,) labels of class ``c``."""
+        return self.labels if self.labels.ndim == 1 else self.labels[:, c]
 
 
 @dataclass
@@ -477,30 +575,34 @@ class _Labelled:
     name: str
     mid: int
     geo: dict[str, np.ndarray]
-    labels: np.ndarray
+    labels: np.ndarray  # (n,) or (n, C)
     truth_zyx: np.ndarray
     truth_point: np.ndarray  # index into this membrane's points
     truth_centre: np.ndarray  # (k, 3) annotated centres
     truth_axis: np.ndarray  # (k, 3) annotated long axes, NaN without angles
+    truth_class: np.ndarray  # (k,) class of each
 
 
 def _label_tomogram(
     root: str | os.PathLike, t: int, entry: TomogramEntry, cfg: LabelConfig,
-    cov: np.ndarray | None,
-) -> tuple[list[_Labelled], np.ndarray]:
-    """Labels of every membrane of one annotated tomogram, and the placed centres' heights.
+    covs: Sequence[np.ndarray | None],
+) -> tuple[list[_Labelled], np.ndarray, np.ndarray]:
+    """Labels of every membrane of one annotated tomogram, and the placed centres' heights
+    and classes.
 
     Each centre is stood on one membrane face (:func:`labels.place_on_faces`) and labels only
     that face's points, from its foot on the face: the other face of its membrane and the
     faces of neighbouring membranes see it as absent. Without angles in the STAR the shape is
-    made in-plane isotropic about the membrane normal at the foot (:func:`labels.face_labels`)."""
+    made in-plane isotropic about the membrane normal at the foot (:func:`labels.face_labels`).
+    With several classes (``covs``: one covariance each) every class is labelled on its own,
+    from its own annotations (:func:`annotation_classes`) and shape: labels ``(n, C)``."""
     meta = store.read_meta(root, entry.name)
     if meta is None:
         raise KeyError(f"{root}: tomogram {entry.name!r} is not converted")
     df = annotated_particles(entry, meta.shape_zyx, meta.voxel_size_A)
+    klass = annotation_classes(df, cfg.classes, entry.particles)
     centres = particles_zyx(df)
     mats = particles_matrices(df)
-    rot = mats if cov is not None else None
     # the long axis only where the STAR gives the in-plane angle (rot) too
     axis = (mats[:, :, 0] if mats is not None and "rlnAngleRot" in df.columns
             else np.full_like(centres, np.nan, dtype=np.float32))
@@ -511,28 +613,43 @@ def _label_tomogram(
             mids.append(mid)
             geos.append(geo)
     if not geos:
-        return [], np.zeros(0, np.float32)
+        return [], np.zeros(0, np.float32), np.zeros(0, np.int64)
     sizes = np.array([g["zyx"].shape[0] for g in geos])
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     member = np.repeat(np.arange(len(geos)), sizes)
-    lab, placed = face_labels(
-        np.concatenate([g["zyx"] for g in geos]), np.concatenate([g["normal"] for g in geos]),
-        member, np.concatenate([g["side"] for g in geos]), centres, rot, cov, cfg.max_distance)
-    ok = placed.placed
-    if (~ok).any():
-        log.warning("%s: %d of %d annotated centres are farther than %.0f voxels from every "
-                    "membrane face and label nothing", entry.particles, int((~ok).sum()),
-                    len(ok), 2 * cfg.max_distance)
-    centre_membrane = member[np.maximum(placed.point, 0)]
+    points = np.concatenate([g["zyx"] for g in geos])
+    normals = np.concatenate([g["normal"] for g in geos])
+    sides = np.concatenate([g["side"] for g in geos])
+    labs, truth, heights, height_class = [], [], [], []
+    for c, cov in enumerate(covs):
+        sel = klass == c
+        rot = mats[sel] if cov is not None and mats is not None else None
+        lab, placed = face_labels(points, normals, member, sides, centres[sel], rot, cov,
+                                  cfg.max_distance)
+        ok = placed.placed
+        if (~ok).any():
+            log.warning("%s: %d of %d annotated centres%s are farther than %.0f voxels from "
+                        "every membrane face and label nothing", entry.particles,
+                        int((~ok).sum()), len(ok), f" of {cfg.classes[c]}" if cfg.classes
+                        else "", 2 * cfg.max_distance)
+        labs.append(lab)
+        truth.append((c, ok, placed, member[np.maximum(placed.point, 0)], np.flatnonzero(sel)))
+        heights.append(placed.height[ok])
+        height_class.append(np.full(int(ok.sum()), c, np.int64))
+    lab = labs[0] if len(labs) == 1 else np.stack(labs, axis=1)
     out = []
     for j, (mid, geo) in enumerate(zip(mids, geos, strict=True)):
-        mine = ok & (centre_membrane == j)
         part = lab[offsets[j]:offsets[j + 1]]
-        out.append(_Labelled(int((part < cfg.max_distance / 2).sum()), t, entry.name, mid, geo,
-                             part, placed.foot_zyx[mine].astype(np.float32),
-                             placed.point[mine] - offsets[j],
-                             centres[mine].astype(np.float32), axis[mine].astype(np.float32)))
-    return out, placed.height[ok].astype(np.float32)
+        near = part < cfg.max_distance / 2
+        rows = [(c, ok & (cm == j), placed, idx) for c, ok, placed, cm, idx in truth]
+        out.append(_Labelled(
+            int((near.any(1) if near.ndim == 2 else near).sum()), t, entry.name, mid, geo,
+            part, np.concatenate([p.foot_zyx[m] for _, m, p, _ in rows]).astype(np.float32),
+            np.concatenate([p.point[m] - offsets[j] for _, m, p, _ in rows]),
+            np.concatenate([centres[i[m]] for _, m, _, i in rows]).astype(np.float32),
+            np.concatenate([axis[i[m]] for _, m, _, i in rows]).astype(np.float32),
+            np.concatenate([np.full(int(m.sum()), c, np.int64) for c, m, _, _ in rows])))
+    return out, np.concatenate(heights).astype(np.float32), np.concatenate(height_class)
 
 
 def training_set(
@@ -542,16 +659,18 @@ def training_set(
 
     Membranes without any point closer than ``cfg.max_distance`` to an annotated centre are
     left out when ``cfg.annotated_only``; ``cfg.max_membranes`` keeps the most populated.
+    With several ``cfg.classes`` the labels have one column per class.
     """
-    cov = label_covariance(cfg)
+    covs = class_covariances(cfg)
     candidates: list[_Labelled] = []
-    heights = []
+    heights, height_class = [], []
     for t, entry in enumerate(entries):
         if entry.particles is None:
             raise InputError(entry.particles or entry.tomogram,
                              f"manifest row {entry.name!r} ({entry.split}) has no particles STAR")
-        labelled, h = _label_tomogram(root, t, entry, cfg, cov)
+        labelled, h, hc = _label_tomogram(root, t, entry, cfg, covs)
         heights.append(h)
+        height_class.append(hc)
         candidates += [c for c in labelled if c.near or not cfg.annotated_only]
     if not candidates:
         raise InputError(entries[0].particles or entries[0].tomogram,
@@ -584,6 +703,8 @@ def training_set(
         heights=np.concatenate(heights).astype(np.float32),
         truth_centre=np.concatenate([c.truth_centre for c in candidates]).reshape(-1, 3),
         truth_axis=np.concatenate([c.truth_axis for c in candidates]).reshape(-1, 3),
+        truth_class=np.concatenate([c.truth_class for c in candidates]),
+        height_class=np.concatenate(height_class),
     )
 
 
@@ -662,7 +783,7 @@ def fit_model(
     _write_average(root, ts, cfg, out, voxel_size, metrics)
     save_model(result.model, out, ModelMeta(
         cube_size=cfg.geometry.cube_size, channels=cfg.train.channels, voxel_size_A=voxel_size,
-        train_config=config_dict(cfg.train), metrics=metrics,
+        train_config=config_dict(cfg.train), metrics=metrics, classes=list(cfg.labels.classes),
     ))
     cfg = _with_template_copy(cfg, out)
     _write_json_atomic(out / PIPELINE_FILE, cfg.to_dict())
@@ -674,7 +795,9 @@ def _write_average(root: str | os.PathLike, ts: TrainingSet, cfg: PipelineConfig
     """``out/average.mrc`` from the training annotations (when they carry angles and
     ``cfg.orientation.in_plane`` is ``average``); a stale one is removed otherwise."""
     path = out / AVERAGE_FILE
-    acc = particle_average(root, ts, cfg) if cfg.orientation.in_plane == "average" else None
+    # one average of one kind of particle: several classes keep their PCA in-plane angles
+    acc = (particle_average(root, ts, cfg)
+           if cfg.orientation.in_plane == "average" and cfg.labels.n_classes == 1 else None)
     if acc is None or acc.count < cfg.orientation.min_average_particles:
         path.unlink(missing_ok=True)
         if acc is not None:
@@ -723,16 +846,27 @@ MODEL_TEMPLATE = "template.mrc"
 def _with_template_copy(cfg: PipelineConfig, model_dir: Path) -> PipelineConfig:
     """The template copied into the model directory, and ``labels.template`` naming that
     copy relative to the directory: the model stays usable when moved, shared or run from
-    another working directory (calibrate reads the template)."""
+    another working directory (calibrate reads the template). Each class template
+    (``labels.class_templates``) likewise, as ``template_<k>.mrc`` (k 1-based)."""
     from dataclasses import replace
 
-    template = cfg.labels.template
-    if not template:
-        return cfg
+    labels = cfg.labels
+    if labels.template:
+        labels = replace(labels, template=_copy_template(labels.template, model_dir,
+                                                         MODEL_TEMPLATE))
+    if any(labels.class_templates):
+        labels = replace(labels, class_templates=tuple(
+            _copy_template(t, model_dir, f"template_{k + 1}.mrc") if t else t
+            for k, t in enumerate(labels.class_templates)))
+    return replace(cfg, labels=labels)
+
+
+def _copy_template(template: str, model_dir: Path, name: str) -> str:
+    """Copy ``template`` to ``model_dir/name`` (unless it is that file); returns ``name``."""
     src = Path(template)
     if not src.is_absolute() and not src.is_file() and (model_dir / src).is_file():
         src = model_dir / src  # already relative to the model (calibrate rewrites the file)
-    dst = model_dir / MODEL_TEMPLATE
+    dst = model_dir / name
     if src.resolve() != dst.resolve():
         from .model import atomic_write_bytes
 
@@ -740,7 +874,7 @@ def _with_template_copy(cfg: PipelineConfig, model_dir: Path) -> PipelineConfig:
             atomic_write_bytes(dst, src.read_bytes())
         except OSError as exc:
             raise InputError(src, f"cannot copy the template into the model: {exc}") from exc
-    return replace(cfg, labels=replace(cfg.labels, template=MODEL_TEMPLATE))
+    return name
 
 
 def calibrate_model(
@@ -776,11 +910,15 @@ def calibrate_model(
     return metrics
 
 
-def calibration_rows(ts: TrainingSet, rows: np.ndarray, scores: np.ndarray) -> CalibrationRows:
-    """The scored ``rows`` of a training set and the annotated particles standing on them."""
+def calibration_rows(ts: TrainingSet, rows: np.ndarray, scores: np.ndarray,
+                     klass: int | None = None) -> CalibrationRows:
+    """The scored ``rows`` of a training set and the annotated particles standing on them
+    (of class ``klass`` only, when given; ``scores`` (n,) are that class's)."""
     sel = np.zeros(len(ts), dtype=bool)
     sel[rows] = True
     on = sel[ts.truth_row]
+    if klass is not None and ts.truth_class is not None:
+        on &= ts.truth_class == klass
     return CalibrationRows(
         zyx=ts.zyx[rows], normal=ts.normal[rows], side=ts.side[rows], scores=scores,
         groups=ts.groups[rows], truth_zyx=ts.truth_zyx[on],
@@ -790,11 +928,42 @@ def calibration_rows(ts: TrainingSet, rows: np.ndarray, scores: np.ndarray) -> C
 def _learn_picking(model, cal_set: TrainingSet, rows: np.ndarray, heights: np.ndarray,
                    cfg: PipelineConfig, metrics: dict) -> PipelineConfig:
     """``cfg`` with the picking learnt from the annotations (height, threshold, bandwidth);
-    the figures go into ``metrics``."""
+    the figures go into ``metrics``. A multi-class model learns them class by class (into
+    the ``class_*`` fields of ``cluster`` and ``picks``; figures under ``classes``)."""
+    from dataclasses import replace
+
+    from .inference import predict_distances
+
+    scores = None
+    if cfg.picks.calibrate:
+        device = next(model.parameters()).device
+        scores = predict_distances(model, cal_set.cubes[rows], device=device,
+                                   rotations=cfg.inference.rotations)
+    if scores is None or scores.ndim == 1:
+        return _learn_class(cal_set, rows, heights, scores, None, cfg, metrics)
+    learnt, per_class = [], {}
+    for c, name in enumerate(cfg.labels.classes):
+        hc = cal_set.height_class
+        mine = heights if hc is None or len(hc) != len(heights) else heights[hc == c]
+        per_class[name] = {}
+        learnt.append(_learn_class(cal_set, rows, mine, scores[:, c], c, cfg, per_class[name]))
+    metrics["classes"] = per_class
+    return replace(
+        cfg,
+        cluster=replace(cfg.cluster, class_score_thresholds=tuple(
+            k.cluster.score_threshold for k in learnt), class_bandwidth_scales=tuple(
+            round(k.cluster.bandwidth / cfg.cluster.bandwidth, 6) for k in learnt)),
+        picks=replace(cfg.picks, class_heights=tuple(k.picks.height for k in learnt)))
+
+
+def _learn_class(cal_set: TrainingSet, rows: np.ndarray, heights: np.ndarray,
+                 scores: np.ndarray | None, klass: int | None, cfg: PipelineConfig,
+                 metrics: dict) -> PipelineConfig:
+    """Height, threshold and bandwidth of one class (``klass`` None: the only one) from its
+    placed ``heights`` and its ``scores`` of the calibration ``rows`` (None: not calibrated)."""
     from dataclasses import replace
 
     from .calibration import calibrate, scaled_bandwidth, threshold_grid
-    from .inference import predict_distances
 
     pcfg = cfg.picks
     if pcfg.learn_height and heights.size:
@@ -803,12 +972,9 @@ def _learn_picking(model, cal_set: TrainingSet, rows: np.ndarray, heights: np.nd
         metrics["pick_height"] = height
         log.info("picks: annotated centres stand a median %.2f voxels off their face", height)
     cfg = replace(cfg, picks=pcfg)
-    if not pcfg.calibrate:
+    if scores is None:
         return cfg
-    device = next(model.parameters()).device
-    scores = predict_distances(model, cal_set.cubes[rows], device=device,
-                               rotations=cfg.inference.rotations)
-    cal_rows = calibration_rows(cal_set, rows, scores)
+    cal_rows = calibration_rows(cal_set, rows, scores, klass)
     n_truth = int(cal_rows.truth_zyx.shape[0])
     if n_truth < pcfg.min_calibration_particles:
         log.warning("%d annotated particles on the validation rows (fewer than %d): score "
@@ -886,12 +1052,15 @@ def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:
     from dataclasses import replace
 
     cfg = replace(base, **kw)
-    template = cfg.labels.template
-    if template and not Path(template).is_absolute() and (Path(model_dir) / template).is_file():
+    def own(template: str | None) -> str | None:
         # the model's own copy (fit_model), wherever the model directory is now
-        cfg = replace(cfg, labels=replace(cfg.labels,
-                                          template=str((Path(model_dir) / template).absolute())))
-    return cfg
+        if template and not Path(template).is_absolute() and (Path(model_dir) / template).is_file():
+            return str((Path(model_dir) / template).absolute())
+        return template
+
+    return replace(cfg, labels=replace(
+        cfg.labels, template=own(cfg.labels.template),
+        class_templates=tuple(own(t) or "" for t in cfg.labels.class_templates)))
 
 
 # --------------------------------------------------------------------------- sequential path

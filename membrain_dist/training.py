@@ -342,9 +342,10 @@ def _slab(n: int, fraction: float, zyx: np.ndarray | None) -> np.ndarray:
     return np.argsort(p @ axis, kind="stable")[n - k :]
 
 
-def _to_tensor(a: Any, device: torch.device, name: str, ndim: int) -> torch.Tensor:
+def _to_tensor(a: Any, device: torch.device, name: str, ndim: int | tuple[int, ...]
+               ) -> torch.Tensor:
     arr = np.ascontiguousarray(a[...], dtype=np.float32)
-    if arr.ndim != ndim:
+    if arr.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains non-finite values")
@@ -368,8 +369,10 @@ def _deterministic(device: torch.device) -> Iterator[None]:
 
 
 def _near(y: torch.Tensor) -> torch.Tensor:
-    """Rows whose label is below the clip distance (the label maximum): near a particle."""
-    return y < y.max() - 1e-4
+    """Rows whose label is below the clip distance (the label maximum): near a particle (of
+    any class, for ``(N, C)`` labels)."""
+    near = y < y.max() - 1e-4
+    return near.any(1) if near.dim() == 2 else near
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -393,6 +396,8 @@ def _evaluate(model: MemBrainCNN, x: torch.Tensor, y: torch.Tensor, bs: int, bet
             pred = folded(x[s : s + bs].unsqueeze(1).contiguous(memory_format=layout)).float()
             losses.append(F.smooth_l1_loss(pred, y[s : s + bs], beta=beta, reduction="none"))
     per_row = torch.cat(losses).double()
+    if per_row.dim() == 2:  # one loss per class: their mean
+        per_row = per_row.mean(1)
     near = _near(y)
     if balance <= 0 or not bool(near.any()) or bool(near.all()):
         return float(per_row.mean())
@@ -517,7 +522,9 @@ def train(
     Parameters
     ----------
     train_cubes : (N, s, s, s) array-like (numpy or zarr), float32 normalised cubes.
-    train_labels : (N,) array-like, distance labels in voxels (:mod:`membrain_dist.labels`).
+    train_labels : (N,) or (N, C) array-like, distance labels in voxels
+        (:mod:`membrain_dist.labels`); ``(N, C)``: one column per particle class, a network
+        with ``C`` outputs, the loss averaged over the classes.
     val_cubes, val_labels : (M, s, s, s), (M,) array-like or None
         Validation set. When None, rows of the training set are held out with
         :func:`split_validation` (``groups`` = membrane id per row, ``zyx`` for a single
@@ -552,7 +559,7 @@ def _train(
     dev = torch.device(resolve_device(cfg.device))
     threads = configure_threads(cfg.num_threads) if dev.type == "cpu" else None
     x = _to_tensor(train_cubes, dev, "train_cubes", 4)
-    y = _to_tensor(train_labels, dev, "train_labels", 1)
+    y = _to_tensor(train_labels, dev, "train_labels", (1, 2))
     if len(x) != len(y):
         raise ValueError(f"{len(x)} training cubes but {len(y)} labels")
     if (val_cubes is None) != (val_labels is None):
@@ -567,12 +574,18 @@ def _train(
         xv, yv, x, y = x[mask], y[mask], x[~mask], y[~mask]
     else:
         xv = _to_tensor(val_cubes, dev, "val_cubes", 4)
-        yv = _to_tensor(val_labels, dev, "val_labels", 1)
+        yv = _to_tensor(val_labels, dev, "val_labels", (1, 2))
         if len(xv) != len(yv):
             raise ValueError(f"{len(xv)} validation cubes but {len(yv)} labels")
     s = x.shape[1]
     if tuple(x.shape[1:]) != (s, s, s) or tuple(xv.shape[1:]) != (s, s, s):
         raise ValueError(f"cubes must be (N, s, s, s), got {tuple(x.shape)}, {tuple(xv.shape)}")
+    if y.shape[1:] != yv.shape[1:]:
+        raise ValueError(f"training labels {tuple(y.shape)} and validation labels "
+                         f"{tuple(yv.shape)} differ in classes")
+    if y.dim() == 2 and y.shape[1] == 1:  # one class: the (N,) labels of a one-output network
+        y, yv = y[:, 0], yv[:, 0]
+    n_classes = int(y.shape[1]) if y.dim() == 2 else 1
     if len(x) == 0 or len(xv) == 0:
         raise ValueError("training and validation sets must both be non-empty")
     xv, yv = _subset(xv, yv, cfg, cfg.seed)  # fixed for the whole run
@@ -600,7 +613,8 @@ def _train(
     with fork, _deterministic(dev):  # seed locally, leave the caller's RNG state alone
         torch.manual_seed(cfg.seed)
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-        model = MemBrainCNN(s, cfg.channels).to(dev).to(memory_format=layout)
+        model = MemBrainCNN(s, cfg.channels, n_classes=n_classes).to(dev).to(
+            memory_format=layout)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=min(cfg.min_lr, cfg.lr),

@@ -306,17 +306,13 @@ def v1_state_dict(ckpt: V1Checkpoint) -> tuple[dict[str, torch.Tensor], int, int
             expected[f"{bn}.{f}"] = () if f == "num_batches_tracked" else (c,)
     mlp = state.get("mlp1.weight")
     m = round((mlp.shape[1] / c) ** (1 / 3)) if mlp is not None and mlp.dim() == 2 else 0
-    if mlp is not None and mlp.dim() == 2:
-        expected["mlp1.weight"] = (1, c * m**3)
-        expected["mlp1.bias"] = (1,)
+    if mlp is not None and mlp.dim() == 2:  # one output per v1 particle class (part_dists)
+        expected["mlp1.weight"] = (int(mlp.shape[0]), c * m**3)
+        expected["mlp1.bias"] = (int(mlp.shape[0]),)
     got = {k: tuple(v.shape) for k, v in state.items()}
     problems = []
     if mlp is None:
         problems.append("mlp1.weight missing")
-    elif mlp.dim() == 2 and mlp.shape[0] != 1:
-        problems.append(f"mlp1 has {mlp.shape[0]} outputs (v1 part_dists "
-                        f"{ckpt.content.get('hyper_parameters', {}).get('part_dists')}); "
-                        "this project's network has one")
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     wrong = sorted(f"{k} {got[k]} (v1: {expected[k]})" for k in set(expected) & set(got)
@@ -349,6 +345,16 @@ def convert_state(v1: dict[str, torch.Tensor], channels: int,
     out["head.bias"] = v1["mlp1.bias"]
     return {k: (v.to(torch.float32) if v.is_floating_point() else v.to(torch.int64))
             .contiguous().clone() for k, v in out.items()}
+
+
+def v1_class_names(hparams: Any, n_out: int) -> list[str]:
+    """Class names of a v1 network with ``n_out`` outputs: one per entry of its ``part_dists``
+    (each a list of particle groups, joined with ``+``); ``[]`` for one output (an unnamed
+    class, as every single-class model) or when ``part_dists`` does not fit."""
+    dists = hparams.get("part_dists") if isinstance(hparams, dict) else None
+    if n_out == 1 or not isinstance(dists, list) or len(dists) != n_out:
+        return [] if n_out == 1 else [f"class{i + 1}" for i in range(n_out)]
+    return ["+".join(map(str, d)) if isinstance(d, list) else str(d) for d in dists]
 
 
 def _plain(obj: Any, depth: int = 0) -> Any:
@@ -401,9 +407,11 @@ def import_v1(
     v1, channels, cube_size = v1_state_dict(ckpt)
     # ours: membranes bright; v1 was fed the tomogram as it was
     transform = {"kind": "cube_minmax", "invert": membrane_contrast == "dark"}
-    model = MemBrainCNN(cube_size, channels, transform)
+    n_out = int(v1["mlp1.weight"].shape[0])
+    model = MemBrainCNN(cube_size, channels, transform, n_classes=n_out)
     model.load_state_dict(convert_state(v1, channels, cube_size), strict=True)
     hparams = _plain(ckpt.content.get("hyper_parameters", {}))
+    classes = v1_class_names(hparams, n_out)
     info = {
         "source": "MemBrain v1 checkpoint (CellArchLab/MemBrain), imported by membrain-dist",
         "checkpoint": str(ckpt.path), "checkpoint_sha256": ckpt.sha256,
@@ -423,11 +431,13 @@ def import_v1(
     out = Path(out_dir)
     meta = save_model(model, out, ModelMeta(
         voxel_size_A=float(voxel_size_A), normalisation=normalisation, train_config=info,
-        metrics={"v1_callbacks": callbacks},
+        metrics={"v1_callbacks": callbacks}, classes=classes,
     ))
     cfg = PipelineConfig().with_overrides("geometry", order=3)
     cfg = cfg.with_overrides("labels", max_distance=float(hparams.get(
         "max_particle_distance", 7.0)) if isinstance(hparams, dict) else 7.0)
+    if len(classes) > 1:
+        cfg = cfg.with_overrides("labels", classes=tuple(classes))
     data = cfg.to_dict()
     data["v1_import"] = {
         "reproduced": ["per-cube [0, 1] scaling (model.json input_transform)",

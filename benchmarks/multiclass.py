@@ -1,0 +1,267 @@
+"""Two particle classes in one pass: one two-output model against two single-class models.
+
+A hard-phantom campaign (``synth.hard_config``: raw-data SNR, CTF, damaged segmentations,
+grana stacks, the real PSII map as the target and the real b6f map as the large protein on
+the same faces) of one training, one validation and ``--n-test`` held-out tomograms is
+generated; every tomogram's STAR annotates both kinds, ``mbClassName`` ``PSII`` / ``b6f``
+(``rlnClassNumber`` 1 / 2). With the same training settings (short: ``--max-epochs``) three
+models are trained through the library's sequential path, each with the class's own template
+covariance (the real maps rendered in their frames):
+
+* ``two``: ``labels.classes = ["PSII", "b6f"]``, one network with two outputs;
+* ``PSII`` and ``b6f``: ``labels.classes = [name]``, one network each, trained on that
+  class's annotations only.
+
+The held-out tomograms are predicted with each (geometry computed once, beforehand, so the
+timed predictions differ only in the CNN scoring and the clustering), and the picks of each
+class scored one-to-one against that class's annotations within 4.5 voxels (F1 / P / R). The
+inference time of the two-output model (CNN scoring of every membrane point, 4 quarter turns)
+is set against the sum of the two single-class models', measured in the same run.
+
+    python benchmarks/multiclass.py            # writes benchmarks/results/multiclass.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from membrain_dist import pipeline, synth
+from membrain_dist.config import PipelineConfig
+from membrain_dist.evaluation import DEFAULT_RADIUS, match_particles
+from membrain_dist.manifest import read_manifest, write_manifest
+from membrain_dist.mrc import write_volume
+from membrain_dist.star import particles_frame, particles_zyx, read_particles, write_particles
+
+log = logging.getLogger("multiclass")
+OUT = Path(__file__).parent / "results" / "multiclass.json"
+CLASSES = ("PSII", "b6f")
+
+
+# --------------------------------------------------------------------------- campaign
+def make_campaign(out: Path, seed: int, n_test: int, cfg: synth.SynthConfig) -> Path:
+    """Hard-phantom tomograms (train, val, tests) whose STARs annotate PSII (the targets)
+    and b6f (the large proteins) with their class; the two templates; the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(2 + n_test):
+        name = f"synth_{i:03d}"
+        st = synth.generate_tomogram(synth.tomogram_rng(seed, i), cfg)
+        split = ("train", "val")[i] if i < 2 else "test"
+        entry, psii = synth.write_synth_tomogram(out, name, st, cfg.voxel_size_A, split)
+        b6f = particles_frame(name, st.large_zyx, st.large_matrices_zyx, st.tomogram.shape,
+                              cfg.voxel_size_A)
+        frames = []
+        for k, df in enumerate((psii, b6f)):
+            df = df.drop(columns=[c for c in ("mbMembrane", "mbScenario") if c in df])
+            df["rlnClassNumber"] = k + 1
+            df["mbClassName"] = np.full(len(df), CLASSES[k], dtype=object)
+            frames.append(df)
+        write_particles(out / f"{name}_particles.star", pd.concat(frames, ignore_index=True))
+        entries.append(entry)
+        log.info("%s: %d PSII, %d b6f", name, len(psii), len(b6f))
+        del st
+    write_volume(out / "PSII.mrc", synth.render_template(cfg), cfg.voxel_size_A)
+    write_volume(out / "b6f.mrc", synth.render_template(replace(cfg, target_map=cfg.distractor_map)),
+                 cfg.voxel_size_A)
+    manifest = out / "manifest.csv"
+    write_manifest(entries, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- scoring
+def class_scores(pred_dir: Path, test: list, klass: str) -> dict[str, Any]:
+    """One-to-one F1 / P / R of the picks of ``klass`` against the annotations of ``klass``,
+    counts summed over the test tomograms."""
+    n_pred = n_gt = hits = 0
+    for e in test:
+        pred = read_particles(pred_dir / f"{e.name}.star")
+        gt = read_particles(e.particles)
+        if len(pred) and "mbClassName" in pred:
+            pred = pred[pred["mbClassName"].astype(str) == klass]
+        gt = gt[gt["mbClassName"].astype(str) == klass]
+        hits += match_particles(particles_zyx(pred), particles_zyx(gt),
+                                DEFAULT_RADIUS)["pairs"].shape[0]
+        n_pred += len(pred)
+        n_gt += len(gt)
+    p = hits / n_pred if n_pred else 0.0
+    r = hits / n_gt if n_gt else 0.0
+    return {"f1": round(2 * p * r / (p + r), 4) if p + r else 0.0, "precision": round(p, 4),
+            "recall": round(r, 4), "n_pred": n_pred, "n_gt": n_gt, "matched": hits}
+
+
+def predict_timed(store: Path, test: list, model_dir: Path, out_dir: Path,
+                  cfg: PipelineConfig) -> dict[str, float]:
+    """Predict the test rows (their geometry already stored): seconds of CNN scoring (every
+    membrane, timed on its own) and of the whole predict chain."""
+    run_cfg = pipeline.over_model(cfg, model_dir)
+    t0 = time.perf_counter()
+    for e in test:
+        for mid in pipeline.membrane_ids(store, e.name):
+            pipeline.score_membrane(store, e.name, mid, model_dir, run_cfg.inference)
+    score_s = time.perf_counter() - t0
+    pipeline.predict_sequential(test, store, model_dir, out_dir, run_cfg)  # scores current
+    return {"score_seconds": round(score_s, 1),
+            "predict_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def cnn_timing(store: Path, test: list, model_dirs: dict[str, Path], n_cubes: int,
+               repeats: int = 3) -> dict[str, float]:
+    """Seconds of CNN inference (4 quarter turns, this machine's default batch) of each model
+    on the same ``n_cubes`` stored test cubes, best of ``repeats`` rounds taken in turn (the
+    models alternate, so a load change on the machine hits all of them alike)."""
+    import zarr
+
+    from membrain_dist.geometry import geometry_key
+    from membrain_dist.inference import predict_distances
+    from membrain_dist.model import load_model
+
+    parts, total = [], 0
+    for e in test:
+        for mid in pipeline.membrane_ids(store, e.name):
+            if total >= n_cubes:
+                break
+            arr = zarr.open_array(store=str(store), path=f"{geometry_key(e.name, mid)}/cubes",
+                                  mode="r")
+            parts.append(np.asarray(arr[: n_cubes - total], np.float32))
+            total += len(parts[-1])
+    cubes = np.concatenate(parts)
+    models = {k: load_model(d, "cpu")[0] for k, d in model_dirs.items()}
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(repeats):
+        for k, m in models.items():
+            t = time.perf_counter()
+            predict_distances(m, cubes, rotations=4)
+            best[k] = min(best[k], time.perf_counter() - t)
+    return {"cubes": int(len(cubes)), **{k: round(v, 2) for k, v in best.items()}}
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    tcfg = synth.hard_config(shape_zyx=tuple(args.shape), voxel_size_A=args.voxel_size)
+    t0 = time.perf_counter()
+    manifest = work / "data" / "manifest.csv"
+    if not manifest.is_file():
+        make_campaign(work / "data", args.seed, args.n_test, tcfg)
+    entries = read_manifest(manifest)
+    train = [e for e in entries if e.split == "train"]
+    val = [e for e in entries if e.split == "val"]
+    test = [e for e in entries if e.split == "test"]
+    templates = {k: str(work / "data" / f"{k}.mrc") for k in CLASSES}
+    base = PipelineConfig()
+    base = replace(base, train=replace(base.train, max_epochs=args.max_epochs,
+                                       patience=args.patience))
+    store = work / "campaign.zarr"
+    pipeline.prepare_sequential(entries, store, base)  # geometry of every row, once
+    prep_s = time.perf_counter() - t0
+    log.info("campaign ready in %.0f s", prep_s)
+    settings = {"two": CLASSES, "PSII": ("PSII",), "b6f": ("b6f",)}
+    models: dict[str, Any] = {}
+    for name, classes in settings.items():
+        cfg = replace(base, labels=replace(base.labels, classes=classes, class_templates=tuple(
+            templates[k] for k in classes)))
+        model_dir = work / f"model_{name}"
+        t = time.perf_counter()
+        metrics = pipeline.fit_model(store, train, val, cfg, model_dir)
+        fit_s = time.perf_counter() - t
+        timing = predict_timed(store, test, model_dir, work / f"pred_{name}", cfg)
+        models[name] = {
+            "classes": list(classes), "fit_seconds": round(fit_s, 1),
+            "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
+            "train_points": metrics["train_points"], **timing,
+            "scores": {k: class_scores(work / f"pred_{name}", test, k) for k in classes},
+        }
+        log.info("%s: fit %.0f s, scoring %.1f s, %s", name, fit_s, timing["score_seconds"],
+                 {k: v["f1"] for k, v in models[name]["scores"].items()})
+    single = {k: models[k] for k in CLASSES}
+    comparison = {
+        "f1_two": {k: models["two"]["scores"][k]["f1"] for k in CLASSES},
+        "f1_single": {k: single[k]["scores"][k]["f1"] for k in CLASSES},
+        "score_seconds_two": models["two"]["score_seconds"],
+        "score_seconds_singles": round(sum(m["score_seconds"] for m in single.values()), 1),
+        "predict_seconds_two": models["two"]["predict_seconds"],
+        "predict_seconds_singles": round(sum(m["predict_seconds"] for m in single.values()), 1),
+    }
+    cnn = cnn_timing(store, test, {k: work / f"model_{k}" for k in settings}, args.timing_cubes)
+    comparison["cnn_seconds"] = cnn
+    comparison["cnn_time_ratio"] = round(cnn["two"] / (cnn["PSII"] + cnn["b6f"]), 3)
+    comparison["f1_difference"] = {k: round(comparison["f1_two"][k] - comparison["f1_single"][k],
+                                            4) for k in CLASSES}
+    comparison["score_time_ratio"] = round(
+        comparison["score_seconds_two"] / comparison["score_seconds_singles"], 3)
+    comparison["predict_time_ratio"] = round(
+        comparison["predict_seconds_two"] / comparison["predict_seconds_singles"], 3)
+    return {"seed": args.seed, "prepare_seconds": round(prep_s), "models": models,
+            "comparison": comparison}
+
+
+def _print(res: dict[str, Any]) -> None:
+    print(f"\n{'model':<6} {'class':<5} {'F1':>6} {'P':>6} {'R':>6} {'picks':>5} {'gt':>4} "
+          f"{'fit s':>6} {'score s':>8} {'predict s':>9}")
+    for name, m in res["models"].items():
+        for k, s in m["scores"].items():
+            print(f"{name:<6} {k:<5} {s['f1']:>6.3f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
+                  f"{s['n_pred']:>5} {s['n_gt']:>4} {m['fit_seconds']:>6.0f} "
+                  f"{m['score_seconds']:>8.1f} {m['predict_seconds']:>9.1f}")
+    c = res["comparison"]
+    print(f"\nF1 two-output minus single-class: {c['f1_difference']}")
+    print(f"CNN scoring: {c['score_seconds_two']} s against {c['score_seconds_singles']} s "
+          f"(ratio {c['score_time_ratio']}); whole predict: {c['predict_seconds_two']} s "
+          f"against {c['predict_seconds_singles']} s (ratio {c['predict_time_ratio']})")
+    t = c["cnn_seconds"]
+    print(f"CNN alone on {t['cubes']} cubes (best of 3, interleaved): two {t['two']} s, PSII "
+          f"{t['PSII']} s + b6f {t['b6f']} s (ratio {c['cnn_time_ratio']})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=103, help="campaign seed (not a tuning seed)")
+    ap.add_argument("--n-test", type=int, default=2, help="held-out tomograms")
+    ap.add_argument("--shape", type=int, nargs=3, default=[128, 256, 256], help="z y x voxels")
+    ap.add_argument("--voxel-size", type=float, default=13.68, help="Å per voxel")
+    ap.add_argument("--max-epochs", type=int, default=12, help="training epochs at most")
+    ap.add_argument("--patience", type=int, default=4, help="early-stop patience (epochs)")
+    ap.add_argument("--timing-cubes", type=int, default=16384,
+                    help="test cubes of the interleaved CNN timing")
+    ap.add_argument("--work", type=Path, default=None, help="working folder (default: temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the working folder")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("membrain_dist").setLevel(logging.WARNING)
+    base = args.work or Path(tempfile.mkdtemp(prefix="membrain-multiclass-"))
+    t0 = time.perf_counter()
+    try:
+        res = run(args, base)
+        report = {
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": f"{platform.node()} ({os.cpu_count()} cpus), torch {torch.__version__}",
+            "shape_zyx": list(args.shape), "voxel_size_A": args.voxel_size,
+            "n_test": args.n_test, "max_epochs": args.max_epochs, "patience": args.patience,
+            **res, "seconds": round(time.perf_counter() - t0),
+        }
+        _print(report)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {args.out}")
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -234,7 +234,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _picking_line(metrics: dict) -> str:
-    """What ``train`` learnt about picking: the calibrated threshold and the pick height."""
+    """What ``train`` learnt about picking: the calibrated threshold and the pick height (one
+    line per class for a multi-class model)."""
+    if metrics.get("classes"):
+        return "\n".join(f"{name}: {_picking_line(m)}" for name, m in metrics["classes"].items())
     cal = metrics.get("calibration") or {}
     height = f"picks {metrics.get('pick_height', 0.0):.2f} voxels off the face"
     if cal.get("score_threshold") is None:
@@ -251,6 +254,8 @@ def _check_training_inputs(rows, cfg) -> None:
 
     check_particle_tables(rows, training=True)
     check_template(cfg.labels.template)
+    for template in cfg.labels.class_templates:
+        check_template(template or None)
 
 
 def _outputs(out_arg: str, store_arg: str | None, default_store=None) -> tuple[Path, Path]:
@@ -296,6 +301,8 @@ def _predict_config(args: argparse.Namespace):
         # model was trained with, its calibrated threshold and pick height) is kept
         cfg = PipelineConfig.from_toml(args.config, base=cfg)
     cfg = cfg.with_overrides("cluster", score_threshold=args.threshold)
+    if args.threshold is not None:  # --threshold: one threshold for every class
+        cfg = cfg.with_overrides("cluster", class_score_thresholds=())
     cfg = cfg.with_overrides("inference", device=args.device, batch_size=args.batch_size,
                              rotations=args.rotations)
     return cfg

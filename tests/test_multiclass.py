@@ -242,3 +242,22 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
     _, overall = evaluate_campaign(out, sheet["dir"] / "names.star")
     assert set(overall["classes"]) >= {"A", "B"}
     assert overall["classes"]["A"]["n_gt"] == 2 and overall["classes"]["B"]["n_gt"] == 2
+
+
+def test_classes_from_a_toml_config_and_v1_names(tmp_path):
+    from membrain_dist.v1 import v1_class_names
+
+    path = tmp_path / "p.toml"
+    path.write_text('[labels]\nclasses = ["PSII", "b6f"]\n'
+                    'class_radii_zyx = [[3, 6, 9], [3, 4, 6]]\n'
+                    '[cluster]\nclass_score_thresholds = [3.5, 4.5]\n')
+    cfg = PipelineConfig.from_toml(path)
+    assert cfg.labels.classes == ("PSII", "b6f") and cfg.labels.n_classes == 2
+    assert cfg.labels.class_radii_zyx == ((3.0, 6.0, 9.0), (3.0, 4.0, 6.0))
+    assert cfg.cluster.for_class(1).score_threshold == 4.5
+    assert len(pipeline.class_covariances(cfg.labels)) == 2
+    path.write_text('[labels]\nclasses = ["PSII", "PSII"]\n')
+    with pytest.raises(InputError, match="differ"):
+        PipelineConfig.from_toml(path)
+    assert v1_class_names({"part_dists": [["PSII", "UK"]]}, 1) == []
+    assert v1_class_names({"part_dists": [["PSII", "UK"], ["b6f"]]}, 2) == ["PSII+UK", "b6f"]

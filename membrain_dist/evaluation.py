@@ -383,27 +383,15 @@ def evaluate_campaign(
     if extra:
         log.warning("predictions without ground truth ignored: %s", ", ".join(extra))
     rows: list[dict] = []
-    totals = np.zeros(5, dtype=np.int64)  # n_pred, n_gt, pred_hits, gt_hits, n_matched
-    all_angles: list[np.ndarray] = []
-    all_dist: list[np.ndarray] = []
+    scored = []
     for name in sorted(gts):
         gdf = gts[name]
         pdf = preds.get(name)
         if pdf is None:
             log.warning("%s: no predictions; scored as empty", name)
-        p_zyx = star.particles_zyx(pdf) if pdf is not None else np.zeros((0, 3), np.float32)
-        p_mat = star.particles_matrices(pdf) if pdf is not None else None
-        mt = match_particles(p_zyx, star.particles_zyx(gdf), radius)
-        met, ang = _metrics(mt, p_mat, star.particles_matrices(gdf), symmetry)
-        rows.append({"tomogram": name, **dataclasses.asdict(met)})
-        totals += [met.n_pred, met.n_gt, met.pred_hits, met.gt_hits, met.n_matched]
-        all_angles.append(ang)
-        all_dist.append(mt["distances"])
-    overall_m = Metrics.from_counts(
-        *(int(t) for t in totals[:5]),
-        match_distances=np.concatenate(all_dist) if all_dist else np.zeros(0),
-        angles=np.concatenate(all_angles) if all_angles else np.zeros(0),
-    )
+        scored.append(_score_table(pdf, gdf, radius, symmetry))
+        rows.append({"tomogram": name, **dataclasses.asdict(scored[-1][0])})
+    overall_m = _pooled(scored)
     overall: dict = {
         "n_tomograms": len(rows),
         "radius": float(radius),
@@ -417,45 +405,49 @@ def evaluate_campaign(
     return pd.DataFrame(rows, columns=columns), overall
 
 
-def particle_classes(df: pd.DataFrame | None) -> np.ndarray | None:
-    """The class of each particle as a string: ``mbClassName``, else ``rlnClassNumber``;
-    None when the table has neither (or is None)."""
-    if df is None:
-        return None
-    for col in ("mbClassName", "rlnClassNumber"):
-        if col in df.columns:
-            return df[col].astype(str).to_numpy()
-    return None
+def _score_table(pdf: pd.DataFrame | None, gdf: pd.DataFrame, radius: float, symmetry: int
+                 ) -> tuple[Metrics, np.ndarray, np.ndarray]:
+    """Figures of one table of picks (None: no picks) against one of ground truth, with the
+    matched pairs' in-plane errors (degrees) and distances (voxels)."""
+    p_zyx = star.particles_zyx(pdf) if pdf is not None else np.zeros((0, 3), np.float32)
+    p_mat = star.particles_matrices(pdf) if pdf is not None else None
+    mt = match_particles(p_zyx, star.particles_zyx(gdf), radius)
+    met, ang = _metrics(mt, p_mat, star.particles_matrices(gdf), symmetry)
+    return met, ang, mt["distances"]
+
+
+def _pooled(scored: list[tuple[Metrics, np.ndarray, np.ndarray]]) -> Metrics:
+    """:class:`Metrics` of summed counts (angles and distances pooled) of several tables."""
+    totals = np.zeros(5, dtype=np.int64)  # n_pred, n_gt, pred_hits, gt_hits, n_matched
+    for met, _, _ in scored:
+        totals += [met.n_pred, met.n_gt, met.pred_hits, met.gt_hits, met.n_matched]
+    return Metrics.from_counts(
+        *(int(t) for t in totals),
+        match_distances=np.concatenate([d for _, _, d in scored]) if scored else np.zeros(0),
+        angles=np.concatenate([a for _, a, _ in scored]) if scored else np.zeros(0),
+    )
 
 
 def _class_metrics(preds: dict[str, pd.DataFrame], gts: dict[str, pd.DataFrame],
                    radius: float, symmetry: int) -> dict[str, dict]:
     """Figures per class (summed over tomograms) when the truth and the picks name classes
-    the same way (both ``mbClassName`` or both ``rlnClassNumber``); ``{}`` otherwise."""
+    the same way (both ``mbClassName`` or both ``rlnClassNumber``); ``{}`` otherwise. Each
+    class's picks are matched to that class's truth only."""
     col = next((c for c in ("mbClassName", "rlnClassNumber")
                 if any(c in g.columns for g in gts.values())
                 and any(c in p.columns for p in preds.values())), None)
     if col is None:
         return {}
-    sums: dict[str, list] = {}
+    scored: dict[str, list] = {}
     for name, gdf in gts.items():
         pdf = preds.get(name)
         gk = gdf[col].astype(str).to_numpy() if col in gdf else np.full(len(gdf), "")
-        pk = (pdf[col].astype(str).to_numpy() if pdf is not None and col in pdf
-              else np.zeros(0, str))
+        pk = (np.zeros(0, str) if pdf is None else pdf[col].astype(str).to_numpy()
+              if col in pdf else np.full(len(pdf), ""))
         for k in sorted(set(gk.tolist()) | set(pk.tolist())):
-            g, p = gdf[gk == k], (pdf[pk == k] if pdf is not None else None)
-            p_zyx = star.particles_zyx(p) if p is not None else np.zeros((0, 3), np.float32)
-            mt = match_particles(p_zyx, star.particles_zyx(g), radius)
-            met, ang = _metrics(mt, star.particles_matrices(p) if p is not None else None,
-                                star.particles_matrices(g), symmetry)
-            acc = sums.setdefault(k, [np.zeros(5, np.int64), [], []])
-            acc[0] += [met.n_pred, met.n_gt, met.pred_hits, met.gt_hits, met.n_matched]
-            acc[1].append(mt["distances"])
-            acc[2].append(ang)
-    return {k: Metrics.from_counts(*(int(t) for t in tot), match_distances=np.concatenate(d),
-                                   angles=np.concatenate(a)).to_dict()
-            for k, (tot, d, a) in sums.items()}
+            scored.setdefault(k, []).append(_score_table(
+                pdf[pk == k] if pdf is not None else None, gdf[gk == k], radius, symmetry))
+    return {k: _pooled(v).to_dict() for k, v in scored.items()}
 
 
 _TABLE_COLUMNS = (

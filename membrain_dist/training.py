@@ -44,6 +44,7 @@ from membrain_dist.model import MemBrainCNN
 __all__ = [
     "TrainConfig",
     "draw_epoch",
+    "draw_class_epoch",
     "stratified_subset",
     "EpochStats",
     "TrainResult",
@@ -396,12 +397,38 @@ def _evaluate(model: MemBrainCNN, x: torch.Tensor, y: torch.Tensor, bs: int, bet
             pred = folded(x[s : s + bs].unsqueeze(1).contiguous(memory_format=layout)).float()
             losses.append(F.smooth_l1_loss(pred, y[s : s + bs], beta=beta, reduction="none"))
     per_row = torch.cat(losses).double()
-    if per_row.dim() == 2:  # one loss per class: their mean
-        per_row = per_row.mean(1)
-    near = _near(y)
+    if per_row.dim() == 2:  # one loss per class: the mean of each class's (balanced) loss
+        return sum(_balanced_mean(per_row[:, c], y[:, c] < y.max() - 1e-4, balance)
+                   for c in range(per_row.shape[1])) / per_row.shape[1]
+    return _balanced_mean(per_row, _near(y), balance)
+
+
+def _balanced_mean(per_row: torch.Tensor, near: torch.Tensor, balance: float) -> float:
+    """Mean of ``per_row``; with ``balance`` > 0 the ``near`` and far rows' means weighted
+    ``balance : 1 - balance``."""
     if balance <= 0 or not bool(near.any()) or bool(near.all()):
         return float(per_row.mean())
     return float(balance * per_row[near].mean() + (1 - balance) * per_row[~near].mean())
+
+
+def draw_class_epoch(
+    y: torch.Tensor,
+    balance: float,
+    min_cubes: int,
+    gen: torch.Generator,
+    max_cubes: int | None = None,
+) -> torch.Tensor:
+    """Row indices of one balanced epoch for ``(N, C)`` labels, shuffled: one
+    :func:`draw_epoch` per class (near = below that class's clip, with ``1/C`` of the epoch
+    bounds), so that a class with few annotations is as present as a frequent one: the rows
+    far from class ``c`` (near another class or none) are its negatives."""
+    n_classes = int(y.shape[1])
+    near = y < y.max() - 1e-4
+    parts = [draw_epoch(near[:, c], balance, max(2, math.ceil(min_cubes / n_classes)), gen,
+                        None if max_cubes is None else max(2, max_cubes // n_classes))
+             for c in range(n_classes)]
+    rows = torch.cat(parts)
+    return rows[torch.randperm(len(rows), generator=gen, device=rows.device)]
 
 
 def draw_epoch(
@@ -632,7 +659,10 @@ def _train(
         for epoch in range(1, cfg.max_epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            if cfg.epoch == "balanced":
+            if cfg.epoch == "balanced" and y.dim() == 2:
+                perm = draw_class_epoch(y, cfg.balance, cfg.min_epoch_cubes, gen,
+                                        cfg.max_epoch_cubes)
+            elif cfg.epoch == "balanced":
                 perm = draw_epoch(near, cfg.balance, cfg.min_epoch_cubes, gen,
                                   cfg.max_epoch_cubes)
             else:

@@ -261,3 +261,20 @@ def test_classes_from_a_toml_config_and_v1_names(tmp_path):
         PipelineConfig.from_toml(path)
     assert v1_class_names({"part_dists": [["PSII", "UK"]]}, 1) == []
     assert v1_class_names({"part_dists": [["PSII", "UK"], ["b6f"]]}, 2) == ["PSII+UK", "b6f"]
+
+
+def test_class_epochs_give_a_rare_class_its_share():
+    from membrain_dist.training import draw_class_epoch, draw_epoch
+
+    y = torch.full((10000, 2), 7.0)
+    y[:2000, 0] = 1.0  # a frequent class
+    y[2000:2100, 1] = 1.0  # a rare one: 100 near rows
+    gen = torch.Generator().manual_seed(0)
+    rows = draw_class_epoch(y, 0.5, 4096, gen, 12288)
+    share = (y[rows] < 7.0).float().mean(0)
+    assert set(range(2000, 2100)) <= set(rows.tolist()) and len(rows) <= 12288
+    # each class's draw is balanced on its own: the rare class's 100 rows are repeated to a
+    # sixth of the epoch, where one draw over "near any class" gives them a few percent
+    assert float(share[1]) > 0.15 and float(share[0]) > 0.25
+    plain = draw_epoch((y < 7.0).any(1), 0.5, 4096, gen, 12288)
+    assert float((y[plain, 1] < 7.0).float().mean()) < 0.05

@@ -572,12 +572,13 @@ def write_tomograms_star(path: str | os.PathLike, root: str | os.PathLike,
 
 # --------------------------------------------------------------------------- training
 def _particles_of(path: str | os.PathLike, name: str) -> pd.DataFrame:
-    """Rows of a STAR for tomogram ``name`` (a single-tomogram STAR under another name too)."""
+    """Rows of a STAR for tomogram ``name`` (a single-tomogram STAR under another name too;
+    a STAR without rows: none, a tomogram annotated as holding no particle)."""
     df = read_particles(path)
     names = df["rlnTomoName"].astype(str)
     if (names == name).any():
         return df[names == name].reset_index(drop=True)
-    if names.nunique() == 1:
+    if names.nunique() <= 1:
         return df.reset_index(drop=True)
     found = sorted(set(names))[:5]
     raise InputError(path, f"no particles with rlnTomoName {name!r} (found {found})")

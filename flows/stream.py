@@ -18,6 +18,10 @@ Bounded in flight:
   cut them to the one that scores them through dask, in memory, never through the store or
   this process.
 
+Without workers set apart for inference (no ``GPU`` resource: a local or CPU-only cluster) a
+membrane's geometry, scoring (cubes cut in memory) and clustering are one task: fewer, larger
+tasks, and no cube ever leaves the worker that cut it. With them:
+
 Where the cubes are cut (``Schedule.cut_on``): ``inference`` — the scoring task cuts its own
 cubes part by part (one task per membrane; the only choice when the inference workers are on
 another scheduler, e.g. the SLURM GPU cluster, since dask moves data only between workers of one
@@ -56,6 +60,7 @@ from .tasks import (
     convert_task,
     cut_task,
     geometry_task,
+    membrane_task,
     outputs_task,
     score_part_task,
     score_task,
@@ -66,7 +71,8 @@ log = logging.getLogger(__name__)
 Failures = dict[str, str]
 
 #: dask priorities: a later stage runs before an earlier one when both wait for a worker
-PRIORITY = {"convert": 0, "geometry": 1, "cut": 2, "score": 3, "cluster": 4, "outputs": 5}
+PRIORITY = {"convert": 0, "geometry": 1, "membrane": 1, "cut": 2, "score": 3, "cluster": 4,
+            "outputs": 5}
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,14 @@ class StreamRun:
         if not t.mids:
             self._outputs(name)
         for mid in t.mids:
+            if not self.gpu_resource:  # no inference workers apart: one task per membrane
+                self._submit("membrane", name, mid, membrane_task,
+                             dict(root=self.root, name=name, membrane_id=mid,
+                                  gcfg=self.cfg.geometry, side=sides[mid],
+                                  keep_cubes=self.schedule.keep_cubes, model_dir=self.model_dir,
+                                  icfg=self.cfg.inference, part_points=self.schedule.part_points,
+                                  ccfg=self.cfg.cluster, ocfg=self.cfg.orientation))
+                continue
             self._submit("geometry", name, mid, geometry_task,
                          dict(root=self.root, name=name, membrane_id=mid, cfg=self.cfg.geometry,
                               side=sides[mid], keep_cubes=self.schedule.keep_cubes))
@@ -329,6 +343,12 @@ class StreamRun:
         elif kind == "score":
             self._tick("inference")
             self._cluster(name, key, None)
+        elif kind == "membrane":
+            for stage in ("geometry", "inference", "particles"):
+                self._tick(stage)
+            t.to_cluster -= 1
+            if t.to_cluster == 0:
+                self._outputs(name)
         elif kind == "cluster":
             self._tick("particles")
             t.to_cluster -= 1

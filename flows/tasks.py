@@ -91,6 +91,19 @@ def cluster_task(root: str, name: str, membrane_id: int, ccfg: ClusterConfig,
     return pipeline.cluster_membrane(root, name, membrane_id, ccfg, ocfg)
 
 
+@task(name="membrane", task_run_name="membrane-{name}-m{membrane_id}", **_COMMON)
+def membrane_task(root: str, name: str, membrane_id: int, gcfg: GeometryConfig, side: SideSpec,
+                  keep_cubes: bool, model_dir: str, icfg: InferenceConfig, part_points: int,
+                  ccfg: ClusterConfig, ocfg: OrientationConfig) -> int:
+    """Geometry, scores (cubes cut here, in memory) and clusters of one membrane in one task:
+    when no worker is set apart for inference, one task instead of three per membrane.
+    Returns the number of points."""
+    n = pipeline.geometry_membrane(root, name, membrane_id, gcfg, side, keep_cubes)
+    pipeline.score_membrane(root, name, membrane_id, model_dir, icfg, gcfg, part_points)
+    pipeline.cluster_membrane(root, name, membrane_id, ccfg, ocfg)
+    return n
+
+
 @task(name="outputs", task_run_name="outputs-{name}", **_COMMON)
 def outputs_task(root: str, name: str, out_dir: str, gt_star: str | None,
                  score_threshold: float, pcfg: PickConfig,

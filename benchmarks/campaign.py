@@ -23,6 +23,9 @@ In one run, each part on a fresh store:
     this process without dask or Prefect (``pipeline.predict_sequential``: the compute the
     tasks hold). Per task: (wall x workers - compute) / tasks; and the campaign's wall time
     over its compute.
+(d) ``--e2e 300x1000x1000``: ``membrain-dist predict`` end to end on one large synthetic
+    tomogram (``benchmarks/scale.py``'s tomogram and E2E runner), 2 workers x 1 thread: wall
+    time and peak RSS per worker.
 
 The model is the one ``benchmarks/scale.py`` trains once and caches (``--work``), or
 ``--model``. Prints a table and writes ``benchmarks/results/campaign.json``.
@@ -229,6 +232,17 @@ def part_c(manifest: Path, model_dir: Path, work: Path, cfg: Any) -> dict:
             "same_stars": same_picks(work / "tiny_stream" / "pred", seq_dir / "pred")}
 
 
+def part_d(shape: tuple[int, int, int], work: Path, model_dir: Path, rotations: int) -> dict:
+    """``membrain-dist predict`` end to end on one large tomogram, 2 workers (scale.run_e2e)."""
+    manifest, gen = scale.ensure_tomogram(work, shape)
+    e2e = scale.run_e2e(manifest, model_dir, work / "runs" / scale.size_tag(shape), 2, False,
+                        rotations)
+    return {"shape_zyx": list(shape), "rotations": rotations, "seconds": round(e2e["seconds"], 1),
+            "peak_rss_mb_per_worker": e2e["peak_rss_mb_per_worker"],
+            "driver_peak_rss_mb": round(e2e["driverpeak_rss_mb_polled"]),
+            "particles": e2e["particles"], "command": e2e["command"], "generation": gen}
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -236,6 +250,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", type=int, default=200, help="tiny tomograms of part (c); 0: skip")
     ap.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=4)
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--e2e", type=scale.parse_size, nargs="*", default=[],
+                    help="also time `membrain-dist predict` end to end on these sizes (ZxYxX, "
+                         "e.g. 300x1000x1000), 2 workers x 1 thread (part d)")
+    ap.add_argument("--e2e-rotations", type=int, choices=(1, 2, 4, 8), default=1,
+                    help="scoring passes of part (d) (default 1)")
+    ap.add_argument("--skip-a", action="store_true", help="skip parts (a) and (b)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/membrain-bench-campaign"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "campaign.json")
     args = ap.parse_args(argv)
@@ -251,15 +271,19 @@ def main(argv: list[str] | None = None) -> dict:
                            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                            "model": model_info, "rotations": args.rotations}
     small = args.work / f"small_{args.tomos}"
-    if not (small / "manifest.csv").is_file():
+    if not args.skip_a and not (small / "manifest.csv").is_file():
         generate_campaign(small, n_tomos=args.tomos, seed=31, cfg=SMALL, n_train=0)
     with prefect_api():
-        doc["a_stream_vs_stages"] = part_a(small / "manifest.csv", model_dir, args.work, cfg)
+        if not args.skip_a:
+            doc["a_stream_vs_stages"] = part_a(small / "manifest.csv", model_dir, args.work, cfg)
         if args.tiny:
             tiny = args.work / f"tiny_{args.tiny}"
             if not (tiny / "manifest.csv").is_file():
                 generate_campaign(tiny, n_tomos=args.tiny, seed=32, cfg=TINY, n_train=0)
             doc["c_tiny"] = part_c(tiny / "manifest.csv", model_dir, args.work, cfg)
+    if args.e2e:  # outside the API above: run_e2e starts its own, as the CLI would find one
+        doc["d_e2e"] = [part_d(shape, args.work, model_dir, args.e2e_rotations)
+                        for shape in args.e2e]
     doc["seconds"] = round(time.perf_counter() - t_all, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -269,6 +293,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(doc: dict) -> None:
+    if "a_stream_vs_stages" in doc:
+        report_a(doc)
+    if "c_tiny" in doc:
+        c = doc["c_tiny"]
+        print(f"(c) {c['tomograms']} tiny tomograms, {c['tasks']} tasks on 2 workers: wall "
+              f"{c['wall_s']:.1f} s, compute {c['compute_s']:.1f} s, overhead per task "
+              f"{c['overhead_per_task_s'] * 1000:.0f} ms, wall / compute "
+              f"{c['wall_over_compute']:.2f}; same STARs as sequential: {c['same_stars']}")
+    for d in doc.get("d_e2e", []):
+        print(f"(d) predict end to end, {scale.size_tag(d['shape_zyx'])}, {d['rotations']} "
+              f"scoring pass(es), 2 workers: {d['seconds']:.1f} s, peak RSS per worker "
+              f"{'/'.join(f'{x:.0f}' for x in d['peak_rss_mb_per_worker'])} MB, "
+              f"{d['particles']} particles")
+
+
+def report_a(doc: dict) -> None:
     a = doc["a_stream_vs_stages"]
     print(f"\n(a) {doc['rotations']} scoring passes; 1 CPU worker + 1 inference worker")
     print(f"{'flow':24s} {'wall s':>8s} {'busy CPU':>9s} {'busy inf':>9s} {'store/arrays':>13s}")
@@ -283,12 +323,6 @@ def report(doc: dict) -> None:
     print(f"(b) store / (tomogram + label arrays) without cubes: {worst:.2f} "
           f"(target <= {STORE_TARGET}: {'yes' if worst <= STORE_TARGET else 'no'}); "
           f"with cubes (stages): {a['stages']['store_over_arrays']:.2f}")
-    if "c_tiny" in doc:
-        c = doc["c_tiny"]
-        print(f"(c) {c['tomograms']} tiny tomograms, {c['tasks']} tasks on 2 workers: wall "
-              f"{c['wall_s']:.1f} s, compute {c['compute_s']:.1f} s, overhead per task "
-              f"{c['overhead_per_task_s'] * 1000:.0f} ms, wall / compute "
-              f"{c['wall_over_compute']:.2f}; same STARs as sequential: {c['same_stars']}")
 
 
 if __name__ == "__main__":

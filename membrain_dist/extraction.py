@@ -29,6 +29,7 @@ from scipy import ndimage
 
 __all__ = [
     "Intensity",
+    "batch_blocks",
     "rotation_frames",
     "cube_offsets",
     "normalise_intensity",
@@ -241,6 +242,39 @@ def bounded_batches(points: np.ndarray, shape_zyx: np.ndarray | tuple[int, int, 
     return out
 
 
+def batch_blocks(
+    read_volume: ReadVolume,
+    shape_zyx: tuple[int, int, int],
+    points: np.ndarray,
+    normals: np.ndarray,
+    *,
+    size: int = 12,
+    order: int = 1,
+    batch_size: int = 2048,
+    intensity: Intensity | None = None,
+    frames: np.ndarray | None = None,
+    max_block_voxels: int | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(start, block, local, frames)`` per batch of :func:`extract_batches`: the
+    normalised float32 block the batch's cubes are cut from, the batch's points in block
+    coordinates and its cube frames (B, 3, 3). What an interpolator needs, on any device."""
+    pts = np.asarray(points, np.float32)
+    nrm = np.asarray(normals, np.float32)
+    shape = np.asarray(shape_zyx, np.int64)
+    margin = _margin(size, order, intensity.lowpass if intensity is not None else 0.0)
+    for start, stop, lo, hi in bounded_batches(pts, shape, margin, batch_size,
+                                               max_block_voxels):
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        block = np.asarray(read_volume(sl), np.float32)
+        if intensity is not None:
+            block = normalise_intensity(block, intensity)
+        if frames is None:
+            fr = rotation_frames(nrm[start:stop])
+        else:
+            fr = np.asarray(frames[start:stop], np.float32)
+        yield start, block, pts[start:stop] - lo.astype(np.float32), fr
+
+
 def extract_batches(
     read_volume: ReadVolume,
     shape_zyx: tuple[int, int, int],
@@ -289,22 +323,10 @@ def extract_batches(
     tomograms whatever the points' order; batches then start at any row, not only at
     multiples of ``batch_size``. Box corners are int64 (index spaces beyond 2^31 voxels).
     """
-    pts = np.asarray(points, np.float32)
-    nrm = np.asarray(normals, np.float32)
-    shape = np.asarray(shape_zyx, np.int64)
-    margin = _margin(size, order, intensity.lowpass if intensity is not None else 0.0)
-    for start, stop, lo, hi in bounded_batches(pts, shape, margin, batch_size,
-                                               max_block_voxels):
-        p = pts[start:stop]
-        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        block = np.asarray(read_volume(sl), np.float32)
-        if intensity is not None:
-            block = normalise_intensity(block, intensity)
-        if frames is None:
-            fr = rotation_frames(nrm[start:stop])
-        else:
-            fr = np.asarray(frames[start:stop], np.float32)
-        local = p - lo.astype(np.float32)
+    for start, block, local, fr in batch_blocks(
+            read_volume, shape_zyx, points, normals, size=size, order=order,
+            batch_size=batch_size, intensity=intensity, frames=frames,
+            max_block_voxels=max_block_voxels):
         if order == 1:
             yield start, _trilinear_cubes(block, local, fr, size)
             continue
@@ -315,7 +337,7 @@ def extract_batches(
             block, coords.reshape(3, -1), order=order, mode="nearest", prefilter=False,
             output=np.float32,
         )
-        yield start, cubes.reshape(p.shape[0], size, size, size)
+        yield start, cubes.reshape(local.shape[0], size, size, size)
 
 
 def extract_cubes(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,18 +174,62 @@ def _region_reader(tomo, shape: tuple[int, int, int], zyx: np.ndarray, size: int
     return read_volume, None
 
 
-def _cube_batches(root: Path, name: str, meta: store.TomogramMeta, zyx: np.ndarray,
-                  normal: np.ndarray, cfg: GeometryConfig):
-    """``extract_batches`` of the cubes of ``zyx``/``normal`` from the stored tomogram
-    (normalised as ``meta.intensity`` says), reading one region when it is small enough."""
+@dataclass(frozen=True)
+class CubeSource:
+    """What cutting the cubes of some points needs: a block reader of the tomogram, its shape
+    (z, y, x), the points (N, 3) and normals (N, 3), and the normalisation to apply to read
+    blocks (None when ``read_volume`` returns normalised values already)."""
+
+    read_volume: Callable[[tuple[slice, slice, slice]], np.ndarray]
+    shape_zyx: tuple[int, int, int]
+    zyx: np.ndarray
+    normal: np.ndarray
+    intensity: Intensity | None
+
+
+def cube_source(root: Path, name: str, meta: store.TomogramMeta, zyx: np.ndarray,
+                normal: np.ndarray, cfg: GeometryConfig) -> CubeSource:
+    """The stored tomogram as a :class:`CubeSource` of ``zyx``/``normal`` (normalised as
+    ``meta.intensity`` says; one region read when it is small enough)."""
     shape = tuple(int(s) for s in meta.shape_zyx)
     intensity = cube_intensity(meta.intensity, cfg)
     if intensity is None:
         log.warning("%s: no intensity attrs, cubes keep raw intensities", name)
     tomo = store.tomogram_array(root, name)
     read_volume, intensity = _region_reader(tomo, shape, zyx, cfg.cube_size, cfg.order, intensity)
-    return extract_batches(read_volume, shape, zyx, normal, size=cfg.cube_size, order=cfg.order,
-                           batch_size=cfg.batch_size, intensity=intensity)
+    return CubeSource(read_volume, shape, zyx, normal, intensity)
+
+
+def _cube_batches(src: CubeSource, cfg: GeometryConfig):
+    return extract_batches(src.read_volume, src.shape_zyx, src.zyx, src.normal,
+                           size=cfg.cube_size, order=cfg.order, batch_size=cfg.batch_size,
+                           intensity=src.intensity)
+
+
+def stored_cubes(root: str | os.PathLike, name: str, membrane_id: int) -> bool:
+    """Whether the membrane's geometry group kept its cubes (``keep_cubes``)."""
+    path = Path(root).joinpath(*geometry_key(name, membrane_id).split("/"))
+    return (path / "cubes" / "zarr.json").is_file()
+
+
+def membrane_source(root: str | os.PathLike, name: str, membrane_id: int,
+                    cfg: GeometryConfig | None = None, start: int = 0,
+                    stop: int | None = None) -> CubeSource:
+    """:class:`CubeSource` of the points ``start:stop`` of one membrane's stored geometry."""
+    import zarr
+
+    cfg = cfg or GeometryConfig()
+    root = Path(root)
+    key = geometry_key(name, membrane_id)
+    if _existing_attrs(root, key) is None:
+        raise KeyError(f"{root}: no geometry group {key}")
+    g = zarr.open_group(store=str(root), path=key, mode="r")
+    zyx = np.asarray(g["zyx"][start:stop], np.float32)
+    normal = np.asarray(g["normal"][start:stop], np.float32)
+    meta = store.read_meta(root, name)
+    if meta is None:
+        raise KeyError(f"{root}: no complete tomogram group {name!r}")
+    return cube_source(root, name, meta, zyx, normal, cfg)
 
 
 def membrane_cubes(root: str | os.PathLike, name: str, membrane_id: int,
@@ -198,23 +243,15 @@ def membrane_cubes(root: str | os.PathLike, name: str, membrane_id: int,
     import zarr
 
     cfg = cfg or GeometryConfig()
-    root = Path(root)
-    key = geometry_key(name, membrane_id)
-    if _existing_attrs(root, key) is None:
-        raise KeyError(f"{root}: no geometry group {key}")
-    g = zarr.open_group(store=str(root), path=key, mode="r")
-    if "cubes" in g:
+    if stored_cubes(root, name, membrane_id):
+        g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
         return np.asarray(g["cubes"][start:stop], np.float32)
-    zyx = np.asarray(g["zyx"][start:stop], np.float32)
-    normal = np.asarray(g["normal"][start:stop], np.float32)
+    src = membrane_source(root, name, membrane_id, cfg, start, stop)
     s = cfg.cube_size
-    out = np.empty((zyx.shape[0], s, s, s), np.float32)
-    if zyx.shape[0] == 0:
+    out = np.empty((src.zyx.shape[0], s, s, s), np.float32)
+    if src.zyx.shape[0] == 0:
         return out
-    meta = store.read_meta(root, name)
-    if meta is None:
-        raise KeyError(f"{root}: no complete tomogram group {name!r}")
-    for first, batch in _cube_batches(root, name, meta, zyx, normal, cfg):
+    for first, batch in _cube_batches(src, cfg):
         out[first : first + batch.shape[0]] = batch
     return out
 
@@ -316,7 +353,8 @@ def process_membrane(
                 config={"write_empty_chunks": True},
             )
             if n:
-                for start, batch in _cube_batches(root, name, meta, zyx, normal, cfg):
+                src = cube_source(root, name, meta, zyx, normal, cfg)
+                for start, batch in _cube_batches(src, cfg):
                     store.write_rows(cubes, start, batch)
         g.attrs.update({
             "provenance": prov,

@@ -48,8 +48,10 @@ from .geometry import (
     cube_intensity,
     geometry_key,
     membrane_cubes,
+    membrane_source,
     process_membrane,
     read_geometry,
+    stored_cubes,
 )
 from .labels import ellipsoid_covariance, face_labels, template_covariance
 from .manifest import TomogramEntry
@@ -329,6 +331,13 @@ class ScoreParts:
     part_points: int = PART_POINTS
 
 
+def cuts_on_device(cfg: InferenceConfig, device: str, gcfg: GeometryConfig) -> bool:
+    """Whether scoring cuts its cubes on the inference device (``InferenceConfig.cutter``)."""
+    if gcfg.order != 1 or cfg.cutter == "host":
+        return False
+    return cfg.cutter == "device" or str(device).startswith("cuda")
+
+
 def score_membrane(
     root: str | os.PathLike,
     name: str,
@@ -347,7 +356,7 @@ def score_membrane(
     per worker process (``inference.get_model``). Returns the number of points scored.
     Skipped when the stored scores were made by the same model from the same geometry.
     """
-    from .inference import predict_distances
+    from .inference import predict_distances, predict_points
 
     gattrs, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
     gkey = geometry_key(name, membrane_id)
@@ -357,15 +366,22 @@ def score_membrane(
         log.info("%s: current, skipped", skey)
         return int(gattrs["n_points"])
     model, device = _scoring_model(root, name, model_dir, cfg)
-    if (Path(root).joinpath(*gkey.split("/")) / "cubes" / "zarr.json").is_file():
+    gcfg = gcfg or GeometryConfig()
+    kw = dict(batch_size=cfg.batch_size, device=device, rotations=cfg.rotations)
+    ranges = point_parts(int(gattrs["n_points"]), part_points)
+    if stored_cubes(root, name, membrane_id):
         cubes = zarr.open_array(store=str(root), path=f"{gkey}/cubes", mode="r")
-        parts = [predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
-                                   rotations=cfg.rotations)]
+        parts = [predict_distances(model, cubes, **kw)]
+    elif cuts_on_device(cfg, device, gcfg):
+        parts = []
+        for a, b in ranges:
+            src = membrane_source(root, name, membrane_id, gcfg, a, b)
+            parts.append(predict_points(model, src.read_volume, src.shape_zyx, src.zyx,
+                                        src.normal, size=gcfg.cube_size,
+                                        intensity=src.intensity, **kw))
     else:
         parts = [predict_distances(model, membrane_cubes(root, name, membrane_id, gcfg, a, b),
-                                   batch_size=cfg.batch_size, device=device,
-                                   rotations=cfg.rotations)
-                 for a, b in point_parts(int(gattrs["n_points"]), part_points)]
+                                   **kw) for a, b in ranges]
     n = store_scores(root, name, membrane_id, model_dir, cfg, parts)
     log.info("%s: %d points scored on %s", skey, n, device)
     return n

@@ -115,3 +115,39 @@ def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
     # worker when it has nothing to score: CPU stages may use any worker)
     assert where.get("score") == {gpu_addr}, where
     assert where.get("cut", set()) - {gpu_addr}, where
+
+
+def test_a_failing_tomogram_is_isolated_and_frees_its_slot(test_manifest, trained_model,
+                                                           sequential_prediction, tmp_path):
+    """A row whose segmentation is empty (found only when its data are read) fails with the
+    file and the problem named; with a window of one tomogram the rows after it still run,
+    and their STARs are the sequential path's."""
+    import dataclasses
+
+    import numpy as np
+
+    from flows.predict import predict_campaign
+    from flows.runtime import ClusterSpec, prefect_api
+    from flows.stream import Schedule
+    from membrain_dist.manifest import read_manifest, write_manifest
+    from membrain_dist.mrc import open_volume, write_volume
+
+    good = read_manifest(test_manifest)
+    seg = tmp_path / "empty_seg.mrc"
+    write_volume(seg, np.zeros(open_volume(good[0].segmentation).shape, np.uint8),
+                 good[0].voxel_size_A or 14.08)
+    bad = dataclasses.replace(good[0], name="empty", segmentation=seg, particles=None)
+    manifest = tmp_path / "m.csv"
+    write_manifest([bad, *good], manifest)
+    with prefect_api():
+        result = predict_campaign(str(manifest), str(trained_model), str(tmp_path / "pred"),
+                                  str(tmp_path / "store.zarr"),
+                                  cluster=ClusterSpec(n_workers=2, memory_limit="4GiB"),
+                                  schedule=Schedule(window=1))
+    assert list(result.failures) == ["empty"]
+    assert "empty segmentation" in result.failures["empty"] and str(seg) in \
+        result.failures["empty"]
+    names = [e.name for e in good]
+    assert sorted(result.summaries) == sorted(names)
+    assert not (tmp_path / "pred" / "empty.star").exists()
+    _assert_same_picks(_picks(tmp_path / "pred", names), _picks(sequential_prediction, names))

@@ -220,9 +220,10 @@ class StreamRun:
         parts = pipeline.point_parts(n, self.schedule.part_points)
         todo = [p for p in parts
                 if not pipeline.part_current(self.root, name, mid, self.model_dir, inf, *p)]
-        self.membranes[(name, mid)] = _Membrane(parts, len(todo))
-        if not todo:
+        if not todo:  # every part scored by an earlier, interrupted run
             self._cluster(name, mid, self._parts_spec())
+            return
+        self.membranes[(name, mid)] = _Membrane(parts, len(todo))
         self.parts_queue.extend((name, mid, a, b) for a, b in todo)
 
     def _pump_parts(self) -> None:
@@ -374,11 +375,11 @@ class StreamRun:
     def execute(self) -> tuple[dict[str, dict], Failures]:
         self._admit()
         while self.running:
-            self._pump_parts()
             (kind, name, key), fut = self.done_q.get()
             self._event(kind, name, key, fut)
             self._retire()
             self._admit()
+            self._pump_parts()  # before the loop's test: an event may queue the only work left
         return self.summaries, self.failures
 
 

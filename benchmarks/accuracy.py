@@ -157,7 +157,7 @@ def density_picker(store: Path, val: list, test: list, cfg: PipelineConfig,
     """Calibrate the density score's threshold on the val rows, pick the test rows."""
     from membrain_dist.star import particles_frame, write_particles
 
-    vs = pipeline.training_set(store, val, cfg.labels)
+    vs = pipeline.training_set(store, val, cfg.labels, cfg.geometry)
     scores = density_scores(vs.cubes)
     rows = pipeline.calibration_rows(vs, np.arange(len(vs)), scores)
     grid = np.quantile(scores, np.linspace(0.01, 0.3, 30))

@@ -11,6 +11,8 @@ pipeline) at each batch size; the naive reference in the same run feeds one cube
 (batch size 1, result fetched each time). On CPU the figures are also given per torch thread
 (``torch.get_num_threads``); on CUDA the GPU name is recorded, timings are bracketed by
 ``torch.cuda.synchronize`` and the throughput with the cubes already on the GPU is reported too.
+Per device also the cutting of the cubes from a volume, on the host (numpy trilinear) and on the
+device (``grid_sample``), alone and followed by scoring (``InferenceConfig.cutter``).
 
 Prints a table and writes ``benchmarks/results/inference.json``: ``cubes_per_s[device][batch]``,
 ``reference_cubes_per_s[device]``, ``threads``, ``device_name``, ... Entries of devices not
@@ -90,6 +92,49 @@ def _reference(model: MemBrainCNN, cubes: np.ndarray, dev: torch.device) -> np.n
     return out
 
 
+def bench_cutting(model: MemBrainCNN, dev: torch.device, n: int, cube: int, repeats: int
+                  ) -> dict[str, Any]:
+    """Cubes/s of cutting ``n`` cubes from a 96 x 256 x 256 volume on the host (numpy
+    trilinear, ``extract_cubes``) and on the device (``grid_sample``, ``cut_cubes_torch``), and
+    of cutting + scoring both ways (``predict_distances`` of host cubes against
+    ``predict_points``): where a scoring worker should cut (``InferenceConfig.cutter``)."""
+    from membrain_dist.extraction import extract_cubes, rotation_frames
+    from membrain_dist.inference import cut_cubes_torch, default_batch_size, predict_points
+
+    rng = np.random.default_rng(1)
+    vol = rng.normal(size=(96, 256, 256)).astype(np.float32)
+    pts = (rng.uniform(0.1, 0.9, (n, 3)) * vol.shape).astype(np.float32)
+    pts = pts[np.lexsort(pts.T[::-1])]  # sampling order: compact blocks
+    nrm = rng.normal(size=(n, 3)).astype(np.float32)
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
+    bs = default_batch_size(dev)
+    blk = torch.from_numpy(vol).to(dev)
+    p_dev, f_dev = torch.from_numpy(pts).to(dev), torch.from_numpy(rotation_frames(nrm)).to(dev)
+
+    def device_cut() -> None:
+        for s in range(0, n, bs):
+            cut_cubes_torch(blk, p_dev[s : s + bs], f_dev[s : s + bs], cube)
+
+    def host_score() -> None:
+        predict_distances(model, extract_cubes(vol, pts, nrm, size=cube), bs, dev)
+
+    def device_score() -> None:
+        predict_points(model, vol.__getitem__, vol.shape, pts, nrm, size=cube, batch_size=bs,
+                       device=dev)
+
+    device_cut()  # warm-up
+    out = {"n": n, "batch_size": bs,
+           "host_cut_cubes_per_s": n / _time(lambda: extract_cubes(vol, pts, nrm, size=cube),
+                                             dev, repeats),
+           "device_cut_cubes_per_s": n / _time(device_cut, dev, repeats),
+           "host_cut_then_score_cubes_per_s": n / _time(host_score, dev, repeats),
+           "device_cut_and_score_cubes_per_s": n / _time(device_score, dev, repeats)}
+    log.info("%s cutting: host %.0f, device %.0f cubes/s; cut + score: host cut %.0f, device "
+             "cut %.0f cubes/s", dev, out["host_cut_cubes_per_s"], out["device_cut_cubes_per_s"],
+             out["host_cut_then_score_cubes_per_s"], out["device_cut_and_score_cubes_per_s"])
+    return out
+
+
 def bench_device(
     device: str, n: int, n_ref: int, batch_sizes: list[int], repeats: int, cube: int, channels: int
 ) -> dict[str, Any]:
@@ -138,6 +183,7 @@ def bench_device(
             k: v / res["threads"] for k, v in res["cubes_per_s"].items()
         }
         res["load_average"] = os.getloadavg()[0]
+    res["cut_and_score"] = bench_cutting(model, dev, n, cube, repeats)
     res["host"] = platform.node()
     res["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     res["torch"] = torch.__version__
@@ -232,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['cubes_per_s'][str(b)]:>10.0f}" for b in sorted(a.batch_sizes)
         )
         print(row + f" {r['reference_cubes_per_s']:>11.0f} {r['speedup_vs_reference']:>8.1f}x")
+        c = r["cut_and_score"]
+        print(f"  cutting {c['n']} cubes: host (numpy) {c['host_cut_cubes_per_s']:.0f} cubes/s, "
+              f"{d} (grid_sample) {c['device_cut_cubes_per_s']:.0f}; cut + score: host cut "
+              f"{c['host_cut_then_score_cubes_per_s']:.0f}, {d} cut "
+              f"{c['device_cut_and_score_cubes_per_s']:.0f} cubes/s")
         if d == "cpu":
             print(
                 f"{'':<6} {'/thread':>7} "

@@ -20,8 +20,9 @@ Measured per size, in one run:
 
 1. **Stages on a real dask LocalCluster** (worker processes, 1 thread each, n_workers 1 and 2,
    a fresh cluster and a fresh Zarr store for each; workers warmed: imports, model load):
-   convert (``pipeline.convert_entry``), geometry = sampling + voting + sides + extraction
-   (``pipeline.geometry_membrane`` per membrane), inference (``pipeline.score_membrane``, CPU),
+   convert (``pipeline.convert_entry``), geometry = sampling + voting + sides
+   (``pipeline.geometry_membrane`` per membrane), inference = cube extraction + scoring
+   (``pipeline.score_membrane``, CPU; cubes cut in memory, as a campaign does),
    clustering (``pipeline.cluster_membrane``) and outputs (``pipeline.write_tomogram_outputs``:
    STAR + QC figure). Tasks get paths, names, ids and small configs only; largest membrane
    first. Per stage: wall seconds (best of ``--repeats``, each on a fresh store), points/s and
@@ -331,7 +332,8 @@ def _pipeline_once(client: Any, manifest: Path, entry: TomogramEntry, root: Path
     npts = dict(zip(ids, st["geometry"]["results"], strict=True))
     ids = sorted(ids, key=lambda i: -npts[i])
     st["inference"] = run_stage(client, [(pipeline.score_membrane,
-                                          (r, name, mid, str(model_dir), cfg.inference)) for mid in ids])
+                                          (r, name, mid, str(model_dir), cfg.inference,
+                                           cfg.geometry)) for mid in ids])
     st["clustering"] = run_stage(client, [(pipeline.cluster_membrane,
                                            (r, name, mid, cfg.cluster, cfg.orientation)) for mid in ids])
     gt = None if entry.particles is None else str(entry.particles)
@@ -422,12 +424,12 @@ def _largest_membrane(root: Path, name: str) -> int:
     return max(ids, key=lambda m: pipeline.read_geometry(root, name, m)["zyx"].shape[0])
 
 
-def _cubes(root: Path, name: str, mid: int) -> Any:
-    import zarr
+def _cubes(root: Path, name: str, mid: int, cfg: PipelineConfig, start: int, stop: int
+           ) -> np.ndarray:
+    """Cubes of points ``start:stop`` of a membrane, as the scoring stage cuts them."""
+    from membrain_dist.geometry import membrane_cubes
 
-    from membrain_dist.geometry import geometry_key
-
-    return zarr.open_array(store=str(root), path=f"{geometry_key(name, mid)}/cubes", mode="r")
+    return membrane_cubes(root, name, mid, cfg.geometry, start, stop)
 
 
 def _patch(zyx: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -462,15 +464,16 @@ def reference_geometry(root: Path, name: str, cfg: PipelineConfig, n: int, repea
                           repeats)
     total_s, cubes = best_of(lambda: _reference_extract_loop(vol, local, nrm, cfg.geometry.cube_size),
                               repeats)
-    stored = np.asarray(_cubes(root, name, mid)[int(idx[0]):int(idx[-1]) + 1])[idx - idx[0]]
+    stored = _cubes(root, name, mid, cfg, int(idx[0]), int(idx[-1]) + 1)[idx - idx[0]]
     corr = float(np.corrcoef(cubes.ravel(), stored.ravel())[0, 1])
     return {"points": int(len(idx)), "membrane": mid, "points_per_s": len(idx) / max(total_s - setup_s, 1e-9),
             "setup_s": setup_s, "total_s": total_s, "corr_with_stored_cubes": corr,
             "description": "MemBrain v1-style Python loop, this process, 1 thread: per point a 25^3 crop "
                            "rotated by one cubic-spline map_coordinates call, centre-cropped to 12^3; "
                            "extraction only (no sampling/voting), padding setup excluded; compared "
-                           "with the library's whole geometry stage (sampling + voting + sides + "
-                           "extraction + store I/O) on 1 worker"}
+                           "with the library's geometry stage (sampling + voting + sides + "
+                           "store I/O; extraction is timed in the inference stage, where the "
+                           "cubes are cut) on 1 worker"}
 
 
 def reference_inference(root: Path, name: str, model_dir: Path, n: int, batch_size: int) -> dict:
@@ -485,7 +488,7 @@ def reference_inference(root: Path, name: str, model_dir: Path, n: int, batch_si
     model, _ = load_model(model_dir, "cpu")
     model.eval()
     mid = _largest_membrane(root, name)
-    cubes = np.asarray(_cubes(root, name, mid)[:n], np.float32)
+    cubes = _cubes(root, name, mid, pipeline.model_pipeline_config(model_dir), 0, n)
     dev = torch.device("cpu")
     ref(model, cubes[:8], dev)  # warm-up
     t = time.perf_counter()

@@ -153,7 +153,7 @@ def main() -> None:
         cfg = PipelineConfig().with_overrides("labels", template=str(work / "data" / "template.mrc"))
         store = work / "campaign.zarr"
         pipeline.prepare_sequential(entries, store, cfg)
-        ts = pipeline.training_set(store, train, cfg.labels)
+        ts = pipeline.training_set(store, train, cfg.labels, cfg.geometry)
         log.info("campaign seed %d ready in %.0f s: %d training points on %d membranes",
                  args.seed, time.perf_counter() - t0, len(ts), len(ts.membranes))
         results = []

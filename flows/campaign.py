@@ -14,13 +14,14 @@ from .evaluate import evaluate_predictions
 from .logs import forward_library_logs
 from .predict import PredictResult, predict_entries
 from .runtime import ClusterSpec, manifest_run_name, open_clusters
+from .stream import Schedule
 from .train import train_campaign
 
 
 @flow(name="membrain-campaign", flow_run_name=manifest_run_name)
 def run_campaign(manifest: str, out_dir: str, cfg: PipelineConfig = PipelineConfig(),
                  model_dir: str | None = None, cluster: ClusterSpec = ClusterSpec(),
-                 symmetry: int = 1) -> dict:
+                 symmetry: int = 1, schedule: Schedule = Schedule()) -> dict:
     """Train (unless ``model_dir`` holds a model), predict the test rows, evaluate them
     against their particles STAR when the manifest gives one. Layout of ``out_dir``:
     ``campaign.zarr``, ``model/``, ``predictions/`` (STAR, qc/), ``evaluation.json``."""
@@ -38,7 +39,7 @@ def run_campaign(manifest: str, out_dir: str, cfg: PipelineConfig = PipelineConf
     with open_clusters(cluster) as cl:
         result: PredictResult = predict_entries(entries, model, pred_dir, store, cfg,
                                                 cl.cpu_address, cl.gpu_address,
-                                                cl.gpu_resource)
+                                                cl.gpu_resource, schedule)
     summary = {"predictions": pred_dir, "failures": result.failures,
                "particles": {n: s["particles"] for n, s in result.summaries.items()}}
     with_gt = [e for e in entries if e.particles is not None and e.name in result.summaries]

@@ -12,12 +12,13 @@ from membrain_dist import pipeline
 from membrain_dist.config import PipelineConfig
 from membrain_dist.errors import InputError
 from membrain_dist.manifest import TomogramEntry, read_manifest
-from membrain_dist.store import sweep_orphans
+from membrain_dist.store import sweep_orphans, write_index
 
 from . import progress
 from .logs import forward_library_logs
 from .runtime import ClusterSpec, manifest_run_name, open_clusters, task_runner
 from .stages import Failures, convert_flow, geometry_flow, inference_flow, particles_flow
+from .stream import Schedule, stream_entries
 
 
 @dataclass
@@ -103,26 +104,38 @@ def _artifacts(summaries: dict[str, dict], failures: Failures, out_dir: str) -> 
 
 def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, store: str,
                     cfg: PipelineConfig, cpu_address: str, gpu_address: str,
-                    gpu_resource: bool) -> PredictResult:
-    """The stage subflows of a prediction, on already running clusters."""
+                    gpu_resource: bool, schedule: Schedule = Schedule()) -> PredictResult:
+    """The stages of a prediction on already running clusters, streamed per tomogram
+    (:mod:`flows.stream`) or stage by stage (``schedule.mode``)."""
     with progress.tracking(progress.RunProgress([e.name for e in entries])) as run:
-        return _predict_entries(entries, model_dir, out_dir, store, cfg, cpu_address,
-                                gpu_address, gpu_resource, run)
+        logger = get_run_logger()
+        failures = _validate(entries)
+        for n, m in failures.items():
+            logger.error("skipping %s: %s", n, m)
+        run.tomograms_failed(failures)
+        good = [e for e in entries if e.name not in failures]
+        if schedule.mode == "stream":
+            summaries, bad = stream_entries(good, model_dir, out_dir, store, cfg, cpu_address,
+                                            gpu_address, gpu_resource, schedule)
+            write_index(store)  # the root lists every converted tomogram (NGFF collection)
+        else:
+            summaries, bad = _stage_by_stage(good, model_dir, out_dir, store, cfg, cpu_address,
+                                             gpu_address, gpu_resource, schedule, run)
+        failures.update(bad)
+        return _finish(entries, good, summaries, failures, out_dir, store)
 
 
-def _predict_entries(entries, model_dir, out_dir, store, cfg, cpu_address, gpu_address,
-                     gpu_resource, run: progress.RunProgress) -> PredictResult:
-    logger = get_run_logger()
-    failures = _validate(entries)
-    for n, m in failures.items():
-        logger.error("skipping %s: %s", n, m)
-    run.tomograms_failed(failures)
-    good = [e for e in entries if e.name not in failures]
+def _stage_by_stage(good, model_dir, out_dir, store, cfg, cpu_address, gpu_address,
+                    gpu_resource, schedule: Schedule, run: progress.RunProgress
+                    ) -> tuple[dict[str, dict], Failures]:
+    """Each stage for every tomogram before the next stage starts (stage subflows)."""
+    failures: Failures = {}
     cpu = task_runner(cpu_address)
     membranes, bad = convert_flow.with_options(task_runner=cpu)(good, store, cfg)
     failures.update(bad)
     run.tomograms_failed(failures)
-    geo, bad = geometry_flow.with_options(task_runner=cpu)(good, membranes, store, cfg)
+    geo, bad = geometry_flow.with_options(task_runner=cpu)(good, membranes, store, cfg,
+                                                           schedule.keep_cubes)
     failures.update(bad)
     run.tomograms_failed(failures)
     keys = [k for k in geo if k[0] not in failures]
@@ -135,6 +148,13 @@ def _predict_entries(entries, model_dir, out_dir, store, cfg, cpu_address, gpu_a
         keys, good, store, out_dir, cfg, pipeline.in_plane_search(model_dir, cfg))
     failures.update(bad)
     run.tomograms_failed(failures)
+    return summaries, failures
+
+
+def _finish(entries: list[TomogramEntry], good: list[TomogramEntry], summaries: dict[str, dict],
+            failures: Failures, out_dir: str, store: str) -> PredictResult:
+    """Sweep, drop the outputs of failed tomograms, gather the campaign STAR, report."""
+    logger = get_run_logger()
     sweep_orphans(store, [e.name for e in good])  # left by workers lost mid-write
     for n in failures:  # no output of an earlier run that particles.star would not match
         for path in pipeline.remove_tomogram_outputs(out_dir, n):
@@ -155,7 +175,8 @@ def _predict_entries(entries, model_dir, out_dir, store, cfg, cpu_address, gpu_a
 @flow(name="membrain-predict", flow_run_name=manifest_run_name)
 def predict_campaign(manifest: str, model_dir: str, out_dir: str, store: str,
                      cfg: PipelineConfig | None = None,
-                     cluster: ClusterSpec = ClusterSpec()) -> PredictResult:
+                     cluster: ClusterSpec = ClusterSpec(),
+                     schedule: Schedule = Schedule()) -> PredictResult:
     """Every manifest row (all splits) -> ``out_dir/<name>.star`` + QC + campaign STAR."""
     forward_library_logs()
     cfg = cfg or pipeline.model_pipeline_config(model_dir)
@@ -164,4 +185,4 @@ def predict_campaign(manifest: str, model_dir: str, out_dir: str, store: str,
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with open_clusters(cluster) as cl:
         return predict_entries(entries, model_dir, out_dir, store, cfg, cl.cpu_address,
-                               cl.gpu_address, cl.gpu_resource)
+                               cl.gpu_address, cl.gpu_resource, schedule)

@@ -78,8 +78,10 @@ def convert_flow(entries: Sequence[TomogramEntry], root: str,
 
 @flow(name="geometry")
 def geometry_flow(entries: Sequence[TomogramEntry], membranes: Mapping[str, list[int]],
-                  root: str, cfg: PipelineConfig) -> tuple[dict[tuple[str, int], int], Failures]:
-    """Sampling, normal voting and cube extraction for every membrane."""
+                  root: str, cfg: PipelineConfig, keep_cubes: bool = False
+                  ) -> tuple[dict[tuple[str, int], int], Failures]:
+    """Sampling, normal voting and sides for every membrane (and the cubes, with
+    ``keep_cubes``)."""
     logger = get_run_logger()
     futs = {}
     for e in entries:
@@ -87,7 +89,8 @@ def geometry_flow(entries: Sequence[TomogramEntry], membranes: Mapping[str, list
             continue
         sides = pipeline.side_specs(e, membranes[e.name])
         for mid in membranes[e.name]:
-            futs[(e.name, mid)] = geometry_task.submit(root, e.name, mid, cfg.geometry, sides[mid])
+            futs[(e.name, mid)] = geometry_task.submit(root, e.name, mid, cfg.geometry,
+                                                       sides[mid], keep_cubes)
     _begin("geometry", len(futs))
     ok, bad = gather(futs, "geometry")
     logger.info("geometry: %d membranes, %d points", len(ok), sum(ok.values()))
@@ -98,12 +101,14 @@ def geometry_flow(entries: Sequence[TomogramEntry], membranes: Mapping[str, list
 def inference_flow(keys: Sequence[tuple[str, int]], root: str, model_dir: str,
                    cfg: PipelineConfig, gpu_resource: bool = False
                    ) -> tuple[dict[tuple[str, int], int], Failures]:
-    """CNN scores for every membrane's cubes; on GPU workers when the cluster has them."""
+    """CNN scores for every membrane (its stored cubes, or cut by the scoring task); on GPU
+    workers when the cluster has them."""
     logger = get_run_logger()
     ctx = dask.annotate(resources={"GPU": 1}) if gpu_resource else contextlib.nullcontext()
     _begin("inference", len(keys))
     with ctx:
-        futs = {k: score_task.submit(root, k[0], k[1], model_dir, cfg.inference) for k in keys}
+        futs = {k: score_task.submit(root, k[0], k[1], model_dir, cfg.inference, cfg.geometry)
+                for k in keys}
     ok, bad = gather(futs, "inference")
     logger.info("inference: %d membranes, %d cubes scored", len(ok), sum(ok.values()))
     return ok, _fail_by_tomogram(bad)

@@ -55,20 +55,53 @@ def convert_task(entry: TomogramEntry, root: str, cfg: ConvertConfig) -> list[in
 
 @task(name="geometry", task_run_name="geometry-{name}-m{membrane_id}", **_COMMON)
 def geometry_task(root: str, name: str, membrane_id: int, cfg: GeometryConfig,
-                  side: SideSpec) -> int:
-    return pipeline.geometry_membrane(root, name, membrane_id, cfg, side)
+                  side: SideSpec, keep_cubes: bool = False) -> int:
+    return pipeline.geometry_membrane(root, name, membrane_id, cfg, side, keep_cubes)
 
 
 @task(name="score", task_run_name="score-{name}-m{membrane_id}", **_COMMON)
 def score_task(root: str, name: str, membrane_id: int, model_dir: str,
-               cfg: InferenceConfig) -> int:
-    return pipeline.score_membrane(root, name, membrane_id, model_dir, cfg)
+               cfg: InferenceConfig, gcfg: GeometryConfig | None = None,
+               part_points: int = pipeline.PART_POINTS) -> int:
+    """Scores of one membrane: stored cubes, or cut here part by part and scored."""
+    return pipeline.score_membrane(root, name, membrane_id, model_dir, cfg, gcfg, part_points)
+
+
+# cut: returns the cubes of a part, handed to score_part_task worker to worker (dask); a
+# retry of score_part_task reuses them
+@task(name="cut", task_run_name="cut-{name}-m{membrane_id}-{start}", **_COMMON)
+def cut_task(root: str, name: str, membrane_id: int, cfg: GeometryConfig, start: int,
+             stop: int) -> Any:
+    return pipeline.cut_part(root, name, membrane_id, cfg, start, stop)
+
+
+@task(name="score-part", task_run_name="score-{name}-m{membrane_id}-{start}", **_COMMON)
+def score_part_task(cubes: Any, root: str, name: str, membrane_id: int, model_dir: str,
+                    cfg: InferenceConfig, start: int, stop: int) -> int:
+    return pipeline.score_part(cubes, root, name, membrane_id, model_dir, cfg, start, stop)
 
 
 @task(name="cluster", task_run_name="cluster-{name}-m{membrane_id}", **_COMMON)
 def cluster_task(root: str, name: str, membrane_id: int, ccfg: ClusterConfig,
-                 ocfg: OrientationConfig) -> int:
+                 ocfg: OrientationConfig, parts: pipeline.ScoreParts | None = None) -> int:
+    """Mean Shift + orientations of one membrane (joining its scored parts first, if any)."""
+    if parts is not None:
+        pipeline.assemble_scores(root, name, membrane_id, parts.model_dir, parts.inference,
+                                 parts.part_points)
     return pipeline.cluster_membrane(root, name, membrane_id, ccfg, ocfg)
+
+
+@task(name="membrane", task_run_name="membrane-{name}-m{membrane_id}", **_COMMON)
+def membrane_task(root: str, name: str, membrane_id: int, gcfg: GeometryConfig, side: SideSpec,
+                  keep_cubes: bool, model_dir: str, icfg: InferenceConfig, part_points: int,
+                  ccfg: ClusterConfig, ocfg: OrientationConfig) -> int:
+    """Geometry, scores (cubes cut here, in memory) and clusters of one membrane in one task:
+    when no worker is set apart for inference, one task instead of three per membrane.
+    Returns the number of points."""
+    n = pipeline.geometry_membrane(root, name, membrane_id, gcfg, side, keep_cubes)
+    pipeline.score_membrane(root, name, membrane_id, model_dir, icfg, gcfg, part_points)
+    pipeline.cluster_membrane(root, name, membrane_id, ccfg, ocfg)
+    return n
 
 
 @task(name="outputs", task_run_name="outputs-{name}", **_COMMON)

@@ -61,7 +61,9 @@ def train_campaign(manifest: str, model_dir: str, store: str,
         membranes, bad = convert_flow.with_options(task_runner=runner)(rows, store, cfg)
         if bad:
             raise InputError(manifest, f"training tomograms failed to convert: {bad}")
-        _, bad = geometry_flow.with_options(task_runner=runner)(rows, membranes, store, cfg)
+        # the training set's cubes are cut on the workers and kept (a few membranes)
+        _, bad = geometry_flow.with_options(task_runner=runner)(rows, membranes, store, cfg,
+                                                               keep_cubes=True)
         sweep_orphans(store, [e.name for e in rows])  # left by workers lost mid-write
         if bad:
             raise RuntimeError(f"geometry failed for training tomograms: {bad}")

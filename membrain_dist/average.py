@@ -94,9 +94,12 @@ def _cubes(read_volume: ReadVolume, shape: tuple[int, int, int], centres: np.nda
     for g in _compact_groups(np.asarray(centres, np.float64), margin, REGION_VOXELS):
         fr = frames[g].reshape(-1, 3, 3)
         pts = np.repeat(np.asarray(centres, np.float32)[g], j, axis=0)
-        for _, cb in extract_batches(read_volume, shape, pts, fr[:, :, 2], size=size,
-                                     intensity=intensity, frames=fr, batch_size=pts.shape[0]):
-            out[g] = cb.reshape(g.size, j, size, size, size)
+        flat = np.empty((pts.shape[0], size, size, size), np.float32)
+        for start, cb in extract_batches(read_volume, shape, pts, fr[:, :, 2], size=size,
+                                         intensity=intensity, frames=fr,
+                                         batch_size=pts.shape[0]):
+            flat[start : start + cb.shape[0]] = cb
+        out[g] = flat.reshape(g.size, j, size, size, size)
     return out
 
 

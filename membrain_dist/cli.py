@@ -43,6 +43,30 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
                    help="run in this process without dask or Prefect (debugging, reference)")
 
 
+def _add_schedule_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scheduling (dask runs)")
+    g.add_argument("--schedule", choices=("stream", "stages"), default="stream",
+                   help="stream (default): each tomogram's next stage starts as soon as its "
+                        "inputs exist, so CPU and inference workers work at once; stages: "
+                        "every tomogram through a stage before the next")
+    g.add_argument("--window", type=int, default=None, metavar="N",
+                   help="tomograms in flight at once when streaming (default 4)")
+    g.add_argument("--cut-on", choices=("auto", "cpu", "inference"), default="auto",
+                   help="where the cubes are cut: cpu workers (handed to the inference workers "
+                        "in memory; needs --gpu-resource workers on the same scheduler), the "
+                        "inference workers, or auto (cpu when possible)")
+    g.add_argument("--keep-cubes", action="store_true",
+                   help="also write every point's cube to the store (~7 kB per point; "
+                        "debugging, training sets)")
+
+
+def _schedule(args: argparse.Namespace):
+    from flows.stream import Schedule
+
+    extra = {} if args.window is None else {"window": args.window}
+    return Schedule(mode=args.schedule, cut_on=args.cut_on, keep_cubes=args.keep_cubes, **extra)
+
+
 def _add_rotations_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=None,  # ROTATIONS
                    help="average the scores of 1, 2 or 4 quarter turns of each cube about the "
@@ -330,7 +354,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             from flows.predict import predict_campaign
 
             result = _in_prefect(predict_campaign, args.manifest, args.model, str(out), store,
-                                 cfg, _cluster_spec(args))
+                                 cfg, _cluster_spec(args), _schedule(args))
             failures = result.failures
             total = sum(s["particles"] for s in result.summaries.values())
     for name, msg in failures.items():
@@ -400,7 +424,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 
     with _writing((out, "folder"), (out / "campaign.zarr", "store")):
         summary = _in_prefect(run_campaign, args.manifest, str(out), cfg, args.model,
-                              _cluster_spec(args), args.symmetry)
+                              _cluster_spec(args), args.symmetry, _schedule(args))
     _print_evaluation(summary)
     return EXIT_PARTIAL if summary["failures"] else 0
 
@@ -568,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="inference batch size")
     _add_rotations_option(p)
     _add_cluster_options(p)
+    _add_schedule_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("import-v1", help="import MemBrain v1's pretrained checkpoint (.ckpt) "
@@ -610,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     _add_train_options(p)
     _add_cluster_options(p)
+    _add_schedule_options(p)
     p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("copick-manifest", help="a campaign manifest from a copick project "

@@ -114,16 +114,25 @@ class InferenceConfig:
         with a model by ``train`` and used by ``predict`` unless given. Measured: F1 0.844
         -> 0.861 (demo) and 0.503 -> 0.547 (hard phantom, one membrane, seed 101) from 1 to
         4; 8 gave 0.512 there, so 4 is the default (set 1 where CPU inference time counts).
+    cutter
+        Where a scoring task cuts the cubes it scores (when they are not stored): ``host``
+        (numpy trilinear, :mod:`membrain_dist.extraction`), ``device`` (``grid_sample`` on the
+        inference device, :func:`membrain_dist.inference.predict_points`: on a GPU one block
+        copy instead of every cube's) or ``auto`` (default: ``device`` on CUDA, else ``host``).
+        Same scores up to float32 round-off; trilinear geometry only (``order`` 1).
     """
 
     batch_size: int | None = None
     device: str = "auto"
     rotations: int = 4
+    cutter: str = "auto"
 
     def __post_init__(self) -> None:
         from .inference import check_rotations
 
         check_rotations(self.rotations)
+        if self.cutter not in ("auto", "host", "device"):
+            raise ValueError(f"cutter must be auto, host or device, got {self.cutter!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

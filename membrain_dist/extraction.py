@@ -29,6 +29,7 @@ from scipy import ndimage
 
 __all__ = [
     "Intensity",
+    "batch_blocks",
     "rotation_frames",
     "cube_offsets",
     "normalise_intensity",
@@ -127,6 +128,11 @@ def _sample_coords(points: np.ndarray, frames: np.ndarray, size: int) -> np.ndar
     return coords
 
 
+def _index_dtype(n_voxels: int) -> type:
+    """Integer type of flat indices into a block of ``n_voxels``: int32 (faster) while it fits."""
+    return np.int32 if n_voxels < 2**31 else np.int64
+
+
 # points per sub-batch of _trilinear_cubes: ~15 work arrays of chunk x s^3 float32 stay in cache
 _TRILINEAR_CHUNK = 48
 
@@ -139,7 +145,8 @@ def _trilinear_cubes(block: np.ndarray, points: np.ndarray, frames: np.ndarray, 
     mode="nearest")`` of ``_sample_coords`` up to float32 round-off: sample positions are
     clamped to the block (constant edge extension) and the block is edge-padded by one voxel, so
     the eight corners ``floor(c) + {0, 1}^3`` are always inside. Everything stays float32 / int32
-    and is processed ``chunk`` points at a time in preallocated buffers.
+    (int64 indices for blocks beyond 2^31 voxels) and is processed ``chunk`` points at a time in
+    preallocated buffers.
     """
     d, h, w = block.shape
     padded = np.pad(np.asarray(block, np.float32), ((0, 1), (0, 1), (0, 1)), mode="edge")
@@ -155,7 +162,7 @@ def _trilinear_cubes(block: np.ndarray, points: np.ndarray, frames: np.ndarray, 
     shp = (min(chunk, n), size, size, size)
     frac = [np.empty(shp, np.float32) for _ in range(3)]
     fl = np.empty(shp, np.float32)
-    ind = [np.empty(shp, np.int32) for _ in range(3)]
+    ind = [np.empty(shp, _index_dtype(padded.size)) for _ in range(3)]
     g = [np.empty(shp, np.float32) for _ in range(8)]
     pts = np.asarray(points, np.float32)
     frm = np.asarray(frames, np.float32)
@@ -202,6 +209,72 @@ def _margin(size: int, order: int, lowpass: float = 0.0) -> int:
             + lowpass_radius(lowpass))
 
 
+#: largest block (voxels) one batch reads by default: 16 Mi float32 voxels = 64 MiB
+BLOCK_MAX_VOXELS = 16 * 1024**2
+
+
+def _read_box(p: np.ndarray, shape: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``(lo, hi)`` corners of the block that points ``p`` (B, 3) need (clipped)."""
+    lo = np.clip(np.floor(p.min(0)).astype(np.int64) - margin, 0, shape - 1)
+    hi = np.clip(np.ceil(p.max(0)).astype(np.int64) + margin + 1, lo + 1, shape)
+    return lo, hi
+
+
+def bounded_batches(points: np.ndarray, shape_zyx: np.ndarray | tuple[int, int, int],
+                    margin: int, batch_size: int, max_block_voxels: int | None = None
+                    ) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Row ranges ``(start, stop, lo, hi)`` covering all ``points`` (N, 3) in order: at most
+    ``batch_size`` rows each, each read box ``[lo, hi)`` (int64 zyx, ``margin`` voxels around
+    its points, clipped to the volume) under ``max_block_voxels`` unless it is one point."""
+    limit = BLOCK_MAX_VOXELS if max_block_voxels is None else int(max_block_voxels)
+    shape = np.asarray(shape_zyx, np.int64)
+    out = []
+    for first in range(0, points.shape[0], batch_size):
+        stack = [(first, min(first + batch_size, points.shape[0]))]
+        while stack:
+            a, b = stack.pop()
+            lo, hi = _read_box(points[a:b], shape, margin)
+            if b - a == 1 or int(np.prod(hi - lo, dtype=np.int64)) <= limit:
+                out.append((a, b, lo, hi))
+            else:  # halves, first half popped first: rows stay in order
+                m = (a + b) // 2
+                stack += [(m, b), (a, m)]
+    return out
+
+
+def batch_blocks(
+    read_volume: ReadVolume,
+    shape_zyx: tuple[int, int, int],
+    points: np.ndarray,
+    normals: np.ndarray,
+    *,
+    size: int = 12,
+    order: int = 1,
+    batch_size: int = 2048,
+    intensity: Intensity | None = None,
+    frames: np.ndarray | None = None,
+    max_block_voxels: int | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(start, block, local, frames)`` per batch of :func:`extract_batches`: the
+    normalised float32 block the batch's cubes are cut from, the batch's points in block
+    coordinates and its cube frames (B, 3, 3). What an interpolator needs, on any device."""
+    pts = np.asarray(points, np.float32)
+    nrm = np.asarray(normals, np.float32)
+    shape = np.asarray(shape_zyx, np.int64)
+    margin = _margin(size, order, intensity.lowpass if intensity is not None else 0.0)
+    for start, stop, lo, hi in bounded_batches(pts, shape, margin, batch_size,
+                                               max_block_voxels):
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        block = np.asarray(read_volume(sl), np.float32)
+        if intensity is not None:
+            block = normalise_intensity(block, intensity)
+        if frames is None:
+            fr = rotation_frames(nrm[start:stop])
+        else:
+            fr = np.asarray(frames[start:stop], np.float32)
+        yield start, block, pts[start:stop] - lo.astype(np.float32), fr
+
+
 def extract_batches(
     read_volume: ReadVolume,
     shape_zyx: tuple[int, int, int],
@@ -213,6 +286,7 @@ def extract_batches(
     batch_size: int = 2048,
     intensity: Intensity | None = None,
     frames: np.ndarray | None = None,
+    max_block_voxels: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, cubes)`` per batch: cubes ``(B, s, s, s)`` float32 for points[start:].
 
@@ -238,28 +312,21 @@ def extract_batches(
         ``(N, 3, 3)`` cube frames (columns u, v, n, zyx) instead of those built from the
         normals (:func:`rotation_frames`): cubes in a given in-plane orientation (particle
         frames, in-plane angle searches).
+    max_block_voxels
+        Largest tomogram block read for one batch (default :data:`BLOCK_MAX_VOXELS`).
 
     Notes
     -----
-    Samples outside the tomogram take the nearest edge value (``mode="nearest"``).
+    Samples outside the tomogram take the nearest edge value (``mode="nearest"``). A batch
+    whose points' read box would exceed ``max_block_voxels`` is cut into contiguous halves
+    until each part's box fits (or the part is one point), so reads stay bounded on unbinned
+    tomograms whatever the points' order; batches then start at any row, not only at
+    multiples of ``batch_size``. Box corners are int64 (index spaces beyond 2^31 voxels).
     """
-    pts = np.asarray(points, np.float32)
-    nrm = np.asarray(normals, np.float32)
-    shape = np.asarray(shape_zyx, np.int64)
-    margin = _margin(size, order, intensity.lowpass if intensity is not None else 0.0)
-    for start in range(0, pts.shape[0], batch_size):
-        p = pts[start : start + batch_size]
-        lo = np.clip(np.floor(p.min(0)).astype(np.int64) - margin, 0, shape - 1)
-        hi = np.clip(np.ceil(p.max(0)).astype(np.int64) + margin + 1, lo + 1, shape)
-        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        block = np.asarray(read_volume(sl), np.float32)
-        if intensity is not None:
-            block = normalise_intensity(block, intensity)
-        if frames is None:
-            fr = rotation_frames(nrm[start : start + batch_size])
-        else:
-            fr = np.asarray(frames[start : start + batch_size], np.float32)
-        local = p - lo.astype(np.float32)
+    for start, block, local, fr in batch_blocks(
+            read_volume, shape_zyx, points, normals, size=size, order=order,
+            batch_size=batch_size, intensity=intensity, frames=frames,
+            max_block_voxels=max_block_voxels):
         if order == 1:
             yield start, _trilinear_cubes(block, local, fr, size)
             continue
@@ -270,7 +337,7 @@ def extract_batches(
             block, coords.reshape(3, -1), order=order, mode="nearest", prefilter=False,
             output=np.float32,
         )
-        yield start, cubes.reshape(p.shape[0], size, size, size)
+        yield start, cubes.reshape(local.shape[0], size, size, size)
 
 
 def extract_cubes(

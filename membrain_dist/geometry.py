@@ -2,13 +2,16 @@
 
 ``process_membrane`` reads the membrane's bounding-box blocks from the label array, samples
 points and raw normals (``sampling``), votes normals (``normals``), assigns and selects sides
-(``sides``), extracts rotation-normalised cubes batch by batch (``extraction``) reading only
-the tomogram region each batch needs, and writes ``<name>/geometry/m<id>`` atomically::
+(``sides``) and writes ``<name>/geometry/m<id>`` atomically::
 
     zyx     float32 (N, 3)        full-tomogram voxel coordinates (z, y, x)
     normal  float32 (N, 3)        voted normal pointing to the point's side (dz, dy, dx)
     side    int8    (N,)          +1 / -1 (closed membranes: +1 outside, -1 inside)
-    cubes   float32 (N, s, s, s)  cube axes (z, y, x), z along the normal
+    cubes   float32 (N, s, s, s)  only with ``keep_cubes``: cube axes (z, y, x), z along the normal
+
+The rotation-normalised cubes (``extraction``) are cut batch by batch where they are used
+(:func:`membrane_cubes`: scoring, training sets), reading only the tomogram region the batch
+needs; a campaign's store then holds points, not ~7 kB of cubes per point.
 
 Tasks get the store path, tomogram name and membrane id only (cheap to ship to dask workers).
 """
@@ -17,18 +20,25 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from membrain_dist import store
-from membrain_dist.extraction import Intensity, _margin, extract_batches, normalise_intensity
+from membrain_dist.extraction import (
+    Intensity,
+    _margin,
+    _read_box,
+    extract_batches,
+    normalise_intensity,
+)
 from membrain_dist.normals import vote_normals
 from membrain_dist.sampling import sample_membrane
 from membrain_dist.sides import SideSpec, assign_sides, enclosed_volume, select_sides
 
-__all__ = ["GeometryConfig", "process_membrane", "read_geometry", "geometry_key"]
+__all__ = ["GeometryConfig", "process_membrane", "read_geometry", "geometry_key", "membrane_cubes"]
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +158,8 @@ def _region_reader(tomo, shape: tuple[int, int, int], zyx: np.ndarray, size: int
     if zyx.shape[0] == 0:
         return tomo.__getitem__, intensity
     margin = _margin(size, order, intensity.lowpass if intensity is not None else 0.0)
-    shp = np.asarray(shape, np.int64)
-    lo = np.clip(np.floor(zyx.min(0)).astype(np.int64) - margin, 0, shp - 1)
-    hi = np.clip(np.ceil(zyx.max(0)).astype(np.int64) + margin + 1, lo + 1, shp)
-    if int(np.prod(hi - lo)) > REGION_MAX_VOXELS:
+    lo, hi = _read_box(zyx, np.asarray(shape, np.int64), margin)
+    if int(np.prod(hi - lo, dtype=np.int64)) > REGION_MAX_VOXELS:
         return tomo.__getitem__, intensity
     region = np.asarray(tomo[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))],
                         np.float32)
@@ -166,12 +174,95 @@ def _region_reader(tomo, shape: tuple[int, int, int], zyx: np.ndarray, size: int
     return read_volume, None
 
 
+@dataclass(frozen=True)
+class CubeSource:
+    """What cutting the cubes of some points needs: a block reader of the tomogram, its shape
+    (z, y, x), the points (N, 3) and normals (N, 3), and the normalisation to apply to read
+    blocks (None when ``read_volume`` returns normalised values already)."""
+
+    read_volume: Callable[[tuple[slice, slice, slice]], np.ndarray]
+    shape_zyx: tuple[int, int, int]
+    zyx: np.ndarray
+    normal: np.ndarray
+    intensity: Intensity | None
+
+
+def cube_source(root: Path, name: str, meta: store.TomogramMeta, zyx: np.ndarray,
+                normal: np.ndarray, cfg: GeometryConfig) -> CubeSource:
+    """The stored tomogram as a :class:`CubeSource` of ``zyx``/``normal`` (normalised as
+    ``meta.intensity`` says; one region read when it is small enough)."""
+    shape = tuple(int(s) for s in meta.shape_zyx)
+    intensity = cube_intensity(meta.intensity, cfg)
+    if intensity is None:
+        log.warning("%s: no intensity attrs, cubes keep raw intensities", name)
+    tomo = store.tomogram_array(root, name)
+    read_volume, intensity = _region_reader(tomo, shape, zyx, cfg.cube_size, cfg.order, intensity)
+    return CubeSource(read_volume, shape, zyx, normal, intensity)
+
+
+def _cube_batches(src: CubeSource, cfg: GeometryConfig):
+    return extract_batches(src.read_volume, src.shape_zyx, src.zyx, src.normal,
+                           size=cfg.cube_size, order=cfg.order, batch_size=cfg.batch_size,
+                           intensity=src.intensity)
+
+
+def stored_cubes(root: str | os.PathLike, name: str, membrane_id: int) -> bool:
+    """Whether the membrane's geometry group kept its cubes (``keep_cubes``)."""
+    path = Path(root).joinpath(*geometry_key(name, membrane_id).split("/"))
+    return (path / "cubes" / "zarr.json").is_file()
+
+
+def membrane_source(root: str | os.PathLike, name: str, membrane_id: int,
+                    cfg: GeometryConfig | None = None, start: int = 0,
+                    stop: int | None = None) -> CubeSource:
+    """:class:`CubeSource` of the points ``start:stop`` of one membrane's stored geometry."""
+    import zarr
+
+    cfg = cfg or GeometryConfig()
+    root = Path(root)
+    key = geometry_key(name, membrane_id)
+    if _existing_attrs(root, key) is None:
+        raise KeyError(f"{root}: no geometry group {key}")
+    g = zarr.open_group(store=str(root), path=key, mode="r")
+    zyx = np.asarray(g["zyx"][start:stop], np.float32)
+    normal = np.asarray(g["normal"][start:stop], np.float32)
+    meta = store.read_meta(root, name)
+    if meta is None:
+        raise KeyError(f"{root}: no complete tomogram group {name!r}")
+    return cube_source(root, name, meta, zyx, normal, cfg)
+
+
+def membrane_cubes(root: str | os.PathLike, name: str, membrane_id: int,
+                   cfg: GeometryConfig | None = None, start: int = 0,
+                   stop: int | None = None) -> np.ndarray:
+    """Cubes ``(n, s, s, s)`` float32 of the points ``start:stop`` of one membrane.
+
+    Read from the geometry group when it kept them (``keep_cubes``), otherwise cut now from
+    the tomogram (the same cubes: extraction is deterministic). Only the region the points
+    need is read. ``cfg`` must be the configuration the geometry was made with."""
+    import zarr
+
+    cfg = cfg or GeometryConfig()
+    if stored_cubes(root, name, membrane_id):
+        g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
+        return np.asarray(g["cubes"][start:stop], np.float32)
+    src = membrane_source(root, name, membrane_id, cfg, start, stop)
+    s = cfg.cube_size
+    out = np.empty((src.zyx.shape[0], s, s, s), np.float32)
+    if src.zyx.shape[0] == 0:
+        return out
+    for first, batch in _cube_batches(src, cfg):
+        out[first : first + batch.shape[0]] = batch
+    return out
+
+
 def process_membrane(
     root: str | os.PathLike,
     name: str,
     membrane_id: int,
     cfg: GeometryConfig | None = None,
     side_spec: SideSpec | None = None,
+    keep_cubes: bool = False,
 ) -> int:
     """Run stages 1 + 2 for one membrane and write ``<name>/geometry/m<id>``.
 
@@ -187,6 +278,10 @@ def process_membrane(
         Stage parameters (default ``GeometryConfig()``).
     side_spec
         Which side(s) to keep (default both).
+    keep_cubes
+        Also write the cubes (``cubes``, N x s^3 float32: ~7 kB per point at s = 12, several
+        times the tomogram's size): for debugging, training sets or a stage-by-stage run.
+        Without them, scoring cuts the cubes itself (:func:`membrane_cubes`).
 
     Returns
     -------
@@ -211,7 +306,10 @@ def process_membrane(
          "shape_zyx": list(meta.shape_zyx)},
     )
     attrs = _existing_attrs(root, key)
-    if attrs is not None and store.is_current(attrs, prov):
+    # stored cubes or not, the points are the same; a run that wants cubes redoes a group
+    # made without them
+    if (attrs is not None and store.is_current(attrs, prov)
+            and (attrs.get("cubes", True) or not keep_cubes)):
         log.info("%s: current, skipped", key)
         return int(attrs["n_points"])
 
@@ -237,11 +335,6 @@ def process_membrane(
     zyx, normal, side = sp.zyx[keep], normal[keep], side[keep]
     n = int(zyx.shape[0])
     s = cfg.cube_size
-    intensity = cube_intensity(meta.intensity, cfg)
-    if intensity is None:
-        log.warning("%s: no intensity attrs, cubes keep raw intensities", name)
-    tomo = store.tomogram_array(root, name)
-    read_volume, intensity = _region_reader(tomo, shape, zyx, s, cfg.order, intensity)
     comp = store.default_compressor()
     with store.atomic_group(root, key) as g:
         for arr_name, data in (("zyx", zyx), ("normal", normal), ("side", side)):
@@ -249,23 +342,24 @@ def process_membrane(
                                chunks=tuple(max(1, c) for c in data.shape), compressors=comp)
             if n:
                 a[...] = data
-        # cubes are noisy float32: blosc-lz4 saved ~5% of the bytes at 1/4 of the write speed
-        # (benchmarks/geometry.py), so they are stored uncompressed; no chunk of cubes is all
-        # zeros, so zarr's check for empty chunks (a second pass over every byte) is skipped:
-        # half the write time
-        cubes = g.create_array(
-            "cubes", shape=(n, s, s, s), dtype=np.float32,
-            chunks=(max(1, min(cfg.chunk_points, n)), s, s, s), compressors=None,
-            config={"write_empty_chunks": True},
-        )
-        for start, batch in extract_batches(
-            read_volume, shape, zyx, normal, size=s, order=cfg.order,
-            batch_size=cfg.batch_size, intensity=intensity,
-        ):
-            store.write_rows(cubes, start, batch)
+        if keep_cubes:
+            # cubes are noisy float32: blosc-lz4 saved ~5% of the bytes at 1/4 of the write
+            # speed (benchmarks/geometry.py), so they are stored uncompressed; no chunk of cubes
+            # is all zeros, so zarr's check for empty chunks (a second pass over every byte)
+            # is skipped: half the write time
+            cubes = g.create_array(
+                "cubes", shape=(n, s, s, s), dtype=np.float32,
+                chunks=(max(1, min(cfg.chunk_points, n)), s, s, s), compressors=None,
+                config={"write_empty_chunks": True},
+            )
+            if n:
+                src = cube_source(root, name, meta, zyx, normal, cfg)
+                for start, batch in _cube_batches(src, cfg):
+                    store.write_rows(cubes, start, batch)
         g.attrs.update({
             "provenance": prov,
             "n_points": n,
+            "cubes": bool(keep_cubes),
             "closed": cavity is not None,
             "n_sampled": len(sp),
         })

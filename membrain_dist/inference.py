@@ -44,6 +44,8 @@ __all__ = [
     "default_batch_size",
     "inference_model",
     "predict_distances",
+    "predict_points",
+    "cut_cubes_torch",
 ]
 
 log = logging.getLogger(__name__)
@@ -194,9 +196,7 @@ def predict_distances(
     """
     check_rotations(rotations)
     dev = torch.device(resolve_device(device))
-    batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = _batch_size(batch_size, dev)
     n = int(cubes.shape[0])
     model = inference_model(model, dev)
     cuda = dev.type == "cuda"
@@ -212,13 +212,102 @@ def predict_distances(
             if cuda:
                 block = block.pin_memory().to(dev, non_blocking=True)
             for s in range(0, len(block), batch_size):
-                x = block[s : s + batch_size].unsqueeze(1).contiguous(memory_format=layout)
-                pred = model(x).float()
-                for k in range(1, rotations):  # (B, 1, z, y, x): turn in the y-x plane
-                    xk = x if k < 4 else torch.flip(x, dims=(4,))  # 4-7: of the mirror image
-                    xr = torch.rot90(xk, k % 4, dims=(3, 4)).contiguous(memory_format=layout)
-                    pred += model(xr).float()
-                out[start + s : start + s + len(x)] = pred / rotations
+                x = block[s : s + batch_size]
+                out[start + s : start + s + len(x)] = _forward(model, x, rotations, layout)
     result = out.cpu().numpy()
     log.debug("predicted %d cubes on %s in passes of %d", n, dev, batch_size)
     return result
+
+
+def _batch_size(batch_size: int | None, dev: torch.device) -> int:
+    batch_size = default_batch_size(dev) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return batch_size
+
+
+def _forward(model: nn.Module, cubes: torch.Tensor, rotations: int,
+             layout: torch.memory_format) -> torch.Tensor:
+    """Mean prediction (B,) or (B, C) over ``rotations`` turns (and mirror images) of cubes
+    (B, s, s, s)."""
+    x = cubes.unsqueeze(1).contiguous(memory_format=layout)
+    pred = model(x).float()
+    for k in range(1, rotations):  # (B, 1, z, y, x): turn in the y-x plane
+        xk = x if k < 4 else torch.flip(x, dims=(4,))  # 4-7: of the mirror image
+        xr = torch.rot90(xk, k % 4, dims=(3, 4)).contiguous(memory_format=layout)
+        pred += model(xr).float()
+    return pred / rotations
+
+
+def cut_cubes_torch(block: torch.Tensor, points: torch.Tensor, frames: torch.Tensor,
+                    size: int) -> torch.Tensor:
+    """Trilinear cubes ``(B, s, s, s)`` of ``block`` (z, y, x) on its own device.
+
+    ``points`` (B, 3) are zyx in block voxel coordinates, ``frames`` (B, 3, 3) the cube frames
+    (columns u, v, n, zyx), as :func:`membrain_dist.extraction.extract_batches` takes them;
+    sample positions are clamped to the block (its ``mode="nearest"``) and interpolated by
+    ``grid_sample``: on a GPU the cubes are cut where they are scored, from a block copied
+    once, instead of being cut on the host and copied cube by cube. Equals the host's
+    trilinear cubes up to float32 round-off of the normalised grid."""
+    import torch.nn.functional as F
+
+    dt, dev = block.dtype, block.device
+    o = torch.arange(size, dtype=dt, device=dev) - (size - 1) / 2
+    u, v, n = frames[:, :, 0], frames[:, :, 1], frames[:, :, 2]
+    coords = (points[:, None, None, None, :] + n[:, None, None, None, :] * o[:, None, None, None]
+              + v[:, None, None, None, :] * o[None, :, None, None]
+              + u[:, None, None, None, :] * o[None, None, :, None])  # (B, s, s, s, zyx)
+    dims = torch.tensor(block.shape, dtype=dt, device=dev)
+    coords = torch.minimum(coords.clamp_min(0), dims - 1)
+    grid = 2 * coords / (dims - 1).clamp_min(1) - 1
+    b = points.shape[0]
+    grid = grid.flip(-1).reshape(1, b * size, size, size, 3)  # grid_sample wants x, y, z
+    out = F.grid_sample(block[None, None], grid, mode="bilinear", padding_mode="border",
+                        align_corners=True)
+    return out.reshape(b, size, size, size)
+
+
+def predict_points(
+    model: nn.Module,
+    read_volume: Any,
+    shape_zyx: tuple[int, int, int],
+    points: np.ndarray,
+    normals: np.ndarray,
+    *,
+    size: int = 12,
+    intensity: Any = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    rotations: int = 1,
+    read_points: int = 16384,
+) -> np.ndarray:
+    """Predicted distance (N,) of every point, its cube cut on ``device`` (``cut_cubes_torch``).
+
+    The tomogram is read block by block as the host extraction reads it
+    (:func:`membrain_dist.extraction.batch_blocks`, ``read_points`` points per block,
+    normalised with ``intensity``); each block goes to the device once and its cubes are cut
+    and scored there in passes of ``batch_size``. Trilinear only (``GeometryConfig.order`` 1).
+    Same predictions as cutting on the host and :func:`predict_distances`, up to round-off."""
+    from membrain_dist.extraction import batch_blocks
+
+    check_rotations(rotations)
+    dev = torch.device(resolve_device(device))
+    batch_size = _batch_size(batch_size, dev)
+    model = inference_model(model, dev)
+    layout = memory_layout(dev)
+    n, n_classes = int(np.asarray(points).shape[0]), int(getattr(model, "n_classes", 1))
+    out = torch.empty((n,) if n_classes == 1 else (n, n_classes), dtype=torch.float32,
+                      device=dev)
+    with torch.inference_mode():
+        for start, block, local, frames in batch_blocks(
+                read_volume, shape_zyx, points, normals, size=size, order=1,
+                batch_size=read_points, intensity=intensity):
+            blk = torch.from_numpy(block).to(dev, non_blocking=True)
+            pts = torch.from_numpy(local).to(dev)
+            fr = torch.from_numpy(frames).to(dev)
+            for s in range(0, pts.shape[0], batch_size):
+                cubes = cut_cubes_torch(blk, pts[s : s + batch_size], fr[s : s + batch_size],
+                                        size)
+                out[start + s : start + s + cubes.shape[0]] = _forward(model, cubes, rotations,
+                                                                       layout)
+    return out.cpu().numpy()

@@ -47,8 +47,11 @@ from .geometry import (
     GeometryConfig,
     cube_intensity,
     geometry_key,
+    membrane_cubes,
+    membrane_source,
     process_membrane,
     read_geometry,
+    stored_cubes,
 )
 from .labels import ellipsoid_covariance, face_labels, template_covariance
 from .manifest import TomogramEntry
@@ -70,6 +73,8 @@ from .star import (
 log = logging.getLogger(__name__)
 
 PICKS_KEY = "picks"
+#: ``<geometry group>/score_parts/<start>-<stop>``: scores of parts of a membrane's points
+SCORE_PARTS = "score_parts"
 #: scores of one membrane spanning less than this (voxels) carry no signal: no picks
 MIN_SCORE_SPREAD = 1e-3
 PIPELINE_FILE = "pipeline.json"
@@ -92,21 +97,25 @@ def convert_entry(entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertCon
     return [int(m["id"]) for m in meta.membranes]
 
 
-def harmonise_polarity(root: str | os.PathLike, names: Sequence[str]) -> int | None:
+def harmonise_polarity(root: str | os.PathLike, names: Sequence[str],
+                       sign: int | None = None) -> int | None:
     """One membrane contrast for a campaign; returns its sign (None: no tomogram to vote).
 
     Each converted tomogram measured its own sign (``convert.decide_polarity``); at SNR ~0.3,
     on a small or badly segmented membrane, one can come out wrong. The campaign's sign is the
     sign of the sum of the data-decided margins; tomograms that disagree are switched to it
     with a warning (their geometry, whose provenance holds the intensity, is then recomputed).
-    Tomograms whose polarity the manifest forced are neither counted nor changed."""
+    Tomograms whose polarity the manifest forced are neither counted nor changed. A given
+    ``sign`` (the campaign's, decided on its first tomograms by a streaming run) is applied
+    without a vote."""
     metas = {n: store.read_meta(root, n) for n in names}
     voting = {n: m for n, m in metas.items()
               if m is not None and m.intensity.get("polarity_from") in ("data", "campaign")}
     if not voting:
-        return None
+        return sign
     total = sum(float(m.intensity.get("polarity_margin", 0.0)) for m in voting.values())
-    sign = 1 if total >= 0 else -1
+    if sign is None:
+        sign = 1 if total >= 0 else -1
     for n, m in voting.items():
         if int(m.intensity["polarity"]) != sign:
             log.warning("%s: membrane contrast %+d disagrees with the campaign's %+d (margin %.2f "
@@ -133,10 +142,11 @@ def side_specs(entry: TomogramEntry, ids: Sequence[int]) -> dict[int, SideSpec]:
 
 # --------------------------------------------------------------------------- geometry
 def geometry_membrane(
-    root: str | os.PathLike, name: str, membrane_id: int, cfg: GeometryConfig, side: SideSpec
+    root: str | os.PathLike, name: str, membrane_id: int, cfg: GeometryConfig, side: SideSpec,
+    keep_cubes: bool = False,
 ) -> int:
     """Stages 1 + 2 for one membrane (see :func:`membrain_dist.geometry.process_membrane`)."""
-    return process_membrane(root, name, membrane_id, cfg, side)
+    return process_membrane(root, name, membrane_id, cfg, side, keep_cubes=keep_cubes)
 
 
 def _group_attrs(root: str | os.PathLike, key: str) -> dict | None:
@@ -163,22 +173,25 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
         raise InputError(path, f"not a membrain-dist model directory ({exc})") from exc
 
 
-def score_membrane(
-    root: str | os.PathLike,
-    name: str,
-    membrane_id: int,
-    model_dir: str | os.PathLike,
-    cfg: InferenceConfig = InferenceConfig(),
-) -> int:
-    """Predict the distance of every stored cube of one membrane; write ``.../scores``.
+#: points cut and scored together when cubes are cut in memory: 16,384 cubes of 12^3 float32
+#: are 113 MB (the unit of work of a streaming campaign's cut and score tasks)
+PART_POINTS = 16384
 
-    Runs on whichever worker gets it: CUDA when the worker has a GPU and ``cfg.device`` is
-    ``auto``; the model is loaded once per worker process (``inference.get_model``).
-    Returns the number of points scored. Skipped when the stored scores were made by the same
-    model from the same geometry.
-    """
-    from .inference import configure_threads, get_model, predict_distances, resolve_device
 
+def point_parts(n_points: int, part_points: int = PART_POINTS) -> list[tuple[int, int]]:
+    """Row ranges ``[(start, stop), ...]`` of at most ``part_points`` covering ``n_points``."""
+    if part_points < 1:
+        raise ValueError(f"part_points must be >= 1, got {part_points}")
+    return [(a, min(a + part_points, n_points)) for a in range(0, n_points, part_points)]
+
+
+def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
+                       model_dir: str | os.PathLike, cfg: InferenceConfig
+                       ) -> tuple[dict, dict]:
+    """``(geometry attrs, provenance of the scores)`` of one membrane (KeyError: no geometry).
+
+    The scores depend on the model, the passes and the geometry (whose provenance holds the
+    cube parameters), not on whether the cubes were stored or cut in memory."""
     gkey = geometry_key(name, membrane_id)
     gattrs = _group_attrs(root, gkey)
     if gattrs is None:
@@ -187,22 +200,197 @@ def score_membrane(
         "scores", {"model": model_fingerprint(model_dir), "rotations": cfg.rotations},
         {"geometry": gattrs["provenance"]}
     )
+    return gattrs, prov
+
+
+def scores_current(root: str | os.PathLike, name: str, membrane_id: int,
+                   model_dir: str | os.PathLike, cfg: InferenceConfig) -> bool:
+    """Whether the stored scores of one membrane were made by this model from this geometry."""
+    try:
+        _, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
+    except KeyError:
+        return False
+    sattrs = _array_attrs(root, f"{geometry_key(name, membrane_id)}/scores")
+    return sattrs is not None and store.is_current(sattrs, prov)
+
+
+def n_points(root: str | os.PathLike, name: str, membrane_id: int) -> int:
+    """Points of one membrane's stored geometry (KeyError: none)."""
+    attrs = _group_attrs(root, geometry_key(name, membrane_id))
+    if attrs is None:
+        raise KeyError(f"{root}: no geometry for {geometry_key(name, membrane_id)}")
+    return int(attrs["n_points"])
+
+
+def _scoring_model(root: str | os.PathLike, name: str, model_dir: str | os.PathLike,
+                   cfg: InferenceConfig):
+    """``(model, device)`` of this worker process, checked against the tomogram's voxel size."""
+    from .inference import configure_threads, get_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    configure_threads()
+    meta = store.read_meta(root, name)
+    model, _ = get_model(model_dir, device)
+    _check_model(model_dir, meta.voxel_size_A if meta else None)
+    return model, device
+
+
+def score_cubes(cubes: np.ndarray, root: str | os.PathLike, name: str,
+                model_dir: str | os.PathLike, cfg: InferenceConfig = InferenceConfig()
+                ) -> np.ndarray:
+    """Predicted distances ``(n,)`` float32 of in-memory cubes of tomogram ``name`` (the
+    inference half of a streaming campaign: cubes cut by :func:`cut_part` on another worker)."""
+    from .inference import predict_distances
+
+    model, device = _scoring_model(root, name, model_dir, cfg)
+    return predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
+                             rotations=cfg.rotations).astype(np.float32)
+
+
+def cut_part(root: str | os.PathLike, name: str, membrane_id: int, cfg: GeometryConfig,
+             start: int, stop: int) -> np.ndarray:
+    """Cubes ``(stop - start, s, s, s)`` float32 of one part of a membrane's points."""
+    return membrane_cubes(root, name, membrane_id, cfg, start, stop)
+
+
+def store_scores(root: str | os.PathLike, name: str, membrane_id: int,
+                 model_dir: str | os.PathLike, cfg: InferenceConfig,
+                 parts: Sequence[np.ndarray]) -> int:
+    """Write the scores of one membrane, given as consecutive parts ((n,) or (n, C) each),
+    with provenance and the model's class names."""
+    gattrs, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
+    classes = model_classes(model_dir)
+    scores = (np.concatenate([np.asarray(p, np.float32) for p in parts]) if parts
+              else np.zeros((0,) if len(classes) <= 1 else (0, len(classes)), np.float32))
+    n = int(scores.shape[0])
+    if n != int(gattrs["n_points"]):
+        raise ValueError(f"{name} m{membrane_id}: {n} scores for {gattrs['n_points']} points")
+    return write_scores(root, f"{geometry_key(name, membrane_id)}/scores", scores, prov,
+                        classes)
+
+
+def _part_key(name: str, membrane_id: int, start: int, stop: int) -> str:
+    return f"{geometry_key(name, membrane_id)}/{SCORE_PARTS}/{int(start)}-{int(stop)}"
+
+
+def part_current(root: str | os.PathLike, name: str, membrane_id: int,
+                 model_dir: str | os.PathLike, cfg: InferenceConfig, start: int, stop: int
+                 ) -> bool:
+    """Whether the scores of points ``start:stop`` are stored as a current part."""
+    try:
+        _, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
+    except KeyError:
+        return False
+    attrs = _array_attrs(root, _part_key(name, membrane_id, start, stop))
+    return attrs is not None and store.is_current(attrs, prov)
+
+
+def score_part(cubes: np.ndarray, root: str | os.PathLike, name: str, membrane_id: int,
+               model_dir: str | os.PathLike, cfg: InferenceConfig, start: int, stop: int) -> int:
+    """Score the cubes of points ``start:stop`` of one membrane (cut elsewhere, handed over in
+    memory) and store them as a part of its scores (joined by :func:`assemble_scores`).
+    Parts outlive an interrupted run: a rerun scores only the missing ones."""
+    _, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
+    if cubes.shape[0] != stop - start:
+        raise ValueError(f"{name} m{membrane_id}: {cubes.shape[0]} cubes for rows "
+                         f"{start}:{stop}")
+    scores = score_cubes(cubes, root, name, model_dir, cfg)
+    store.write_array_atomic(root, _part_key(name, membrane_id, start, stop), scores,
+                             chunks=None, attrs={"provenance": prov})
+    return int(scores.shape[0])
+
+
+def assemble_scores(root: str | os.PathLike, name: str, membrane_id: int,
+                    model_dir: str | os.PathLike, cfg: InferenceConfig,
+                    part_points: int = PART_POINTS) -> int:
+    """Join the stored parts of one membrane's scores into ``.../scores`` (skipped when those
+    are current) and remove the parts. KeyError names a part that is missing or stale."""
+    import shutil
+
+    if scores_current(root, name, membrane_id, model_dir, cfg):
+        return n_points(root, name, membrane_id)
+    ranges = point_parts(n_points(root, name, membrane_id), part_points)
+    parts = []
+    for a, b in ranges:
+        if not part_current(root, name, membrane_id, model_dir, cfg, a, b):
+            raise KeyError(f"{root}: scores of rows {a}:{b} of {name} m{membrane_id} missing")
+        key = _part_key(name, membrane_id, a, b)
+        parts.append(np.asarray(zarr.open_array(store=str(root), path=key, mode="r")[...]))
+    n = store_scores(root, name, membrane_id, model_dir, cfg, parts)
+    shutil.rmtree(Path(root).joinpath(*geometry_key(name, membrane_id).split("/"), SCORE_PARTS),
+                  ignore_errors=True)
+    return n
+
+
+@dataclass(frozen=True)
+class ScoreParts:
+    """How a membrane's scores were made in parts (what :func:`assemble_scores` needs)."""
+
+    model_dir: str
+    inference: InferenceConfig
+    part_points: int = PART_POINTS
+
+
+def cuts_on_device(cfg: InferenceConfig, device: str, gcfg: GeometryConfig) -> bool:
+    """Whether scoring cuts its cubes on the inference device (``InferenceConfig.cutter``)."""
+    if gcfg.order != 1 or cfg.cutter == "host":
+        return False
+    return cfg.cutter == "device" or str(device).startswith("cuda")
+
+
+def score_membrane(
+    root: str | os.PathLike,
+    name: str,
+    membrane_id: int,
+    model_dir: str | os.PathLike,
+    cfg: InferenceConfig = InferenceConfig(),
+    gcfg: GeometryConfig | None = None,
+    part_points: int = PART_POINTS,
+) -> int:
+    """Predict the distance of every point of one membrane; write ``.../scores``.
+
+    The cubes are read from the geometry group when it kept them, else cut here part by part
+    (``part_points`` at a time, :func:`~membrain_dist.geometry.membrane_cubes`, with ``gcfg``
+    the geometry's configuration): one task cuts and scores. Runs on whichever worker gets
+    it: CUDA when the worker has a GPU and ``cfg.device`` is ``auto``; the model is loaded once
+    per worker process (``inference.get_model``). Returns the number of points scored.
+    Skipped when the stored scores were made by the same model from the same geometry.
+    """
+    from .inference import predict_distances, predict_points
+
+    gattrs, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
+    gkey = geometry_key(name, membrane_id)
     skey = f"{gkey}/scores"
     sattrs = _array_attrs(root, skey)
     if sattrs is not None and store.is_current(sattrs, prov):
         log.info("%s: current, skipped", skey)
         return int(gattrs["n_points"])
-    device = resolve_device(cfg.device)
-    configure_threads()
-    meta = store.read_meta(root, name)
-    model, model_meta = get_model(model_dir, device)
-    _check_model(model_dir, meta.voxel_size_A if meta else None)
-    cubes = zarr.open_array(store=str(root), path=f"{gkey}/cubes", mode="r")
-    scores = predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
-                               rotations=cfg.rotations)
-    n = write_scores(root, skey, scores, prov, model_meta.classes)
+    model, device = _scoring_model(root, name, model_dir, cfg)
+    gcfg = gcfg or GeometryConfig()
+    kw = dict(batch_size=cfg.batch_size, device=device, rotations=cfg.rotations)
+    ranges = point_parts(int(gattrs["n_points"]), part_points)
+    if stored_cubes(root, name, membrane_id):
+        cubes = zarr.open_array(store=str(root), path=f"{gkey}/cubes", mode="r")
+        parts = [predict_distances(model, cubes, **kw)]
+    elif cuts_on_device(cfg, device, gcfg):
+        parts = []
+        for a, b in ranges:
+            src = membrane_source(root, name, membrane_id, gcfg, a, b)
+            parts.append(predict_points(model, src.read_volume, src.shape_zyx, src.zyx,
+                                        src.normal, size=gcfg.cube_size,
+                                        intensity=src.intensity, **kw))
+    else:
+        parts = [predict_distances(model, membrane_cubes(root, name, membrane_id, gcfg, a, b),
+                                   **kw) for a, b in ranges]
+    n = store_scores(root, name, membrane_id, model_dir, cfg, parts)
     log.info("%s: %d points scored on %s", skey, n, device)
     return n
+
+
+def model_classes(model_dir: str | os.PathLike) -> list[str]:
+    """The class names a model directory records (``[]``: one unnamed class)."""
+    meta = json.loads((Path(model_dir) / "model.json").read_text())
+    return list(meta.get("classes") or [])
 
 
 def _check_model(model_dir: str | os.PathLike, voxel_size_A: float | None) -> None:
@@ -455,12 +643,13 @@ def write_tomograms_star(path: str | os.PathLike, root: str | os.PathLike,
 
 # --------------------------------------------------------------------------- training
 def _particles_of(path: str | os.PathLike, name: str) -> pd.DataFrame:
-    """Rows of a STAR for tomogram ``name`` (a single-tomogram STAR under another name too)."""
+    """Rows of a STAR for tomogram ``name`` (a single-tomogram STAR under another name too;
+    a STAR without rows: none, a tomogram annotated as holding no particle)."""
     df = read_particles(path)
     names = df["rlnTomoName"].astype(str)
     if (names == name).any():
         return df[names == name].reset_index(drop=True)
-    if names.nunique() == 1:
+    if names.nunique() <= 1:
         return df.reset_index(drop=True)
     found = sorted(set(names))[:5]
     raise InputError(path, f"no particles with rlnTomoName {name!r} (found {found})")
@@ -653,9 +842,11 @@ def _label_tomogram(
 
 
 def training_set(
-    root: str | os.PathLike, entries: Sequence[TomogramEntry], cfg: LabelConfig
+    root: str | os.PathLike, entries: Sequence[TomogramEntry], cfg: LabelConfig,
+    gcfg: GeometryConfig | None = None,
 ) -> TrainingSet:
-    """Labels for the stored points of annotated tomograms (stage 3 labels).
+    """Labels for the stored points of annotated tomograms (stage 3 labels) and their cubes
+    (cut with ``gcfg``, the geometry's configuration, unless the geometry kept them).
 
     Membranes without any point closer than ``cfg.max_distance`` to an annotated centre are
     left out when ``cfg.annotated_only``; ``cfg.max_membranes`` keeps the most populated.
@@ -681,8 +872,7 @@ def training_set(
     cubes, rows = [], 0
     truth_row = []
     for c in candidates:
-        g = zarr.open_array(store=str(root), path=f"{geometry_key(c.name, c.mid)}/cubes", mode="r")
-        cubes.append(np.asarray(g[...], dtype=np.float32))
+        cubes.append(membrane_cubes(root, c.name, c.mid, gcfg))
         truth_row.append(c.truth_point.astype(np.int64) + rows)
         rows += c.labels.shape[0]
 
@@ -761,8 +951,9 @@ def fit_model(
     from .model import ModelMeta, save_model
     from .training import config_dict, train
 
-    ts = training_set(root, train_entries, cfg.labels)
-    vs = training_set(root, val_entries, cfg.labels) if val_entries else None
+    ts = training_set(root, train_entries, cfg.labels, cfg.geometry)
+    vs = (training_set(root, val_entries, cfg.labels, cfg.geometry) if val_entries
+          else None)
     log.info("training on %d points of %d membranes %s; validation: %s", len(ts),
              len(ts.membranes), ts.membranes,
              f"{len(vs)} points of the val rows" if vs else "held-out points")
@@ -900,7 +1091,7 @@ def calibrate_model(
     prepare_sequential(entries, root, cfg)
     voxel_size = common_voxel_size(root, [e.name for e in entries])
     model, _ = load_model(model_dir, resolve_device(device), voxel_size_A=voxel_size)
-    vs = training_set(root, entries, cfg.labels)
+    vs = training_set(root, entries, cfg.labels, cfg.geometry)
     metrics: dict = {"rows": [e.name for e in entries], "points": len(vs)}
     cfg = _learn_picking(model, vs, np.arange(len(vs)), vs.heights, cfg, metrics)
     out = Path(model_dir)
@@ -1099,7 +1290,7 @@ def predict_sequential(
         sides = side_specs(entry, ids)
         for mid in ids:
             geometry_membrane(root, entry.name, mid, cfg.geometry, sides[mid])
-            score_membrane(root, entry.name, mid, model_dir, cfg.inference)
+            score_membrane(root, entry.name, mid, model_dir, cfg.inference, cfg.geometry)
             cluster_membrane(root, entry.name, mid, cfg.cluster, cfg.orientation)
         summaries.append(write_tomogram_outputs(root, entry.name, out_dir, entry.particles,
                                                 cfg.cluster.score_threshold, pcfg=cfg.picks,

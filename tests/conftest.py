@@ -66,3 +66,19 @@ def sequential_prediction(test_manifest: Path, trained_model: Path,
     pipeline.predict_sequential(read_manifest(test_manifest), work / "store.zarr",
                                 trained_model, work / "pred", cfg)
     return work / "pred"
+
+
+@pytest.fixture(scope="session")
+def flow_prediction(test_manifest: Path, trained_model: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    """The predict flow (Prefect, shared temporary API) on a 2-worker LocalCluster:
+    ``(prediction folder, store, PredictResult)`` (tests/test_flows.py, test_stream.py)."""
+    from flows.predict import predict_campaign
+    from flows.runtime import ClusterSpec, prefect_api
+
+    work = tmp_path_factory.mktemp("flow")
+    with prefect_api():
+        result = predict_campaign(str(test_manifest), str(trained_model), str(work / "pred"),
+                                  str(work / "store.zarr"),
+                                  cluster=ClusterSpec(n_workers=2, memory_limit="4GiB"))
+    return work / "pred", work / "store.zarr", result

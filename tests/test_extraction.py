@@ -144,3 +144,61 @@ def test_lowpass_blocks_equal_filtering_the_whole_volume():
     # off: exactly the plain normalisation
     plain = Intensity(0.0, 1.0, 1.0, clip=10.0)
     np.testing.assert_array_equal(normalise_intensity(vol, plain), vol)
+
+
+class _LinearVolume:
+    """A virtual tomogram ``v(z, y, x) = 1 + a . (z, y, x)`` of any shape: blocks are computed
+    when read (nothing of the whole is allocated); every read's size is recorded."""
+
+    def __init__(self, shape: tuple[int, int, int], a: np.ndarray) -> None:
+        self.shape, self.a, self.reads = shape, np.asarray(a, np.float64), []
+
+    def __getitem__(self, sl: tuple[slice, slice, slice]) -> np.ndarray:
+        idx = np.ogrid[tuple(slice(s.start, s.stop) for s in sl)]
+        self.reads.append(int(np.prod([s.stop - s.start for s in sl], dtype=np.int64)))
+        return (1 + sum(self.a[k] * idx[k] for k in range(3))).astype(np.float32)
+
+
+def test_extraction_beyond_2_31_voxels_reads_bounded_blocks():
+    """An unbinned-size index space (1600 x 1600 x 1024 = 2.6e9 voxels > 2^31): points near
+    opposite corners in one batch are cut exactly (linear volume: trilinear is exact) and no
+    read exceeds the block bound (one min/max box would span the whole volume)."""
+    from membrain_dist.extraction import bounded_batches, extract_batches
+
+    shape = (1600, 1600, 1024)
+    assert np.prod(shape, dtype=np.int64) > 2**31
+    a = np.float32([0.25, -0.125, 0.5])
+    vol = _LinearVolume(shape, a)
+    rng = np.random.default_rng(5)
+    far = np.float32(shape) - 20
+    pts = np.concatenate([rng.uniform(10, 30, (40, 3)), far + rng.uniform(0, 10, (40, 3)),
+                          rng.uniform(10, 30, (20, 3))]).astype(np.float32)
+    nrm = _unit(rng, pts.shape[0])
+    limit = 64**3
+    got = np.empty((pts.shape[0], 12, 12, 12), np.float32)
+    for start, cubes in extract_batches(vol.__getitem__, shape, pts, nrm, batch_size=100,
+                                        max_block_voxels=limit):
+        got[start : start + cubes.shape[0]] = cubes
+    assert max(vol.reads) <= limit and len(vol.reads) >= 3
+    f = rotation_frames(nrm)
+    o = np.arange(12, dtype=np.float32) - 5.5
+    exp = (1 + (pts.astype(np.float64) @ a)[:, None, None, None]
+           + (f[:, :, 2] @ a)[:, None, None, None] * o[:, None, None]
+           + (f[:, :, 1] @ a)[:, None, None, None] * o[None, :, None]
+           + (f[:, :, 0] @ a)[:, None, None, None] * o[None, None, :])
+    np.testing.assert_allclose(got, exp, atol=2e-3)
+    # the ranges cover every row once, in order, each within the bound (or a single point)
+    ranges = bounded_batches(pts, shape, 12, 100, limit)
+    rows = np.concatenate([np.arange(a0, b0) for a0, b0, _, _ in ranges])
+    np.testing.assert_array_equal(rows, np.arange(pts.shape[0]))
+    assert all(lo.dtype == np.int64 and np.prod(hi - lo) <= limit for _, _, lo, hi in ranges)
+
+
+
+def test_flat_indices_widen_past_int32():
+    """The corner gathers index the padded block flat: int32 while it fits, int64 beyond."""
+    from membrain_dist.extraction import _index_dtype
+
+    assert _index_dtype(2**31 - 1) == np.int32
+    assert _index_dtype(2**31) == np.int64
+    assert _index_dtype(3 * 2**31) == np.int64

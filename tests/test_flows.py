@@ -42,21 +42,6 @@ def _names(manifest: Path) -> list[str]:
     return [e.name for e in read_manifest(manifest)]
 
 
-@pytest.fixture(scope="module")
-def flow_prediction(test_manifest: Path, trained_model: Path,
-                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
-    """The predict flow (Prefect, shared temporary API) on a 2-worker LocalCluster."""
-    from flows.predict import predict_campaign
-    from flows.runtime import ClusterSpec, prefect_api
-
-    work = tmp_path_factory.mktemp("flow")
-    with prefect_api():
-        result = predict_campaign(str(test_manifest), str(trained_model), str(work / "pred"),
-                                  str(work / "store.zarr"),
-                                  cluster=ClusterSpec(n_workers=2, memory_limit="4GiB"))
-    return work / "pred", work / "store.zarr", result
-
-
 def test_flow_gives_the_sequential_picks(flow_prediction, sequential_prediction, test_manifest):
     pred, _, result = flow_prediction
     names = _names(test_manifest)

@@ -45,7 +45,7 @@ def test_process_membrane_writes_and_skips(tmp_path: Path, caplog):
     root = tmp_path / "c.zarr"
     _, labels = _make_store(root)
     cfg = GeometryConfig(batch_size=300, chunk_points=256, block=24)
-    n = process_membrane(root, "t0", 2, cfg)
+    n = process_membrane(root, "t0", 2, cfg, keep_cubes=True)
     assert n > 500
     geo = read_geometry(root, "t0", 2)
     assert geo["zyx"].shape == (n, 3) and geo["zyx"].dtype == np.float32
@@ -69,9 +69,10 @@ def test_process_membrane_writes_and_skips(tmp_path: Path, caplog):
     sp = sample_membrane(labels.__getitem__, 2, bbox, labels.shape, block=64)
     assert len(sp) == n
 
-    # rerun: skipped (the group is not rewritten)
+    # rerun: skipped (the group is not rewritten), with or without asking for cubes
     mtime = (root / "t0" / "geometry" / "m2" / "zarr.json").stat().st_mtime_ns
     assert process_membrane(root, "t0", 2, cfg) == n
+    assert process_membrane(root, "t0", 2, cfg, keep_cubes=True) == n
     assert (root / "t0" / "geometry" / "m2" / "zarr.json").stat().st_mtime_ns == mtime
     # changed parameters: recomputed, only the outside kept
     n_out = process_membrane(root, "t0", 2, cfg, SideSpec("outside"))
@@ -121,7 +122,7 @@ def test_region_read_equals_per_batch_reads(tmp_path: Path, monkeypatch, lowpass
     cfg = GeometryConfig(batch_size=300, chunk_points=256, block=24, lowpass_sigma=lowpass)
 
     def cubes() -> np.ndarray:
-        process_membrane(root, "t0", 2, cfg)
+        process_membrane(root, "t0", 2, cfg, keep_cubes=True)
         grp = zarr.open_group(store=str(root), path=geometry_key("t0", 2), mode="r")
         return np.asarray(grp["cubes"][...])
 
@@ -138,3 +139,30 @@ def test_region_read_equals_per_batch_reads(tmp_path: Path, monkeypatch, lowpass
     want = extract_cubes(tomo, geo["zyx"], geo["normal"],
                          intensity=Intensity(10.0, 1.0, 1.0, lowpass=lowpass))
     np.testing.assert_allclose(once, want, atol=1e-4)  # other block origin: float32 round-off
+
+
+def test_cubes_cut_on_demand_equal_the_stored_cubes(tmp_path: Path):
+    """Without keep_cubes the group holds points only; membrane_cubes cuts the same cubes the
+    store would have held (any row range); a run that wants cubes then recomputes the group."""
+    import zarr
+
+    from membrain_dist.geometry import membrane_cubes
+
+    root = tmp_path / "c.zarr"
+    _make_store(root)
+    cfg = GeometryConfig(batch_size=300, chunk_points=256, block=24)
+    n = process_membrane(root, "t0", 2, cfg)
+    key = geometry_key("t0", 2)
+    grp = zarr.open_group(store=str(root), path=key, mode="r")
+    assert "cubes" not in grp and grp.attrs["cubes"] is False
+    cut = membrane_cubes(root, "t0", 2, cfg)
+    part = membrane_cubes(root, "t0", 2, cfg, 100, 357)
+    assert cut.shape == (n, 12, 12, 12) and cut.dtype == np.float32
+    # another block origin: float32 round-off of the sample positions only
+    np.testing.assert_allclose(part, cut[100:357], atol=1e-4)
+    mtime = (root / "t0" / "geometry" / "m2" / "zarr.json").stat().st_mtime_ns
+    assert process_membrane(root, "t0", 2, cfg, keep_cubes=True) == n
+    assert (root / "t0" / "geometry" / "m2" / "zarr.json").stat().st_mtime_ns != mtime
+    stored = np.asarray(zarr.open_group(store=str(root), path=key, mode="r")["cubes"][...])
+    np.testing.assert_array_equal(stored, cut)  # same batches, same region: bit for bit
+    np.testing.assert_array_equal(membrane_cubes(root, "t0", 2, cfg, 5, 9), stored[5:9])

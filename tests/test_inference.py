@@ -139,3 +139,41 @@ def test_inference_model_folds_batchnorm_and_leaves_the_model_alone(model, cubes
         np.testing.assert_allclose(
             folded(x.contiguous(memory_format=torch.channels_last_3d)).numpy(),
             model(x).numpy(), atol=1e-5, rtol=0)
+
+
+def test_cubes_cut_on_the_device_equal_the_host_cubes():
+    """grid_sample cutting (what a CUDA worker does; run on the CPU here) gives the host's
+    trilinear cubes, points near and beyond the faces included (edge values repeated)."""
+    from membrain_dist.extraction import extract_cubes, rotation_frames
+    from membrain_dist.inference import cut_cubes_torch
+
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(40, 50, 60)).astype(np.float32)
+    pts = np.concatenate([rng.uniform(0, 1, (300, 3)) * [40, 50, 60],
+                          np.float32([[0, 0, 0], [39, 49, 59], [-2, 25, 61]])]).astype(np.float32)
+    nrm = rng.normal(size=(pts.shape[0], 3)).astype(np.float32)
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
+    host = extract_cubes(vol, pts, nrm, batch_size=10_000)  # one block: the whole volume
+    dev = cut_cubes_torch(torch.from_numpy(vol), torch.from_numpy(pts),
+                          torch.from_numpy(rotation_frames(nrm)), 12).numpy()
+    assert dev.shape == host.shape
+    np.testing.assert_allclose(dev, host, atol=1e-4)
+
+
+def test_scores_from_device_cutting_equal_host_cutting(model):
+    """predict_points (blocks to the device, cubes cut and scored there) == cutting on the
+    host and predict_distances, with an intensity normalisation and several blocks."""
+    from membrain_dist.extraction import Intensity, extract_cubes
+    from membrain_dist.inference import predict_points
+
+    rng = np.random.default_rng(4)
+    vol = (rng.normal(size=(48, 64, 64)) * 3 + 10).astype(np.float32)
+    pts = (rng.uniform(0, 1, (700, 3)) * [47, 63, 63]).astype(np.float32)
+    nrm = rng.normal(size=(700, 3)).astype(np.float32)
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
+    inten = Intensity(10.0, 3.0, -1.0)
+    host = predict_distances(model, extract_cubes(vol, pts, nrm, intensity=inten), 64, "cpu",
+                             rotations=4)
+    dev = predict_points(model, vol.__getitem__, vol.shape, pts, nrm, intensity=inten,
+                         batch_size=64, device="cpu", rotations=4, read_points=200)
+    np.testing.assert_allclose(dev, host, atol=1e-4)

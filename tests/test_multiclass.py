@@ -242,6 +242,25 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
     _, overall = evaluate_campaign(out, sheet["dir"] / "names.star")
     assert set(overall["classes"]) >= {"A", "B"}
     assert overall["classes"]["A"]["n_gt"] == 2 and overall["classes"]["B"]["n_gt"] == 2
+    # a streaming run's paths give the same (N, C) scores: parts cut on one worker, scored on
+    # another and joined; cubes cut on the inference device (grid_sample)
+    import shutil
+
+    root, inf = tmp_path / "s.zarr", pcfg.inference
+    scores_dir = root / "t" / "geometry" / "m1" / "scores"
+    parts = pipeline.point_parts(pipeline.n_points(root, "t", 1), 500)
+    assert len(parts) > 1
+    for a, b in parts:
+        cubes = pipeline.cut_part(root, "t", 1, pcfg.geometry, a, b)
+        pipeline.score_part(cubes, root, "t", 1, model, inf, a, b)
+    shutil.rmtree(scores_dir)
+    pipeline.assemble_scores(root, "t", 1, model, inf, 500)
+    joined, names = pipeline.read_class_scores(root, "t", 1)
+    assert names == ["A", "B"]
+    np.testing.assert_allclose(joined, scores, atol=1e-5)
+    shutil.rmtree(scores_dir)
+    pipeline.score_membrane(root, "t", 1, model, replace(inf, cutter="device"), pcfg.geometry)
+    np.testing.assert_allclose(pipeline.read_class_scores(root, "t", 1)[0], scores, atol=1e-3)
 
 
 def test_classes_from_a_toml_config_and_v1_names(tmp_path):

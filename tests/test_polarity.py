@@ -51,6 +51,21 @@ def test_ambiguous_contrast_warns_and_the_campaign_sign_wins(tmp_path, caplog) -
     assert store.read_meta(root, "a").intensity["polarity"] == -1
 
 
+def test_a_later_tomogram_takes_the_sign_the_first_ones_voted(tmp_path) -> None:
+    """Streaming: the first window votes, a tomogram converted later is switched to that sign
+    without a vote of its own, even when its own margin is clear (one contrast per campaign)."""
+    root = tmp_path / "s.zarr"
+    for name, off in (("a", -1.0), ("b", -0.8)):
+        convert_tomogram(_entry(tmp_path, name, off), root, CFG)
+    sign = pipeline.harmonise_polarity(root, ["a", "b"])
+    assert sign == -1
+    convert_tomogram(_entry(tmp_path, "late", 1.0), root, CFG)  # bright on its own
+    assert store.read_meta(root, "late").intensity["polarity"] == 1
+    assert pipeline.harmonise_polarity(root, ["late"], sign=sign) == -1
+    late = store.read_meta(root, "late").intensity
+    assert late["polarity"] == -1 and late["polarity_from"] == "campaign"
+
+
 def test_manifest_polarity_is_forced_and_not_overruled(tmp_path) -> None:
     root = tmp_path / "s.zarr"
     convert_tomogram(_entry(tmp_path, "a", -1.0), root, CFG)

@@ -1,0 +1,408 @@
+"""Streaming prediction: each tomogram's stages are submitted as soon as their inputs exist.
+
+The stage-by-stage flow (:mod:`flows.stages`) finishes a stage for the whole campaign before the
+next starts: on a deployment with CPU and GPU workers, the GPU idles through all conversion and
+geometry and the CPUs idle through all inference. Here the flow process is a small event loop
+over Prefect futures: a tomogram's conversion, its membranes' geometry, scoring, clustering and
+its outputs are submitted one after the other as each finishes, so tomogram k+1 is converted and
+sampled on the CPU workers while tomogram k is scored on the inference workers.
+
+Bounded in flight:
+
+- at most ``Schedule.window`` tomograms are between conversion and outputs (store growth and
+  the flow's bookkeeping stay flat over a campaign of any length);
+- later stages get a higher dask priority than earlier ones, so a tomogram in flight finishes
+  before the next one's work is taken up;
+- with cubes cut on the CPU workers (``cut_on="cpu"``), at most ``Schedule.parts_in_flight``
+  parts of ``part_points`` cubes are cut and not yet scored: the cubes go from the worker that
+  cut them to the one that scores them through dask, in memory, never through the store or
+  this process.
+
+Without workers set apart for inference (no ``GPU`` resource: a local or CPU-only cluster) a
+membrane's geometry, scoring (cubes cut in memory) and clustering are one task: fewer, larger
+tasks, and no cube ever leaves the worker that cut it. With them:
+
+Where the cubes are cut (``Schedule.cut_on``): ``inference`` — the scoring task cuts its own
+cubes part by part (one task per membrane; the only choice when the inference workers are on
+another scheduler, e.g. the SLURM GPU cluster, since dask moves data only between workers of one
+scheduler); ``cpu`` — cut tasks on the CPU workers, scored on the inference workers (same
+scheduler, GPU workers marked with the ``GPU`` resource); ``auto`` — ``cpu`` when that is
+possible, else ``inference``. ``benchmarks/campaign.py`` measures both.
+
+Campaign-wide membrane contrast: the first window's tomograms vote
+(:func:`membrain_dist.pipeline.harmonise_polarity`) before any geometry starts; later tomograms
+take that sign. Failures stay per tomogram, and every stage skips work whose stored provenance
+is current (parts of a membrane's scores too), so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+from prefect import get_run_logger
+from pydantic import ConfigDict
+
+from membrain_dist import pipeline
+from membrain_dist.config import PipelineConfig
+from membrain_dist.manifest import TomogramEntry
+
+from . import progress
+from .runtime import task_runner
+from .tasks import (
+    cluster_task,
+    convert_task,
+    cut_task,
+    geometry_task,
+    membrane_task,
+    outputs_task,
+    score_part_task,
+    score_task,
+)
+
+log = logging.getLogger(__name__)
+
+Failures = dict[str, str]
+
+#: dask priorities: a later stage runs before an earlier one when both wait for a worker
+PRIORITY = {"convert": 0, "geometry": 1, "membrane": 1, "cut": 2, "score": 3, "cluster": 4,
+            "outputs": 5}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a prediction is scheduled over the workers.
+
+    Attributes
+    ----------
+    mode
+        ``stream`` (default): per tomogram, each stage as soon as its inputs exist;
+        ``stages``: every tomogram through one stage before the next (the earlier flow).
+    window
+        Tomograms in flight at once (stream).
+    cut_on
+        Where the cubes are cut: ``auto``, ``cpu`` or ``inference`` (see the module doc).
+    parts_in_flight
+        Parts cut and not yet scored (``cut_on="cpu"``): bounds the cubes held in memory to
+        about ``parts_in_flight x part_points x 6.9 kB``.
+    part_points
+        Points per part (one cut task and one scoring pass; 16,384 cubes = 113 MB at s = 12).
+    keep_cubes
+        Also write every point's cube to the store (debugging, training sets).
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    mode: Literal["stream", "stages"] = "stream"
+    window: int = 4
+    cut_on: Literal["auto", "cpu", "inference"] = "auto"
+    parts_in_flight: int = 4
+    part_points: int = pipeline.PART_POINTS
+    keep_cubes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.parts_in_flight < 1 or self.part_points < 1:
+            raise ValueError("window, parts_in_flight and part_points must be >= 1")
+
+    def cuts_on_cpu(self, same_scheduler: bool, gpu_resource: bool) -> bool:
+        """Whether cut tasks run on the CPU workers (cubes handed over in memory)."""
+        if self.cut_on == "inference" or not same_scheduler:
+            return False
+        return self.cut_on == "cpu" or gpu_resource
+
+
+@dataclass
+class _Tomogram:
+    """Bookkeeping of one tomogram in flight."""
+
+    entry: TomogramEntry
+    mids: list[int] = field(default_factory=list)
+    to_cluster: int = 0
+    running: int = 0  # its tasks submitted and not finished
+    error: str | None = None
+    converted: bool = False
+
+
+@dataclass
+class _Membrane:
+    parts: list[tuple[int, int]]
+    left: int  # parts not yet scored
+
+
+class StreamRun:
+    """The event loop of one streaming prediction (runs in the flow, see
+    :func:`stream_entries`)."""
+
+    def __init__(self, entries: Sequence[TomogramEntry], model_dir: str, out_dir: str,
+                 root: str, cfg: PipelineConfig, submit_cpu: Callable, submit_gpu: Callable,
+                 gpu_resource: bool, schedule: Schedule, cut_on_cpu: bool,
+                 in_plane: pipeline.InPlaneSearch | None) -> None:
+        self.entries = list(entries)
+        self.model_dir, self.out_dir, self.root, self.cfg = model_dir, out_dir, root, cfg
+        self.submit_cpu, self.submit_gpu = submit_cpu, submit_gpu
+        self.gpu_resource = gpu_resource
+        self.schedule, self.cut_on_cpu, self.in_plane = schedule, cut_on_cpu, in_plane
+        self.done_q: queue.Queue = queue.Queue()
+        self.waiting = deque(self.entries)
+        self.active: dict[str, _Tomogram] = {}
+        self.summaries: dict[str, dict] = {}
+        self.failures: Failures = {}
+        self.sign: int | None = None
+        self.sign_decided = False
+        self.first_window: list[str] = []
+        self.parked: list[str] = []  # converted, waiting for the campaign's contrast
+        self.parts_queue: deque = deque()  # (name, mid, start, stop) waiting to be cut
+        self.parts_running = 0
+        self.membranes: dict[tuple[str, int], _Membrane] = {}
+        self.running = 0
+        self.run = progress.current()
+        self.logger = get_run_logger()
+
+    # ------------------------------------------------------------------ submission
+    def _submit(self, kind: str, name: str, key: Any, task: Any, params: dict[str, Any],
+                gpu: bool = False) -> Any:
+        resources = {"GPU": 1} if gpu and self.gpu_resource else None
+        with dask.annotate(priority=PRIORITY[kind], **({"resources": resources}
+                                                       if resources else {})):
+            fut = (self.submit_gpu if gpu else self.submit_cpu)(task, params)
+        self.active[name].running += 1
+        self.running += 1
+        if kind != "cut":  # a cut's outcome is read through the score that consumes it
+            fut.add_done_callback(lambda f, k=(kind, name, key): self.done_q.put((k, f)))
+        return fut
+
+    def _admit(self) -> None:
+        """Start tomograms while the window has room."""
+        while self.waiting and len(self.active) < self.schedule.window:
+            e = self.waiting.popleft()
+            self.active[e.name] = _Tomogram(e)
+            if not self.sign_decided:
+                self.first_window.append(e.name)
+            self._submit("convert", e.name, None, convert_task,
+                         dict(entry=e, root=self.root, cfg=self.cfg.convert))
+
+    def _geometry(self, name: str) -> None:
+        t = self.active[name]
+        sides = pipeline.side_specs(t.entry, t.mids)
+        t.to_cluster = len(t.mids)
+        if not t.mids:
+            self._outputs(name)
+        for mid in t.mids:
+            if not self.gpu_resource:  # no inference workers apart: one task per membrane
+                self._submit("membrane", name, mid, membrane_task,
+                             dict(root=self.root, name=name, membrane_id=mid,
+                                  gcfg=self.cfg.geometry, side=sides[mid],
+                                  keep_cubes=self.schedule.keep_cubes, model_dir=self.model_dir,
+                                  icfg=self.cfg.inference, part_points=self.schedule.part_points,
+                                  ccfg=self.cfg.cluster, ocfg=self.cfg.orientation))
+                continue
+            self._submit("geometry", name, mid, geometry_task,
+                         dict(root=self.root, name=name, membrane_id=mid, cfg=self.cfg.geometry,
+                              side=sides[mid], keep_cubes=self.schedule.keep_cubes))
+
+    def _score(self, name: str, mid: int, n: int) -> None:
+        inf = self.cfg.inference
+        if pipeline.scores_current(self.root, name, mid, self.model_dir, inf):
+            self._cluster(name, mid, None)
+            return
+        if not self.cut_on_cpu or n == 0 or self.schedule.keep_cubes:
+            self._submit("score", name, mid, score_task,
+                         dict(root=self.root, name=name, membrane_id=mid,
+                              model_dir=self.model_dir, cfg=inf, gcfg=self.cfg.geometry,
+                              part_points=self.schedule.part_points), gpu=True)
+            return
+        parts = pipeline.point_parts(n, self.schedule.part_points)
+        todo = [p for p in parts
+                if not pipeline.part_current(self.root, name, mid, self.model_dir, inf, *p)]
+        if not todo:  # every part scored by an earlier, interrupted run
+            self._cluster(name, mid, self._parts_spec())
+            return
+        self.membranes[(name, mid)] = _Membrane(parts, len(todo))
+        self.parts_queue.extend((name, mid, a, b) for a, b in todo)
+
+    def _pump_parts(self) -> None:
+        """Cut and score parts while fewer than ``parts_in_flight`` are in flight."""
+        while self.parts_queue and self.parts_running < self.schedule.parts_in_flight:
+            name, mid, a, b = self.parts_queue.popleft()
+            if self.active[name].error is not None:
+                continue
+            cubes = self._submit("cut", name, (mid, a), cut_task,
+                                 dict(root=self.root, name=name, membrane_id=mid,
+                                      cfg=self.cfg.geometry, start=a, stop=b))
+            self._submit("score", name, (mid, a, b, cubes), score_part_task,
+                         dict(cubes=cubes, root=self.root, name=name, membrane_id=mid,
+                              model_dir=self.model_dir, cfg=self.cfg.inference, start=a, stop=b),
+                         gpu=True)
+            self.parts_running += 1
+
+    def _parts_spec(self) -> pipeline.ScoreParts:
+        return pipeline.ScoreParts(self.model_dir, self.cfg.inference, self.schedule.part_points)
+
+    def _cluster(self, name: str, mid: int, parts: pipeline.ScoreParts | None) -> None:
+        self._submit("cluster", name, mid, cluster_task,
+                     dict(root=self.root, name=name, membrane_id=mid, ccfg=self.cfg.cluster,
+                          ocfg=self.cfg.orientation, parts=parts))
+
+    def _outputs(self, name: str) -> None:
+        e = self.active[name].entry
+        self._submit("outputs", name, None, outputs_task,
+                     dict(root=self.root, name=name, out_dir=self.out_dir,
+                          gt_star=None if e.particles is None else str(e.particles),
+                          score_threshold=self.cfg.cluster.score_threshold,
+                          pcfg=self.cfg.picks, in_plane=self.in_plane))
+
+    # ------------------------------------------------------------------ events
+    def _fail(self, name: str, message: str) -> None:
+        t = self.active[name]
+        if t.error is None:
+            t.error = message
+            self.failures[name] = message
+            self.logger.error("%s failed: %s", name, message)
+            if self.run is not None:
+                self.run.tomograms_failed([name])
+
+    def _converted(self, name: str, mids: list[int]) -> None:
+        t = self.active[name]
+        t.mids, t.converted = [int(m) for m in mids], True
+        self.logger.info("converted %s: %d membranes", name, len(mids))
+        if self.run is not None:
+            self.run.retotal("geometry", self.run.stages["geometry"].total + len(mids))
+            self.run.retotal("inference", self.run.stages["inference"].total + len(mids))
+            self.run.retotal("particles", self.run.stages["particles"].total + len(mids) + 1)
+        if self.sign_decided:
+            pipeline.harmonise_polarity(self.root, [name], sign=self.sign)
+            self._geometry(name)
+        else:
+            self.parked.append(name)
+            self._decide_sign()
+
+    def _decide_sign(self) -> None:
+        """Once every tomogram of the first window is converted (or failed): one contrast."""
+        pending = [n for n in self.first_window
+                   if n in self.active and not self.active[n].converted
+                   and self.active[n].error is None]
+        if pending:
+            return
+        ok = [n for n in self.first_window if n not in self.failures]
+        self.sign = pipeline.harmonise_polarity(self.root, ok)
+        self.sign_decided = True
+        if self.sign is not None:
+            self.logger.info("membrane contrast of the campaign: %s",
+                             "bright" if self.sign > 0 else "dark")
+        parked, self.parked = self.parked, []
+        for n in parked:
+            if self.active[n].error is None:
+                self._geometry(n)
+
+    def _tick(self, stage: str) -> None:
+        if self.run is not None:
+            self.run.advance(stage)
+
+    def _event(self, kind: str, name: str, key: Any, fut: Any) -> None:
+        t = self.active[name]
+        t.running -= 1
+        self.running -= 1
+        fut.wait()  # the final state (small results: points, counts, summaries)
+        state = fut.state
+        ok = state.is_completed()
+        if kind == "score" and isinstance(key, tuple):  # a part: its cut is settled too
+            mid, a, b, cubes = key
+            t.running -= 1
+            self.running -= 1
+            self.parts_running -= 1
+            if not ok and state.is_pending():  # not run: the cut failed; its own message
+                cubes.wait()
+                state = cubes.state
+            del cubes  # the cubes are freed on the workers once no future refers to them
+        if not ok:
+            self._fail(name, state.message or state.type.value)
+            if kind == "convert" and not self.sign_decided:
+                self._decide_sign()
+            return
+        if t.error is not None:
+            return
+        result = fut.result()
+        if kind == "convert":
+            self._tick("convert")
+            self._converted(name, result)
+        elif kind == "geometry":
+            self._tick("geometry")
+            self._score(name, key, int(result))
+        elif kind == "score" and isinstance(key, tuple):
+            m = self.membranes[(name, mid)]
+            m.left -= 1
+            if m.left == 0:
+                del self.membranes[(name, mid)]
+                self._tick("inference")
+                self._cluster(name, mid, self._parts_spec())
+        elif kind == "score":
+            self._tick("inference")
+            self._cluster(name, key, None)
+        elif kind == "membrane":
+            for stage in ("geometry", "inference", "particles"):
+                self._tick(stage)
+            t.to_cluster -= 1
+            if t.to_cluster == 0:
+                self._outputs(name)
+        elif kind == "cluster":
+            self._tick("particles")
+            t.to_cluster -= 1
+            if t.to_cluster == 0:
+                self._outputs(name)
+        elif kind == "outputs":
+            self._tick("particles")
+            self.summaries[name] = result
+            if self.run is not None:
+                self.run.tomogram_done(name)
+            s = result
+            self.logger.info("%s: %d particles from %d points", name, s["particles"],
+                             s["points"])
+
+    def _retire(self) -> None:
+        """Free the window slots of tomograms that are finished or failed and settled."""
+        for name in [n for n, t in self.active.items() if t.running == 0]:
+            t = self.active[name]
+            if t.error is not None or name in self.summaries:
+                del self.active[name]
+                self.parts_queue = deque(p for p in self.parts_queue if p[0] != name)
+
+    def execute(self) -> tuple[dict[str, dict], Failures]:
+        self._admit()
+        while self.running:
+            (kind, name, key), fut = self.done_q.get()
+            self._event(kind, name, key, fut)
+            self._retire()
+            self._admit()
+            self._pump_parts()  # before the loop's test: an event may queue the only work left
+        return self.summaries, self.failures
+
+
+def stream_entries(entries: Sequence[TomogramEntry], model_dir: str, out_dir: str, root: str,
+                   cfg: PipelineConfig, cpu_address: str, gpu_address: str, gpu_resource: bool,
+                   schedule: Schedule) -> tuple[dict[str, dict], Failures]:
+    """Run every entry through all predict stages, streamed (call inside a flow)."""
+    same = cpu_address == gpu_address
+    cut_on_cpu = schedule.cuts_on_cpu(same, gpu_resource)
+    if run := progress.current():
+        run.begin("convert", len(entries))
+        for stage in ("geometry", "inference", "particles"):
+            run.begin(stage, 0)
+    with contextlib.ExitStack() as stack:
+        cpu = stack.enter_context(task_runner(cpu_address))
+        gpu = cpu if same else stack.enter_context(task_runner(gpu_address))
+
+        def submit_on(runner: Any) -> Callable:
+            return lambda task, params: runner.submit(task, params)
+
+        get_run_logger().info(
+            "streaming %d tomograms, %d in flight; cubes cut on the %s workers", len(entries),
+            schedule.window, "CPU" if cut_on_cpu else "inference")
+        return StreamRun(entries, model_dir, out_dir, root, cfg, submit_on(cpu), submit_on(gpu),
+                         gpu_resource, schedule, cut_on_cpu,
+                         pipeline.in_plane_search(model_dir, cfg)).execute()

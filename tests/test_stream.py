@@ -1,0 +1,153 @@
+"""Streaming prediction (flows.stream) on real dask clusters: the same STARs as the stage-by-stage
+flow with cubes through the store, and as cubes cut on CPU workers and handed in memory to a
+worker started with ``--resources GPU=1``; nothing but points in the store without
+``--keep-cubes``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_flows import _assert_same_picks, _names, _picks
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _geometry_groups(store: Path) -> list[Path]:
+    return sorted(p for p in store.glob("*/geometry/m*") if (p / "zarr.json").is_file())
+
+
+@pytest.fixture(scope="module")
+def stage_prediction(test_manifest: Path, trained_model: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The earlier flow: stage by stage, every cube written to the store and read back."""
+    from flows.predict import predict_campaign
+    from flows.runtime import ClusterSpec, prefect_api
+    from flows.stream import Schedule
+
+    work = tmp_path_factory.mktemp("stages")
+    with prefect_api():
+        result = predict_campaign(str(test_manifest), str(trained_model), str(work / "pred"),
+                                  str(work / "store.zarr"),
+                                  cluster=ClusterSpec(n_workers=2, memory_limit="4GiB"),
+                                  schedule=Schedule(mode="stages", keep_cubes=True))
+    assert result.failures == {}
+    return work / "pred", work / "store.zarr"
+
+
+def test_stream_gives_the_stage_by_stage_picks(flow_prediction, stage_prediction,
+                                               test_manifest):
+    """Same STARs, whether the cubes went through the store or were cut where they were
+    scored; only the stage-by-stage store holds cubes."""
+    names = _names(test_manifest)
+    stream_pred, stream_store, result = flow_prediction
+    stage_pred, stage_store = stage_prediction
+    assert result.failures == {}
+    picks = _picks(stream_pred, names)
+    assert sum(len(v) for v in picks.values()) > 0
+    _assert_same_picks(picks, _picks(stage_pred, names))
+    assert _geometry_groups(stage_store) and _geometry_groups(stream_store)
+    assert all((g / "cubes").is_dir() for g in _geometry_groups(stage_store))
+    assert not any((g / "cubes").exists() for g in _geometry_groups(stream_store))
+    assert all((g / "scores").is_dir() for g in _geometry_groups(stream_store))
+
+
+def _start_gpu_worker(address: str, log: Path) -> subprocess.Popen:
+    """A real ``dask worker`` process that advertises the GPU resource (runs on the CPU)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+         "--nworkers", "1", "--resources", "GPU=1", "--memory-limit", "4GiB",
+         "--no-dashboard"], stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
+        test_manifest, trained_model, stage_prediction, tmp_path):
+    """cut_on=cpu: cut tasks on the plain worker, scoring parts only on the GPU worker, cubes
+    handed over by dask; parts of 1,000 points and a window of one tomogram; same STARs; the
+    parts are joined into each membrane's scores and removed."""
+    from distributed import Client, LocalCluster
+
+    from flows.predict import predict_campaign
+    from flows.runtime import ClusterSpec, prefect_api
+    from flows.stream import Schedule
+
+    names = _names(test_manifest)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="4GiB",
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        gpu = _start_gpu_worker(cluster.scheduler_address, tmp_path / "gpu-worker.log")
+        try:
+            deadline = time.monotonic() + 120
+            while len(client.scheduler_info()["workers"]) < 2:
+                assert time.monotonic() < deadline and gpu.poll() is None, \
+                    (tmp_path / "gpu-worker.log").read_text()[-2000:]
+                time.sleep(0.2)
+            gpu_addr = next(a for a, w in client.scheduler_info()["workers"].items()
+                            if w["resources"].get("GPU"))
+            client.get_task_stream()  # the scheduler records tasks from its first call on
+            with prefect_api():
+                result = predict_campaign(
+                    str(test_manifest), str(trained_model), str(tmp_path / "pred"),
+                    str(tmp_path / "store.zarr"),
+                    cluster=ClusterSpec(kind="address", address=cluster.scheduler_address,
+                                        gpu_resource=True),
+                    schedule=Schedule(window=1, cut_on="cpu", part_points=1000,
+                                      parts_in_flight=2))
+            # where each task ran, from the scheduler's task stream
+            where: dict[str, set[str]] = {}
+            for rec in client.get_task_stream(start=0):
+                kind = "score" if "score" in rec["key"] else "cut" if "cut" in rec["key"] \
+                    else "other"
+                where.setdefault(kind, set()).add(rec["worker"])
+        finally:
+            gpu.terminate()
+            gpu.wait(30)
+    assert result.failures == {}
+    _assert_same_picks(_picks(tmp_path / "pred", names), _picks(stage_prediction[0], names))
+    store = tmp_path / "store.zarr"
+    groups = _geometry_groups(store)
+    assert groups and not any((g / "cubes").exists() for g in groups)
+    assert not any((g / "score_parts").exists() for g in groups)  # joined and removed
+    assert all((g / "scores").is_dir() for g in groups)
+    # scoring only where the GPU resource is; cutting on the CPU worker (and on the inference
+    # worker when it has nothing to score: CPU stages may use any worker)
+    assert where.get("score") == {gpu_addr}, where
+    assert where.get("cut", set()) - {gpu_addr}, where
+
+
+def test_a_failing_tomogram_is_isolated_and_frees_its_slot(test_manifest, trained_model,
+                                                           sequential_prediction, tmp_path):
+    """A row whose segmentation is empty (found only when its data are read) fails with the
+    file and the problem named; with a window of one tomogram the rows after it still run,
+    and their STARs are the sequential path's."""
+    import dataclasses
+
+    import numpy as np
+
+    from flows.predict import predict_campaign
+    from flows.runtime import ClusterSpec, prefect_api
+    from flows.stream import Schedule
+    from membrain_dist.manifest import read_manifest, write_manifest
+    from membrain_dist.mrc import open_volume, write_volume
+
+    good = read_manifest(test_manifest)
+    seg = tmp_path / "empty_seg.mrc"
+    write_volume(seg, np.zeros(open_volume(good[0].segmentation).shape, np.uint8),
+                 good[0].voxel_size_A or 14.08)
+    bad = dataclasses.replace(good[0], name="empty", segmentation=seg, particles=None)
+    manifest = tmp_path / "m.csv"
+    write_manifest([bad, *good], manifest)
+    with prefect_api():
+        result = predict_campaign(str(manifest), str(trained_model), str(tmp_path / "pred"),
+                                  str(tmp_path / "store.zarr"),
+                                  cluster=ClusterSpec(n_workers=2, memory_limit="4GiB"),
+                                  schedule=Schedule(window=1))
+    assert list(result.failures) == ["empty"]
+    assert "empty segmentation" in result.failures["empty"] and str(seg) in \
+        result.failures["empty"]
+    names = [e.name for e in good]
+    assert sorted(result.summaries) == sorted(names)
+    assert not (tmp_path / "pred" / "empty.star").exists()
+    _assert_same_picks(_picks(tmp_path / "pred", names), _picks(sequential_prediction, names))

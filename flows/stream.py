@@ -142,12 +142,14 @@ class StreamRun:
     def __init__(self, entries: Sequence[TomogramEntry], model_dir: str, out_dir: str,
                  root: str, cfg: PipelineConfig, submit_cpu: Callable, submit_gpu: Callable,
                  gpu_resource: bool, schedule: Schedule, cut_on_cpu: bool,
-                 in_plane: pipeline.InPlaneSearch | None) -> None:
+                 in_plane: pipeline.InPlaneSearch | None,
+                 cpu_workers: Callable[[], list[str]] = list) -> None:
         self.entries = list(entries)
         self.model_dir, self.out_dir, self.root, self.cfg = model_dir, out_dir, root, cfg
         self.submit_cpu, self.submit_gpu = submit_cpu, submit_gpu
         self.gpu_resource = gpu_resource
         self.schedule, self.cut_on_cpu, self.in_plane = schedule, cut_on_cpu, in_plane
+        self.cpu_workers = cpu_workers
         self.done_q: queue.Queue = queue.Queue()
         self.waiting = deque(self.entries)
         self.active: dict[str, _Tomogram] = {}
@@ -165,11 +167,18 @@ class StreamRun:
         self.logger = get_run_logger()
 
     # ------------------------------------------------------------------ submission
+    def _placement(self, gpu: bool) -> dict[str, Any]:
+        """dask annotations of a task: inference tasks ask for the GPU resource; with workers
+        set apart for inference on the same scheduler, the other tasks are kept on the CPU
+        workers (a CPU task on an inference worker would hold up the scoring behind it)."""
+        if gpu:
+            return {"resources": {"GPU": 1}} if self.gpu_resource else {}
+        workers = self.cpu_workers()
+        return {"workers": workers, "allow_other_workers": False} if workers else {}
+
     def _submit(self, kind: str, name: str, key: Any, task: Any, params: dict[str, Any],
                 gpu: bool = False) -> Any:
-        resources = {"GPU": 1} if gpu and self.gpu_resource else None
-        with dask.annotate(priority=PRIORITY[kind], **({"resources": resources}
-                                                       if resources else {})):
+        with dask.annotate(priority=PRIORITY[kind], **self._placement(gpu)):
             fut = (self.submit_gpu if gpu else self.submit_cpu)(task, params)
         self.active[name].running += 1
         self.running += 1
@@ -400,9 +409,18 @@ def stream_entries(entries: Sequence[TomogramEntry], model_dir: str, out_dir: st
         def submit_on(runner: Any) -> Callable:
             return lambda task, params: runner.submit(task, params)
 
+        def cpu_workers() -> list[str]:
+            """The CPU workers of a scheduler shared with GPU workers (asked at every
+            submission: workers come and go); [] when CPU tasks may go anywhere."""
+            if not (same and gpu_resource):
+                return []
+            info = cpu.client.scheduler_info()["workers"]
+            plain = [a for a, w in info.items() if not (w.get("resources") or {}).get("GPU")]
+            return plain if len(plain) < len(info) else []
+
         get_run_logger().info(
             "streaming %d tomograms, %d in flight; cubes cut on the %s workers", len(entries),
             schedule.window, "CPU" if cut_on_cpu else "inference")
         return StreamRun(entries, model_dir, out_dir, root, cfg, submit_on(cpu), submit_on(gpu),
                          gpu_resource, schedule, cut_on_cpu,
-                         pipeline.in_plane_search(model_dir, cfg)).execute()
+                         pipeline.in_plane_search(model_dir, cfg), cpu_workers).execute()

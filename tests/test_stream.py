@@ -111,10 +111,11 @@ def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
     assert groups and not any((g / "cubes").exists() for g in groups)
     assert not any((g / "score_parts").exists() for g in groups)  # joined and removed
     assert all((g / "scores").is_dir() for g in groups)
-    # scoring only where the GPU resource is; cutting on the CPU worker (and on the inference
-    # worker when it has nothing to score: CPU stages may use any worker)
+    # scoring only where the GPU resource is; cutting and the other stages only on the CPU
+    # worker (kept off the inference worker, whose scoring they would hold up)
     assert where.get("score") == {gpu_addr}, where
-    assert where.get("cut", set()) - {gpu_addr}, where
+    assert where.get("cut") and gpu_addr not in where["cut"], where
+    assert where.get("other") and gpu_addr not in where["other"], where
 
 
 def test_a_failing_tomogram_is_isolated_and_frees_its_slot(test_manifest, trained_model,

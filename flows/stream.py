@@ -131,8 +131,7 @@ class _Tomogram:
 
 @dataclass
 class _Membrane:
-    parts: list[tuple[int, int]]
-    left: int  # parts not yet scored
+    left: int  # parts of its points not yet scored
 
 
 class StreamRun:
@@ -232,7 +231,7 @@ class StreamRun:
         if not todo:  # every part scored by an earlier, interrupted run
             self._cluster(name, mid, self._parts_spec())
             return
-        self.membranes[(name, mid)] = _Membrane(parts, len(todo))
+        self.membranes[(name, mid)] = _Membrane(len(todo))
         self.parts_queue.extend((name, mid, a, b) for a, b in todo)
 
     def _pump_parts(self) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ from .tasks import (
 log = logging.getLogger(__name__)
 
 Failures = dict[str, str]
+
+#: seconds between two questions to the scheduler about which workers are CPU workers
+WORKERS_REFRESH_S = 5.0
 
 #: dask priorities: a later stage runs before an earlier one when both wait for a worker
 PRIORITY = {"convert": 0, "geometry": 1, "membrane": 1, "cut": 2, "score": 3, "cluster": 4,
@@ -408,14 +412,19 @@ def stream_entries(entries: Sequence[TomogramEntry], model_dir: str, out_dir: st
         def submit_on(runner: Any) -> Callable:
             return lambda task, params: runner.submit(task, params)
 
+        asked: list = [-WORKERS_REFRESH_S, []]  # (when, CPU workers) last asked
+
         def cpu_workers() -> list[str]:
-            """The CPU workers of a scheduler shared with GPU workers (asked at every
-            submission: workers come and go); [] when CPU tasks may go anywhere."""
+            """The CPU workers of a scheduler shared with GPU workers (asked again every
+            WORKERS_REFRESH_S: workers come and go); [] when CPU tasks may go anywhere."""
             if not (same and gpu_resource):
                 return []
-            info = cpu.client.scheduler_info()["workers"]
-            plain = [a for a, w in info.items() if not (w.get("resources") or {}).get("GPU")]
-            return plain if len(plain) < len(info) else []
+            if time.monotonic() - asked[0] >= WORKERS_REFRESH_S:
+                info = cpu.client.scheduler_info()["workers"]
+                plain = [a for a, w in info.items()
+                         if not (w.get("resources") or {}).get("GPU")]
+                asked[:] = [time.monotonic(), plain if len(plain) < len(info) else []]
+            return asked[1]
 
         get_run_logger().info(
             "streaming %d tomograms, %d in flight; cubes cut on the %s workers", len(entries),

@@ -164,13 +164,22 @@ def _array_attrs(root: str | os.PathLike, key: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------- scoring
-def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """The weights' SHA-256 as recorded in ``model.json`` (what makes two models differ)."""
+def _model_json(model_dir: str | os.PathLike, key: str | None = None) -> dict:
+    """A model directory's ``model.json`` (InputError naming it when unreadable, or when
+    ``key`` is missing)."""
     path = Path(model_dir) / "model.json"
     try:
-        return str(json.loads(path.read_text())["weights_sha256"])
-    except (OSError, ValueError, KeyError) as exc:
+        meta = json.loads(path.read_text())
+        if key is not None:
+            meta[key]  # noqa: B018 - presence check
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(path, f"not a membrain-dist model directory ({exc})") from exc
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """The weights' SHA-256 as recorded in ``model.json`` (what makes two models differ)."""
+    return str(_model_json(model_dir, "weights_sha256")["weights_sha256"])
 
 
 #: points cut and scored together when cubes are cut in memory: 16,384 cubes of 12^3 float32
@@ -206,12 +215,19 @@ def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
 def scores_current(root: str | os.PathLike, name: str, membrane_id: int,
                    model_dir: str | os.PathLike, cfg: InferenceConfig) -> bool:
     """Whether the stored scores of one membrane were made by this model from this geometry."""
+    return _scores_current_at(root, f"{geometry_key(name, membrane_id)}/scores", name,
+                              membrane_id, model_dir, cfg)
+
+
+def _scores_current_at(root: str | os.PathLike, key: str, name: str, membrane_id: int,
+                       model_dir: str | os.PathLike, cfg: InferenceConfig) -> bool:
+    """Whether the array at ``key`` holds scores of this model from this geometry."""
     try:
         _, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
     except KeyError:
         return False
-    sattrs = _array_attrs(root, f"{geometry_key(name, membrane_id)}/scores")
-    return sattrs is not None and store.is_current(sattrs, prov)
+    attrs = _array_attrs(root, key)
+    return attrs is not None and store.is_current(attrs, prov)
 
 
 def n_points(root: str | os.PathLike, name: str, membrane_id: int) -> int:
@@ -239,18 +255,13 @@ def score_cubes(cubes: np.ndarray, root: str | os.PathLike, name: str,
                 model_dir: str | os.PathLike, cfg: InferenceConfig = InferenceConfig()
                 ) -> np.ndarray:
     """Predicted distances ``(n,)`` float32 of in-memory cubes of tomogram ``name`` (the
-    inference half of a streaming campaign: cubes cut by :func:`cut_part` on another worker)."""
+    inference half of a streaming campaign: cubes cut by ``membrane_cubes`` on another
+    worker)."""
     from .inference import predict_distances
 
     model, device = _scoring_model(root, name, model_dir, cfg)
     return predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
                              rotations=cfg.rotations).astype(np.float32)
-
-
-def cut_part(root: str | os.PathLike, name: str, membrane_id: int, cfg: GeometryConfig,
-             start: int, stop: int) -> np.ndarray:
-    """Cubes ``(stop - start, s, s, s)`` float32 of one part of a membrane's points."""
-    return membrane_cubes(root, name, membrane_id, cfg, start, stop)
 
 
 def store_scores(root: str | os.PathLike, name: str, membrane_id: int,
@@ -277,12 +288,8 @@ def part_current(root: str | os.PathLike, name: str, membrane_id: int,
                  model_dir: str | os.PathLike, cfg: InferenceConfig, start: int, stop: int
                  ) -> bool:
     """Whether the scores of points ``start:stop`` are stored as a current part."""
-    try:
-        _, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
-    except KeyError:
-        return False
-    attrs = _array_attrs(root, _part_key(name, membrane_id, start, stop))
-    return attrs is not None and store.is_current(attrs, prov)
+    return _scores_current_at(root, _part_key(name, membrane_id, start, stop), name,
+                              membrane_id, model_dir, cfg)
 
 
 def score_part(cubes: np.ndarray, root: str | os.PathLike, name: str, membrane_id: int,
@@ -389,16 +396,14 @@ def score_membrane(
 
 def model_classes(model_dir: str | os.PathLike) -> list[str]:
     """The class names a model directory records (``[]``: one unnamed class)."""
-    meta = json.loads((Path(model_dir) / "model.json").read_text())
-    return list(meta.get("classes") or [])
+    return list(_model_json(model_dir).get("classes") or [])
 
 
 def _check_model(model_dir: str | os.PathLike, voxel_size_A: float | None) -> None:
     """Refuse a model trained at another voxel size (never silently wrong picks)."""
     from .model import VOXEL_SIZE_RTOL, load_model
 
-    meta = json.loads((Path(model_dir) / "model.json").read_text())
-    trained = meta.get("voxel_size_A")
+    trained = _model_json(model_dir).get("voxel_size_A")
     if trained and voxel_size_A and abs(trained - voxel_size_A) > VOXEL_SIZE_RTOL * trained:
         # load_model raises the InputError with the file named
         load_model(model_dir, "cpu", voxel_size_A=voxel_size_A)

@@ -246,12 +246,14 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
     # another and joined; cubes cut on the inference device (grid_sample)
     import shutil
 
+    from membrain_dist.geometry import membrane_cubes
+
     root, inf = tmp_path / "s.zarr", pcfg.inference
     scores_dir = root / "t" / "geometry" / "m1" / "scores"
     parts = pipeline.point_parts(pipeline.n_points(root, "t", 1), 500)
     assert len(parts) > 1
     for a, b in parts:
-        cubes = pipeline.cut_part(root, "t", 1, pcfg.geometry, a, b)
+        cubes = membrane_cubes(root, "t", 1, pcfg.geometry, a, b)
         pipeline.score_part(cubes, root, "t", 1, model, inf, a, b)
     shutil.rmtree(scores_dir)
     pipeline.assemble_scores(root, "t", 1, model, inf, 500)

@@ -51,7 +51,7 @@ from membrain_dist import store as mstore
 from membrain_dist.calibration import calibrate
 from membrain_dist.config import PipelineConfig
 from membrain_dist.evaluation import DEFAULT_RADIUS, in_plane_error, match_particles
-from membrain_dist.geometry import geometry_key, read_geometry
+from membrain_dist.geometry import membrane_cubes, read_geometry
 from membrain_dist.manifest import read_manifest
 from membrain_dist.picks import cluster_points, concat_picks, reduce_picks
 from membrain_dist.star import particles_matrices, particles_zyx, read_particles
@@ -144,12 +144,10 @@ def density_scores(cubes: np.ndarray) -> np.ndarray:
     return (v - v.min()).astype(np.float32)
 
 
-def _membrane_scores(store: Path, name: str, mid: int) -> tuple[dict, np.ndarray]:
-    import zarr
-
+def _membrane_scores(store: Path, name: str, mid: int,
+                     cfg: PipelineConfig) -> tuple[dict, np.ndarray]:
     geo = read_geometry(store, name, mid)
-    cubes = zarr.open_array(store=str(store), path=f"{geometry_key(name, mid)}/cubes", mode="r")
-    return geo, density_scores(np.asarray(cubes[...]))
+    return geo, density_scores(membrane_cubes(store, name, mid, cfg.geometry))
 
 
 def density_picker(store: Path, val: list, test: list, cfg: PipelineConfig,
@@ -167,7 +165,7 @@ def density_picker(store: Path, val: list, test: list, cfg: PipelineConfig,
     for e in test:
         parts = []
         for mid in pipeline.membrane_ids(store, e.name):
-            geo, sc = _membrane_scores(store, e.name, mid)
+            geo, sc = _membrane_scores(store, e.name, mid, cfg)
             if len(sc):
                 parts.append(cluster_points(geo["zyx"], geo["normal"], geo["side"], sc, ccfg,
                                             cfg.orientation))
@@ -230,9 +228,10 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         real, _ = write_real_membrane(work / "data", seed, tcfg)
         pipeline.prepare_sequential([real], store, cfg)
         out["settings"].append(run_setting("real", cfg, store, [real], val, test, gt_all, work))
-    dens_dir = work / "pred_density"
-    dens = density_picker(store, val, test, cfg, dens_dir)
-    out["density"] = {**dens, "scores": evaluate_dir(dens_dir, test, gt_all)}
+    if not args.no_density:
+        dens_dir = work / "pred_density"
+        dens = density_picker(store, val, test, cfg, dens_dir)
+        out["density"] = {**dens, "scores": evaluate_dir(dens_dir, test, gt_all)}
     return out
 
 
@@ -241,7 +240,7 @@ def _print(report: dict[str, Any]) -> None:
         print(f"\nseed {run['seed']}")
         print(f"{'setting':<10} {'scenario':<9} {'F1':>6} {'P':>6} {'R':>6} {'in-pl':>6} "
               f"{'tilt':>5} {'dup':>6} {'picks':>5} {'gt':>4} {'dens F1':>7}")
-        dens = run["density"]["scores"]
+        dens = run.get("density", {}).get("scores", {})
         for s in run["settings"]:
             for scen, m in s["scores"].items():
                 d = dens.get(scen, {}).get("f1", float("nan"))
@@ -277,6 +276,8 @@ def main() -> None:
                     help="pipeline overrides (experiments; not written to the results)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: temp)")
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
+    ap.add_argument("--no-density", action="store_true",
+                    help="skip the density picker (quicker experiments)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     args.overrides = _parse_set(args.set)

@@ -62,7 +62,12 @@ class GeometryConfig:
     edge_trim
         Drop points this close to the tomogram faces (0 = keep).
     vote_radius, vote_sigma, vote_neighbours
-        Normal voting neighbourhood: radius 10, Gaussian decay sigma 5, at most 96 voters.
+        Normal voting neighbourhood: radius 10, Gaussian decay sigma 5, about 96 voters
+        drawn over the whole radius (a random subset of the points where more lie within it;
+        the 96 nearest points of both faces reach only ~6 voxels at spacing 1.5). Hard
+        phantom, tuning seed 101, normal at the point nearest each annotated particle (100):
+        median 1.65 / mean 3.63 / p90 5.75 deg, against 1.66 / 3.80 / 6.06 with the 96
+        nearest and 1.68 / 3.47 / 6.41 with the 400 nearest (4x the cost).
         v1 used a 40-voxel radius with ``exp(-d/100)`` (nearly flat); the chord reflection
         makes votes exact on spheres, so a tighter, decaying kernel only trades noise for
         fidelity on irregular membranes. Measured: radius-20 sphere median 1.0 deg / p95 2.1 deg;

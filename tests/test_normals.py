@@ -106,3 +106,30 @@ def test_empty_inputs():
     assert vote_normals(z, z, np.empty(0, np.float32)).shape == (0, 3)
     f, c = orient_consistently(z, z)
     assert f.shape == (0, 3) and c.shape == (0,)
+
+
+
+def test_voters_cover_the_whole_radius_on_densely_sampled_membranes():
+    """A plane sampled every 0.5 voxel holds ~1250 points within 10 voxels: the 96 nearest
+    reach only ~2.8 voxels; the voter subset gives each point ~96 voters spread over the
+    whole radius."""
+    from scipy.spatial import cKDTree
+
+    from membrain_dist.normals import _voters
+
+    g = np.arange(0, 60, 0.5, dtype=np.float32)
+    y, x = np.meshgrid(g, g, indexing="ij")
+    pts = np.c_[np.zeros(y.size), y.ravel(), x.ravel()].astype(np.float32)
+    tree = cKDTree(pts)
+    ids = _voters(tree, pts, 96, 10.0)
+    assert ids is not None and 0.05 < len(ids) / len(pts) < 0.1
+    inner = pts[(np.abs(pts[:, 1:] - 30) < 15).all(1)]
+    vt = cKDTree(pts[ids])
+    counts = vt.query_ball_point(inner, 10.0, return_length=True)
+    assert 80 < np.median(counts) < 112
+    d, _ = vt.query(inner, k=96, distance_upper_bound=10.0)
+    assert np.median(np.nanmax(np.where(np.isinf(d), np.nan, d), axis=1)) > 9.0
+    d_near, _ = tree.query(inner, k=96)
+    assert np.median(d_near[:, -1]) < 3.0
+    # sparse sampling: every point votes
+    assert _voters(cKDTree(pts[::40]), pts[::40], 96, 10.0) is None

@@ -128,6 +128,30 @@ def test_calibrated_threshold_is_the_one_that_maximises_validation_f1() -> None:
     assert cal.f1 == pytest.approx(1.0) and f1[cal.score_threshold] == max(f1.values())
     assert 2.0 <= cal.score_threshold < 3.2
     assert f1[1.0] == 0.0 and f1[4.0] == pytest.approx(2 * 0.75 / 1.75)
+    # the compared F1 is each step's mean over +-2 grid steps; the choice maximises it
+    raw = np.array([r["f1"] for r in cal.table])
+    window = np.array([raw[max(0, i - 2) : i + 3].mean() for i in range(len(raw))])
+    np.testing.assert_allclose([r["f1_smoothed"] for r in cal.table], window)
+    assert f1[cal.score_threshold] == 1.0
+    assert window[list(grid).index(cal.score_threshold)] == pytest.approx(window.max())
+    # without smoothing, the plateau's centre of the raw F1
+    raw_cal = calibrate(rows, ClusterConfig(), OrientationConfig(), PickConfig(), grid,
+                        bandwidth_scales=(1.0,), smooth=0)
+    tied = [t for t, v in f1.items() if v == 1.0]
+    assert raw_cal.score_threshold == tied[(len(tied) - 1) // 2]
+
+
+def test_smoothed_calibration_prefers_a_broad_optimum_to_a_spike() -> None:
+    """A raw F1 curve with a lone spike (0.95 at one step) beside a broad plateau of 0.8:
+    the raw choice is the spike, the smoothed one the plateau's middle."""
+    from membrain_dist.calibration import _smoothed_choice
+
+    thresholds = [1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.25]
+    f1 = [0.0, 0.3, 0.95, 0.3, 0.6, 0.8, 0.8, 0.8, 0.8, 0.6]
+    table = [{"score_threshold": t, "bandwidth_scale": 1.0, "f1": v}
+             for t, v in zip(thresholds, f1, strict=True)]
+    assert _smoothed_choice(table, (1.0,), 0)["score_threshold"] == 1.5
+    assert _smoothed_choice(table, (1.0,), 2)["score_threshold"] == 2.5
 
 
 def test_thresholds_that_keep_most_points_are_not_clustered() -> None:

@@ -13,7 +13,16 @@ for the Mahalanobis label, at the same height along the normal and with the same
 distance), and the label stays exact. The extraction stage already fixes the in-plane angle
 arbitrarily, so rotations about the normal add no information the model could rely on; flips
 mirror the particle, which for the distance label only matters through chirality the 12^3 cube
-cannot resolve at bin-4. Additive Gaussian noise leaves the geometry untouched.
+cannot resolve at bin-4. Additive Gaussian noise (white, or coloured by a Gaussian correlation
+length like a reconstruction's) and a missing wedge in a random orientation leave the geometry
+untouched too.
+
+The **random wedge** stands in for the membranes a single annotated membrane does not show: a
+tomogram lacks the Fourier directions within ``90 - tilt_max`` degrees of the beam, so a membrane
+seen face-on (normal along the beam) loses its bilayer profile and one seen edge-on keeps it. A
+cube cut from an edge-on membrane, filtered by a second wedge whose beam axis is drawn uniformly on
+the sphere *in the cube's frame*, looks like the same membrane at another tilt (more information
+missing, never less), so the model learns to score membranes at every orientation from one.
 
 Exact 90-degree multiples (``torch.rot90``, ``rotation="quarter"``) are the default: they are
 what inference sees (``InferenceConfig.rotations`` averages the same quarter turns), with no
@@ -37,7 +46,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentConfig", "augment", "rotate_about_normal", "random_flips", "add_noise"]
+__all__ = [
+    "AugmentConfig",
+    "augment",
+    "rotate_about_normal",
+    "random_flips",
+    "add_noise",
+    "random_wedge",
+    "wedge_mask",
+]
 
 Rotation = Literal["any", "quarter", "none"]
 
@@ -55,17 +72,39 @@ class AugmentConfig:
     noise_std : float
         Standard deviation of additive Gaussian noise, in normalised intensity units (the
         cubes are z-scores clipped at +-3, so 0.1 is 10 % of the tomogram's standard deviation).
+    noise_sigma : float
+        Correlation length of that noise (voxels, Gaussian sigma); 0 = white. The noise is
+        rescaled to ``noise_std`` after smoothing.
+    wedge_prob : float
+        Share of cubes filtered by a missing wedge with a random beam axis (see the module
+        docstring); 0 disables it.
+    wedge_deg : float
+        Tilt range of that wedge (+- degrees; the data's own acquisition range, 60 typically).
+    wedge_cone_deg : float
+        The wedge's beam axis is drawn within this angle of the normal: 90 = any direction,
+        30 = membranes seen face-on (their normal inside the missing wedge of a +-60 tilt).
     """
 
     rotation: Rotation = "quarter"
     flip: bool = True
     noise_std: float = 0.1
+    noise_sigma: float = 0.0
+    wedge_prob: float = 0.0
+    wedge_deg: float = 60.0
+    wedge_cone_deg: float = 90.0
 
     def __post_init__(self) -> None:
         if self.rotation not in ("any", "quarter", "none"):
             raise ValueError(f"rotation must be 'any', 'quarter' or 'none', got {self.rotation!r}")
-        if not self.noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        if not self.noise_std >= 0 or not self.noise_sigma >= 0:
+            raise ValueError(
+                f"noise_std and noise_sigma must be >= 0, got {self.noise_std}, {self.noise_sigma}")
+        if not 0 <= self.wedge_prob <= 1:
+            raise ValueError(f"wedge_prob must be in [0, 1], got {self.wedge_prob}")
+        if not 0 < self.wedge_deg <= 90:
+            raise ValueError(f"wedge_deg must be in (0, 90], got {self.wedge_deg}")
+        if not 0 <= self.wedge_cone_deg <= 90:
+            raise ValueError(f"wedge_cone_deg must be in [0, 90], got {self.wedge_cone_deg}")
 
 
 def _check(cubes: torch.Tensor) -> None:
@@ -120,14 +159,110 @@ def random_flips(cubes: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(f[1], out.flip(3), out)
 
 
-def add_noise(cubes: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Add Gaussian noise of standard deviation ``std`` (intensity units)."""
+def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, s, s, s)`` along its three cube axes (zero padding)."""
+    r = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    out = x.unsqueeze(1)
+    for shape in ((-1, 1, 1), (1, -1, 1), (1, 1, -1)):
+        pad = tuple(r if n == -1 else 0 for n in shape)
+        out = F.conv3d(out, k.reshape(1, 1, *shape), padding=pad)
+    return out.squeeze(1)
+
+
+def add_noise(
+    cubes: torch.Tensor, std: float, generator: torch.Generator, sigma: float = 0.0
+) -> torch.Tensor:
+    """Add Gaussian noise of standard deviation ``std`` (intensity units).
+
+    ``sigma`` > 0 colours it: white noise blurred by a Gaussian of that sigma (voxels), then
+    rescaled to ``std`` (measured over the batch), like a reconstruction's band-limited noise.
+    """
     if std == 0:
         return cubes
     noise = torch.randn(
         cubes.shape, generator=generator, device=generator.device, dtype=cubes.dtype
-    )
-    return cubes + std * noise.to(cubes.device)
+    ).to(cubes.device)
+    if sigma > 0:
+        noise = _gaussian_smooth(noise, sigma)
+        noise = noise / noise.std().clamp_min(1e-12)
+    return cubes + std * noise
+
+
+def _random_unit(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n, 3)`` unit vectors uniform on the sphere."""
+    v = torch.randn(n, 3, generator=generator, device=generator.device)
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _random_in_cone(n: int, cone_deg: float, generator: torch.Generator) -> torch.Tensor:
+    """``(n, 3)`` unit vectors uniform on the cap within ``cone_deg`` of axis 0 (90: the
+    hemisphere, which for a wedge's beam is the whole sphere)."""
+    u = torch.rand(2, n, generator=generator, device=generator.device)
+    cos_t = 1.0 - u[0] * (1.0 - math.cos(math.radians(cone_deg)))
+    sin_t = (1.0 - cos_t**2).clamp_min(0.0).sqrt()
+    phi = u[1] * (2 * math.pi)
+    return torch.stack([cos_t, sin_t * torch.cos(phi), sin_t * torch.sin(phi)], dim=1)
+
+
+def wedge_mask(size: int, beam: torch.Tensor, tilt_axis: torch.Tensor,
+               tilt_max_deg: float) -> torch.Tensor:
+    """Measured-region masks on a ``size``^3 ``fftn`` grid, one per beam axis.
+
+    Parameters
+    ----------
+    size : int
+        Grid edge (voxels).
+    beam, tilt_axis : (B, 3) unit tensors, cube axes order (0, 1, 2); ``tilt_axis`` must be
+        perpendicular to ``beam``.
+    tilt_max_deg : float
+        Tilt range +- this about ``tilt_axis``.
+
+    Returns
+    -------
+    (B, size, size, size) float tensor: 1 where a projection at tilt within the range measured
+    the frequency ``k`` (``|k.beam| <= tan(tilt_max) |k.p|`` with ``p = beam x tilt_axis``),
+    0 in the missing wedge. For ``beam`` = axis 0 and ``tilt_axis`` = axis 1 this is the usual
+    tomogram wedge (z beam, tilt about y).
+    """
+    f = torch.fft.fftfreq(size, device=beam.device, dtype=beam.dtype)
+    k = torch.stack(torch.meshgrid(f, f, f, indexing="ij"), dim=-1)  # (s, s, s, 3)
+    p = torch.linalg.cross(beam, tilt_axis, dim=1)
+    kb = torch.einsum("zyxc,bc->bzyx", k, beam).abs()
+    kp = torch.einsum("zyxc,bc->bzyx", k, p).abs()
+    return (kb <= math.tan(math.radians(tilt_max_deg)) * kp + 1e-6).to(beam.dtype)
+
+
+def random_wedge(cubes: torch.Tensor, tilt_max_deg: float, prob: float,
+                 generator: torch.Generator, cone_deg: float = 90.0) -> torch.Tensor:
+    """Filter a random ``prob`` share of the cubes by a wedge with a random beam axis.
+
+    Each chosen cube is zero-padded to twice its size (no wrap-around), Fourier transformed,
+    multiplied by :func:`wedge_mask` for a beam axis uniform within ``cone_deg`` of the
+    normal (cube axis 0; 90 = any direction) and a tilt axis uniform about it, transformed
+    back and cropped. The others are returned unchanged.
+    """
+    _check(cubes)
+    b, s = cubes.shape[0], cubes.shape[1]
+    chosen = torch.rand(b, generator=generator, device=generator.device) < prob
+    chosen = chosen.to(cubes.device)
+    n = int(chosen.sum())
+    if n == 0:
+        return cubes
+    beam = _random_in_cone(n, cone_deg, generator).to(device=cubes.device, dtype=torch.float32)
+    other = _random_unit(n, generator).to(device=cubes.device, dtype=torch.float32)
+    tilt = other - (other * beam).sum(1, keepdim=True) * beam
+    tilt = tilt / tilt.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sub = cubes[chosen].float()
+    padded = F.pad(sub, (0, s, 0, s, 0, s))
+    spec = torch.fft.fftn(padded, dim=(1, 2, 3))
+    filtered = torch.fft.ifftn(spec * wedge_mask(2 * s, beam, tilt, tilt_max_deg),
+                               dim=(1, 2, 3)).real[:, :s, :s, :s]
+    out = cubes.clone()
+    out[chosen] = filtered.to(cubes.dtype)
+    return out
 
 
 def augment(cubes: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
@@ -155,5 +290,7 @@ def augment(cubes: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator)
         out = _rot90_batched(out, k.to(cubes.device))
     if cfg.flip:
         out = random_flips(out, generator)
-    out = add_noise(out, cfg.noise_std, generator)
+    if cfg.wedge_prob > 0:
+        out = random_wedge(out, cfg.wedge_deg, cfg.wedge_prob, generator, cfg.wedge_cone_deg)
+    out = add_noise(out, cfg.noise_std, generator, cfg.noise_sigma)
     return out if out is not cubes else cubes.clone()

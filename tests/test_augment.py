@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from membrain_dist.augment import AugmentConfig, augment, random_flips, rotate_about_normal
+from membrain_dist.augment import (
+    AugmentConfig,
+    add_noise,
+    augment,
+    random_flips,
+    random_wedge,
+    rotate_about_normal,
+    wedge_mask,
+)
 
 S = 12
 
@@ -93,3 +101,85 @@ def test_noise_std_and_seeded_reproducibility():
     assert torch.equal(off, x + 1)
     with pytest.raises(ValueError):
         AugmentConfig(rotation="sideways")  # type: ignore[arg-type]
+
+
+def test_wedge_mask_on_the_tomogram_axes_is_the_phantoms_wedge():
+    """Beam along cube axis 0, tilt about axis 1: the synthetic tomogram's own missing wedge."""
+    from membrain_dist.synth_imaging import wedge_rfft
+
+    for deg in (45.0, 60.0):
+        m = wedge_mask(16, torch.tensor([[1.0, 0, 0]]), torch.tensor([[0.0, 1, 0]]), deg)[0]
+        ref = torch.from_numpy(wedge_rfft((16, 16, 16), deg)[:, 0, :])  # (kz, kx >= 0)
+        for ky in range(16):  # the wedge does not depend on the tilt-axis frequency
+            assert torch.equal(m[:, ky, :9], ref)
+    # a beam along axis 2 puts the wedge about the k2 axis instead
+    m = wedge_mask(16, torch.tensor([[0.0, 0, 1]]), torch.tensor([[0.0, 1, 0]]), 60.0)[0]
+    assert m[0, 0, 5] == 0 and m[5, 0, 0] == 1 and m[0, 5, 0] == 1
+
+
+def test_random_wedge_removes_energy_from_the_chosen_cubes_only():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 12, 12, 12, generator=gen)
+    assert torch.equal(random_wedge(x, 60.0, 0.0, gen), x)
+    y = random_wedge(x, 60.0, 0.5, gen)
+    changed = (y != x).flatten(1).any(1)
+    assert 0.35 < changed.float().mean() < 0.65
+    # a projection in Fourier space, then a crop: never more energy than the cube had, and a
+    # +-60 degree wedge (a third of the directions) removes a clear share of white noise
+    e_in, e_out = x.pow(2).sum((1, 2, 3)), y.pow(2).sum((1, 2, 3))
+    assert torch.all(e_out <= e_in * (1 + 1e-5))
+    assert torch.all(e_out[changed] < 0.9 * e_in[changed])
+
+
+def test_random_wedge_along_the_normal_flattens_a_bilayer_profile():
+    """A flat membrane (density varies along axis 0 only) keeps its profile under a wedge
+    whose beam lies in the plane and loses most of it under one along the normal."""
+    s = 12
+    z = torch.arange(s, dtype=torch.float32) - (s - 1) / 2
+    profile = torch.exp(-0.5 * ((z - 1.75) / 0.7) ** 2) + torch.exp(-0.5 * ((z + 1.75) / 0.7) ** 2)
+    cube = profile[:, None, None].expand(s, s, s)[None].contiguous()
+
+    def filtered(beam: list[float], tilt: list[float]) -> torch.Tensor:
+        spec = torch.fft.fftn(cube, dim=(1, 2, 3))
+        m = wedge_mask(s, torch.tensor([beam]), torch.tensor([tilt]), 60.0)
+        return torch.fft.ifftn(spec * m, dim=(1, 2, 3)).real
+
+    edge_on = filtered([0.0, 0, 1], [0.0, 1, 0])
+    face_on = filtered([1.0, 0, 0], [0.0, 1, 0])
+    assert torch.allclose(edge_on, cube, atol=1e-5)
+    assert face_on.std() < 0.05 * cube.std()
+
+
+def test_coloured_noise_has_the_gaussian_correlation_of_its_sigma():
+    """White noise blurred by a Gaussian of sigma: lag-1 correlation exp(-1 / (4 sigma^2))."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.zeros(256, 16, 16, 16)
+    for sigma in (0.0, 1.0):
+        n = add_noise(x, 0.7, gen, sigma)[:, 4:12, 4:12, 4:12]  # interior: no padding effects
+        assert abs(float(n.std()) - 0.7) < 0.05
+        corr = float((n[:, 1:] * n[:, :-1]).mean() / n.pow(2).mean())
+        expected = math.exp(-1 / (4 * sigma**2)) if sigma else 0.0
+        assert abs(corr - expected) < 0.03
+
+
+def test_wedge_beams_stay_in_their_cone_and_a_face_on_wedge_erases_a_flat_membrane():
+    from membrain_dist.augment import _random_in_cone
+
+    gen = torch.Generator().manual_seed(7)
+    for cone in (0.0, 30.0, 90.0):
+        b = _random_in_cone(4000, cone, gen)
+        assert torch.allclose(b.norm(dim=1), torch.ones(4000), atol=1e-5)
+        ang = torch.rad2deg(torch.arccos(b[:, 0].clamp(-1, 1)))
+        assert float(ang.max()) <= cone + 1e-3
+        # uniform on the cap: cos(angle) uniform on [cos(cone), 1]
+        assert abs(float(b[:, 0].mean()) - (1 + math.cos(math.radians(cone))) / 2) < 0.02
+    # a flat membrane (profile along the normal only), every cube filtered with the beam
+    # along the normal: the profile is gone from the cube's interior (zero padding leaves
+    # only a rim near the faces)
+    s = 12
+    z = torch.arange(s, dtype=torch.float32) - (s - 1) / 2
+    profile = torch.exp(-0.5 * ((z - 1.75) / 0.7) ** 2) + torch.exp(-0.5 * ((z + 1.75) / 0.7) ** 2)
+    cubes = (profile - profile.mean())[:, None, None].expand(s, s, s).repeat(8, 1, 1, 1)
+    face_on = random_wedge(cubes, 60.0, 1.0, gen, cone_deg=0.0)
+    inner = (slice(None), slice(None), slice(3, 9), slice(3, 9))
+    assert face_on[inner].std() < 0.3 * cubes[inner].std()

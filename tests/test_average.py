@@ -161,3 +161,28 @@ def test_trained_model_keeps_the_average_and_its_picks_turn_better_than_pca(
                                         particles_matrices(gt)[pairs[:, 1]], 2).tolist()
     assert len(errs["average"]) >= 10
     assert np.mean(errs["average"]) < np.mean(errs["pca"]), errs
+
+
+def test_the_average_pools_the_training_and_validation_annotations(
+        trained_model, sequential_prediction, test_manifest, tmp_path):
+    """``fit_model`` writes the average of every annotated set it was given: two sets'
+    particles counted together, the written map their particle-weighted mean."""
+    from membrain_dist import pipeline
+    from membrain_dist.average import AVERAGE_FILE, read_average
+    from membrain_dist.manifest import read_manifest
+
+    cfg = pipeline.model_pipeline_config(trained_model)
+    cfg = cfg.with_overrides("labels", template=str(trained_model / "template.mrc"))
+    store = sequential_prediction.parent / "store.zarr"
+    a, b = read_manifest(test_manifest)[:2]
+    sa = pipeline.training_set(store, [a], cfg.labels, cfg.geometry)
+    sb = pipeline.training_set(store, [b], cfg.labels, cfg.geometry)
+    acc_a = pipeline.particle_average(store, sa, cfg)
+    acc_b = pipeline.particle_average(store, sb, cfg)
+    assert acc_a.count >= 5 and acc_b.count >= 5
+    metrics: dict = {}
+    pipeline._write_average(store, [sa, sb], cfg, tmp_path, 10.0, metrics)
+    assert metrics["average_particles"] == acc_a.count + acc_b.count
+    both = read_average(tmp_path / AVERAGE_FILE)
+    want = (acc_a.count * acc_a.mean() + acc_b.count * acc_b.mean()) / (acc_a.count + acc_b.count)
+    np.testing.assert_allclose(both, want, rtol=1e-4, atol=1e-5)

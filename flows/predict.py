@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 
@@ -176,10 +177,16 @@ def _finish(entries: list[TomogramEntry], good: list[TomogramEntry], summaries: 
 def predict_campaign(manifest: str, model_dir: str, out_dir: str, store: str,
                      cfg: PipelineConfig | None = None,
                      cluster: ClusterSpec = ClusterSpec(),
-                     schedule: Schedule = Schedule()) -> PredictResult:
-    """Every manifest row (all splits) -> ``out_dir/<name>.star`` + QC + campaign STAR."""
+                     schedule: Schedule = Schedule(),
+                     settings: dict[str, dict[str, Any]] | None = None) -> PredictResult:
+    """Every manifest row (all splits) -> ``out_dir/<name>.star`` + QC + campaign STAR.
+
+    ``cfg``: the whole configuration (default: the model's own, :func:`~membrain_dist.pipeline.
+    model_pipeline_config`). ``settings``: ``{stage: {field: value}}`` on top of it, exactly
+    the fields given, as ``predict --config`` (what a deployment sets: a partial ``cfg`` would
+    take the defaults, not the model's calibrated threshold, for every field it leaves out)."""
     forward_library_logs()
-    cfg = cfg or pipeline.model_pipeline_config(model_dir)
+    cfg = pipeline.predict_config(model_dir, cfg, settings)
     pipeline.model_fingerprint(model_dir)  # a missing/broken model fails before any work
     entries = read_manifest(manifest)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

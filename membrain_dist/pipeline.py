@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -1217,6 +1218,17 @@ def over_model(cfg: PipelineConfig, model_dir: str | os.PathLike) -> PipelineCon
         if changed:
             out = replace(out, **{section: replace(getattr(out, section), **changed)})
     return replace(out, train=cfg.train, labels=cfg.labels)
+
+
+def predict_config(model_dir: str | os.PathLike, cfg: PipelineConfig | None = None,
+                   settings: dict[str, dict[str, Any]] | None = None) -> PipelineConfig:
+    """The settings of a predict run: ``cfg`` (default: the model's own) with ``settings``
+    (``{stage: {field: value}}``, exactly the fields given) on top; unknown stages or
+    fields are an InputError naming them."""
+    cfg = cfg if cfg is not None else model_pipeline_config(model_dir)
+    if settings:
+        cfg = PipelineConfig.from_dict(settings, source="predict settings", base=cfg)
+    return cfg
 
 
 def model_pipeline_config(model_dir: str | os.PathLike) -> PipelineConfig:

@@ -208,3 +208,23 @@ def test_campaign_settings_go_on_top_of_the_model_ones(trained_model: Path,
     assert cfg.train.max_epochs == 3
     toml.write_text("[cluster]\nscore_threshold = 3.5\n")
     assert over_model(PipelineConfig.from_toml(toml), model).cluster.score_threshold == 3.5
+
+
+def test_predict_settings_go_on_top_of_the_model_ones(trained_model: Path, tmp_path: Path) -> None:
+    """A deployment's ``settings`` change exactly the fields given: the model's calibrated
+    threshold and height stay, and an unknown field is refused naming it."""
+    from membrain_dist import pipeline
+    from membrain_dist.errors import InputError
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    pipe = json.loads((model / "pipeline.json").read_text())
+    pipe["cluster"]["score_threshold"] = 2.75  # as calibrated
+    pipe["picks"]["height"] = 1.5
+    (model / "pipeline.json").write_text(json.dumps(pipe))
+    cfg = pipeline.predict_config(model, settings={"cluster": {"min_points": 6}})
+    assert cfg.cluster.min_points == 6
+    assert cfg.cluster.score_threshold == 2.75 and cfg.picks.height == 1.5
+    assert pipeline.predict_config(model) == pipeline.model_pipeline_config(model)
+    with pytest.raises(InputError, match="min_pointz"):
+        pipeline.predict_config(model, settings={"cluster": {"min_pointz": 6}})

@@ -116,7 +116,7 @@ class TrainConfig:
         (``noise_std`` 0.5, ``noise_sigma`` 1) did not help: one membrane, tuning seed 101,
         F1 0.512 against 0.546.
     wedge_prob, wedge_deg, wedge_cone_deg :
-        Half of the cubes filtered by a +-60 degree missing wedge whose beam lies within 30
+        A quarter of the cubes filtered by a +-60 degree missing wedge whose beam lies within 30
         degrees of the normal: the training membrane as it would look face-on, where its bilayer
         falls in the missing wedge (:func:`~membrain_dist.augment.random_wedge`). Trained on one
         edge-on membrane without it the model picks nothing on face-on sheets (F1 0 in each of
@@ -133,7 +133,10 @@ class TrainConfig:
         half, beam anywhere           0.547 0.469 0.606    0.235 0 0.308
         ============================  ===================  ===================
 
-        ``wedge_prob`` 0 turns it off; set ``wedge_deg`` to the data's tilt range.
+        Half of the cubes would give the sheets more, but on the demo campaign (easy phantom,
+        no validation row, so the threshold stays at 4.0) it scored F1 0.725 (P 0.607) where a
+        quarter scored 0.839 (P 0.925, R 0.767), as without (0.834). ``wedge_prob`` 0 turns it
+        off; set ``wedge_deg`` to the data's tilt range.
     balance : float
         Share of near-particle cubes (label below the clip) in an epoch, in [0, 1); 0 = plain
         shuffling of all rows. Validation loss weights the near and far means the same way.
@@ -182,7 +185,7 @@ class TrainConfig:
     flip: bool = True
     noise_std: float = 0.1
     noise_sigma: float = 0.0
-    wedge_prob: float = 0.5
+    wedge_prob: float = 0.25
     wedge_deg: float = 60.0
     wedge_cone_deg: float = 30.0
     huber_beta: float = 1.0

@@ -290,7 +290,7 @@ def main() -> None:
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": f"{platform.node()} ({os.cpu_count()} cpus), torch {torch.__version__}",
         "shape_zyx": list(SHAPE), "voxel_size_A": args.voxel_size, "n_test": args.n_test,
-        "overrides": args.set, "runs": [],
+        "overrides": args.set, "only": args.only, "runs": [],
     }
     try:
         for seed in args.seeds:
@@ -299,7 +299,7 @@ def main() -> None:
             report["runs"].append(run_seed(seed, args, work))
         report["seconds"] = round(time.perf_counter() - t0)
         _print(report)
-        if not args.set and not args.only:
+        if not args.set and not args.no_density:  # experiments are not results
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2) + "\n")
             print(f"written to {args.out}")

@@ -157,6 +157,18 @@ def test_calibrate_writes_the_threshold_that_maximises_f1_on_the_rows(
         (trained_model / "model.json").read_text())["weights_sha256"]
 
 
+def _calibrated_copy(trained_model: Path, tmp_path: Path) -> Path:
+    """A copy of the trained model whose ``pipeline.json`` carries a calibrated threshold
+    (2.75) and a learnt pick height (1.5), neither of them the default."""
+    model = tmp_path / "model"
+    shutil.copytree(trained_model, model)
+    pipe = json.loads((model / "pipeline.json").read_text())
+    pipe["cluster"]["score_threshold"] = 2.75
+    pipe["picks"]["height"] = 1.5
+    (model / "pipeline.json").write_text(json.dumps(pipe))
+    return model
+
+
 def test_predict_config_file_overrides_only_what_it_sets(trained_model: Path,
                                                          tmp_path: Path) -> None:
     """``--config`` on predict: its keys on top of the model's settings, not the defaults."""
@@ -164,12 +176,7 @@ def test_predict_config_file_overrides_only_what_it_sets(trained_model: Path,
 
     from membrain_dist.cli import _predict_config
 
-    model = tmp_path / "model"
-    shutil.copytree(trained_model, model)
-    pipe = json.loads((model / "pipeline.json").read_text())
-    pipe["cluster"]["score_threshold"] = 2.75  # as calibrated
-    pipe["picks"]["height"] = 1.5
-    (model / "pipeline.json").write_text(json.dumps(pipe))
+    model = _calibrated_copy(trained_model, tmp_path)
     toml = tmp_path / "params.toml"
     toml.write_text("[cluster]\nmin_points = 6\n")
     ns = argparse.Namespace(model=str(model), config=str(toml), threshold=None, device=None,
@@ -216,12 +223,7 @@ def test_predict_settings_go_on_top_of_the_model_ones(trained_model: Path, tmp_p
     from membrain_dist import pipeline
     from membrain_dist.errors import InputError
 
-    model = tmp_path / "model"
-    shutil.copytree(trained_model, model)
-    pipe = json.loads((model / "pipeline.json").read_text())
-    pipe["cluster"]["score_threshold"] = 2.75  # as calibrated
-    pipe["picks"]["height"] = 1.5
-    (model / "pipeline.json").write_text(json.dumps(pipe))
+    model = _calibrated_copy(trained_model, tmp_path)
     cfg = pipeline.predict_config(model, settings={"cluster": {"min_points": 6}})
     assert cfg.cluster.min_points == 6
     assert cfg.cluster.score_threshold == 2.75 and cfg.picks.height == 1.5

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from common import write_report
 from scipy.spatial import cKDTree
 
 from membrain_dist import pipeline, synth
@@ -300,9 +301,7 @@ def main() -> None:
         report["seconds"] = round(time.perf_counter() - t0)
         _print(report)
         if not args.set and not args.no_density:  # experiments are not results
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2) + "\n")
-            print(f"written to {args.out}")
+            write_report(report, args.out)
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(base, ignore_errors=True)

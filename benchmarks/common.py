@@ -43,3 +43,12 @@ def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         res = fn()
         best = min(best, time.perf_counter() - t)
     return best, res
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """Write a benchmark's report as indented JSON to ``out`` (folders made) and say where."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out}")

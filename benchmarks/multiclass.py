@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from common import write_report
 
 from membrain_dist import pipeline, synth
 from membrain_dist.config import PipelineConfig
@@ -274,9 +275,7 @@ def main() -> None:
             **res, "seconds": round(time.perf_counter() - t0),
         }
         _print(report)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"written to {args.out}")
+        write_report(report, args.out)
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -33,8 +33,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -44,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from common import write_report
+from common import work_dir, write_report
 from scipy.spatial import cKDTree
 
 from membrain_dist import pipeline, synth
@@ -285,15 +283,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("membrain_dist").setLevel(logging.WARNING)
-    base = args.work or Path(tempfile.mkdtemp(prefix="membrain-accuracy-"))
-    t0 = time.perf_counter()
-    report: dict[str, Any] = {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": f"{platform.node()} ({os.cpu_count()} cpus), torch {torch.__version__}",
-        "shape_zyx": list(SHAPE), "voxel_size_A": args.voxel_size, "n_test": args.n_test,
-        "overrides": args.set, "only": args.only, "runs": [],
-    }
-    try:
+    with work_dir(args.work, args.keep, "membrain-accuracy-") as base:
+        t0 = time.perf_counter()
+        report: dict[str, Any] = {
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": f"{platform.node()} ({os.cpu_count()} cpus), torch {torch.__version__}",
+            "shape_zyx": list(SHAPE), "voxel_size_A": args.voxel_size, "n_test": args.n_test,
+            "overrides": args.set, "only": args.only, "runs": [],
+        }
         for seed in args.seeds:
             work = base / f"seed_{seed}"
             work.mkdir(parents=True, exist_ok=True)
@@ -302,9 +299,6 @@ def main() -> None:
         _print(report)
         if not args.set and not args.no_density:  # experiments are not results
             write_report(report, args.out)
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

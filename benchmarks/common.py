@@ -6,9 +6,12 @@ so ``client.run(peak_rss_mb)`` works on workers that cannot import ``benchmarks/
 
 from __future__ import annotations
 
+import contextlib
 import resource
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +55,15 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {out}")
+
+
+@contextlib.contextmanager
+def work_dir(work: Path | None, keep: bool, prefix: str) -> Iterator[Path]:
+    """The benchmark's working folder: ``work`` when given (always kept), else a new temporary
+    folder, removed on exit unless ``keep``."""
+    base = work or Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield base
+    finally:
+        if not keep and work is None:
+            shutil.rmtree(base, ignore_errors=True)

@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -39,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from common import write_report
+from common import work_dir, write_report
 
 from membrain_dist import pipeline, synth
 from membrain_dist.config import PipelineConfig
@@ -263,9 +261,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("membrain_dist").setLevel(logging.WARNING)
-    base = args.work or Path(tempfile.mkdtemp(prefix="membrain-multiclass-"))
-    t0 = time.perf_counter()
-    try:
+    with work_dir(args.work, args.keep, "membrain-multiclass-") as base:
+        t0 = time.perf_counter()
         res = run(args, base)
         report = {
             "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -276,9 +273,6 @@ def main() -> None:
         }
         _print(report)
         write_report(report, args.out)
-    finally:
-        if not args.keep and args.work is None:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

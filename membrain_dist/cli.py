@@ -216,7 +216,7 @@ def _train_config(args: argparse.Namespace):
     cfg = cfg.with_overrides("train", lr=args.lr, weight_decay=args.weight_decay,
                              max_epochs=args.epochs, batch_size=args.batch_size,
                              patience=args.patience, device=args.device, seed=args.seed,
-                             channels=args.channels)
+                             channels=args.channels, members=args.members)
     cfg = cfg.with_overrides("inference", rotations=args.rotations)
     if args.particle_diameter:
         from .clustering import ClusterConfig
@@ -525,6 +525,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="CNN width (MemBrain v1: 32; default 16, 5x faster on CPU)")
     g.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--members", type=int, default=None,
+                   help="train this many networks (seeds seed, seed+1, ...) and average them: "
+                        "steadier picks from one annotated membrane at x members the training "
+                        "time; prediction costs the same (each member scores its own quarter "
+                        "turn of the cube; default 1)")
     _add_rotations_option(g)
     g.add_argument("--particle-diameter", type=float, default=None,
                    help="expected particle size in voxels; sets the clustering defaults")

@@ -21,6 +21,13 @@ the cube centre to the nearest particle centre of that class. Each conv feature 
 the output sees every voxel of the 12^3 cube (receptive field = the whole cube), while the
 position-specific linear weights let it tell where in the cube a feature lies.
 
+Ensembles
+---------
+:class:`MemBrainEnsemble` averages several such networks trained from different seeds
+(``TrainConfig.members``); member ``k`` scores the cube turned by ``k`` quarter turns about the
+normal, so an ensemble of four costs one pass per member and sees the four turns one network
+sees at ``rotations`` 4.
+
 Model directory
 ---------------
 ``weights.safetensors`` holds the state dict (tensors only, never pickle); ``model.json`` holds
@@ -55,6 +62,7 @@ __all__ = [
     "ARCHITECTURE",
     "ARCHITECTURE_VERSION",
     "MemBrainCNN",
+    "MemBrainEnsemble",
     "ModelMeta",
     "save_model",
     "load_model",
@@ -176,6 +184,65 @@ class MemBrainCNN(nn.Module):
         return out.squeeze(1) if self.n_classes == 1 else out
 
 
+class MemBrainEnsemble(nn.Module):
+    """The mean prediction of several :class:`MemBrainCNN` of one architecture (a deep
+    ensemble: the same data, different seeds), member ``k`` on the cube turned by ``k``
+    quarter turns in the plane of the membrane (cube axes 1, 2; axis 0 is the normal).
+
+    The turns are exact symmetries of the training augmentation (``rotation="quarter"``), so
+    each member sees a cube as it might have been cut; giving the members different turns
+    spreads the ``rotations`` averaging over them: an ensemble of four at ``rotations`` 1 costs
+    the four passes one network costs at ``rotations`` 4. Same call signature and output as
+    :class:`MemBrainCNN`; ``cube_size``, ``channels``, ``n_classes`` and ``input_transform``
+    are the members' (which must agree).
+    """
+
+    def __init__(self, members: list[MemBrainCNN]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        first = members[0]
+        key = (first.cube_size, first.channels, first.n_classes, first.input_transform)
+        for m in members[1:]:
+            if (m.cube_size, m.channels, m.n_classes, m.input_transform) != key:
+                raise ValueError("ensemble members differ in architecture (cube size, "
+                                 "channels, classes or input transform)")
+        self.members = nn.ModuleList(members)
+        self.cube_size, self.channels, self.n_classes = key[:3]
+        self.input_transform = dict(first.input_transform)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.unsqueeze(1)
+        out = None
+        for k, member in enumerate(self.members):
+            xk = torch.rot90(x, k % 4, dims=(3, 4)) if k % 4 else x
+            pred = member(xk.contiguous(memory_format=_layout_of(x)))
+            out = pred if out is None else out + pred
+        return out / len(self.members)
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format ``x`` (B, 1, z, y, x) was laid out in: channels-last 3D (the CPU
+    inference layout) when its strides are those, else contiguous."""
+    return (torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d)
+            else torch.contiguous_format)
+
+
+def n_members(model: nn.Module) -> int:
+    """Networks averaged by ``model``: its members for an ensemble, else 1."""
+    return len(model.members) if isinstance(model, MemBrainEnsemble) else 1
+
+
+def build_model(cube_size: int, channels: int, input_transform: dict[str, Any] | None = None,
+                n_classes: int = 1, members: int = 1) -> MemBrainCNN | MemBrainEnsemble:
+    """An untrained network of this architecture: one :class:`MemBrainCNN`, or an ensemble of
+    ``members`` of them."""
+    nets = [MemBrainCNN(cube_size, channels, input_transform, n_classes)
+            for _ in range(members)]
+    return nets[0] if members == 1 else MemBrainEnsemble(nets)
+
+
 @dataclass(frozen=True)
 class ModelMeta:
     """What ``model.json`` records about a trained model.
@@ -206,6 +273,9 @@ class ModelMeta:
     classes : list of str
         Particle class names, one per output (``[]``: an unnamed single class). Both are left
         out of ``model.json`` at their defaults, so a single-class model's file is as before.
+    members : int
+        Networks of a :class:`MemBrainEnsemble` (1: one :class:`MemBrainCNN`; left out of
+        ``model.json`` then).
     """
 
     cube_size: int = 12
@@ -221,11 +291,14 @@ class ModelMeta:
     input_transform: dict[str, Any] = field(default_factory=dict)
     n_classes: int = 1
     classes: list[str] = field(default_factory=list)
+    members: int = 1
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         if self.n_classes == 1 and not self.classes:
             del data["n_classes"], data["classes"]
+        if self.members == 1:
+            del data["members"]
         return json.dumps(data, indent=2, sort_keys=True)
 
 
@@ -262,7 +335,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_model(model: MemBrainCNN, out_dir: str | os.PathLike[str], meta: ModelMeta) -> ModelMeta:
+def save_model(model: MemBrainCNN | MemBrainEnsemble, out_dir: str | os.PathLike[str],
+               meta: ModelMeta) -> ModelMeta:
     """Write ``out_dir/weights.safetensors`` and ``out_dir/model.json`` atomically.
 
     ``cube_size``, ``channels`` and ``weights_sha256`` of ``meta`` are taken from the model and
@@ -282,6 +356,7 @@ def save_model(model: MemBrainCNN, out_dir: str | os.PathLike[str], meta: ModelM
         input_transform=dict(model.input_transform),
         n_classes=model.n_classes,
         classes=list(meta.classes),
+        members=n_members(model),
     )
     if meta.classes and len(meta.classes) != model.n_classes:
         raise ValueError(f"{len(meta.classes)} class names for {model.n_classes} outputs")
@@ -345,6 +420,7 @@ def _read_meta(path: Path) -> ModelMeta:
             and len(meta.classes) in (0, meta.n_classes),
             "n_classes must be an int >= 1 and classes a list of that many names (or [])",
         ),
+        (isinstance(meta.members, int) and meta.members >= 1, "members must be an int >= 1"),
     ]
     for ok, problem in checks:
         if not ok:
@@ -361,7 +437,7 @@ def load_model(
     device: str | torch.device = "cpu",
     expected_cube_size: int | None = None,
     voxel_size_A: float | None = None,
-) -> tuple[MemBrainCNN, ModelMeta]:
+) -> tuple[MemBrainCNN | MemBrainEnsemble, ModelMeta]:
     """Load a model directory written by :func:`save_model`, refusing anything doubtful.
 
     Raises :class:`~membrain_dist.errors.InputError` naming the offending file when a file is
@@ -407,7 +483,8 @@ def load_model(
         state = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise InputError(weights_path, f"not a valid safetensors file ({e})") from None
-    model = MemBrainCNN(meta.cube_size, meta.channels, meta.input_transform, meta.n_classes)
+    model = build_model(meta.cube_size, meta.channels, meta.input_transform, meta.n_classes,
+                        meta.members)
     want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     got = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     if want != got:
@@ -417,7 +494,8 @@ def load_model(
         raise InputError(
             weights_path,
             f"tensors do not match {ARCHITECTURE} "
-            f"(cube {meta.cube_size}, {meta.channels} channels): missing {missing}, "
+            f"(cube {meta.cube_size}, {meta.channels} channels, {meta.members} member(s)): "
+            f"missing {missing}, "
             f"unexpected {extra}, wrong shape/dtype {wrong}",
         )
     model.load_state_dict(state, strict=True)

@@ -954,6 +954,8 @@ def fit_model(
     to reproduce the training's picking: the score threshold and bandwidth chosen by
     validation F1 (:mod:`membrain_dist.calibration`, when ``cfg.picks.calibrate``) and the
     annotations' median height above their face (``cfg.picks.learn_height``)."""
+    from dataclasses import replace
+
     from .model import ModelMeta, save_model
     from .training import config_dict, train
 
@@ -965,11 +967,17 @@ def fit_model(
              f"{len(vs)} points of the val rows" if vs else "held-out points")
     names = [e.name for e in (*train_entries, *val_entries)]
     voxel_size = common_voxel_size(root, names)
+    members = cfg.train.resolved_members(len(ts.truth_zyx))
+    if members > 1:
+        log.info("%d annotated particles: an ensemble of %d networks", len(ts.truth_zyx),
+                 members)
+    cfg = replace(cfg, train=replace(cfg.train, members=members))
     result = train(ts.cubes, ts.labels, vs.cubes if vs else None, vs.labels if vs else None,
                    cfg.train, progress, groups=ts.groups, zyx=ts.zyx)
     metrics = {**result.metrics(), "train_points": len(ts),
                "train_membranes": [list(m) for m in ts.membranes],
                "val_points": len(vs) if vs else None}
+    cfg = ensemble_rotations(cfg)
     if vs is None:  # the rows train() held out
         cal_set, cal_rows = ts, np.flatnonzero(result.held_out)
     else:
@@ -985,6 +993,20 @@ def fit_model(
     cfg = _with_template_copy(cfg, out)
     _write_json_atomic(out / PIPELINE_FILE, cfg.to_dict())
     return metrics
+
+
+def ensemble_rotations(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with the prediction's quarter turns per network divided by the ensemble's
+    members (at least 1): the members score their own turns
+    (:class:`~membrain_dist.model.MemBrainEnsemble`), so four members at ``rotations`` 1 make
+    the four passes of one network at ``rotations`` 4."""
+    from dataclasses import replace
+
+    members = cfg.train.members
+    if members <= 1:
+        return cfg
+    turns = max(1, cfg.inference.rotations // members)
+    return replace(cfg, inference=replace(cfg.inference, rotations=turns))
 
 
 def _write_average(root: str | os.PathLike, sets: Sequence[TrainingSet], cfg: PipelineConfig,

@@ -39,7 +39,7 @@ from membrain_dist.inference import (
     memory_layout,
     resolve_device,
 )
-from membrain_dist.model import MemBrainCNN
+from membrain_dist.model import MemBrainCNN, MemBrainEnsemble
 
 __all__ = [
     "TrainConfig",
@@ -57,6 +57,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EpochMode = Literal["balanced", "full"]
+
+
+#: networks of an ensemble when ``TrainConfig.members`` is auto and few particles train it
+AUTO_MEMBERS = 4
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,29 @@ class TrainConfig:
         Smooth L1 transition point (voxels): quadratic below, linear above.
     num_threads : int or None
         CPU threads for torch (None: the dask worker's thread count, else torch's default).
+    members, ensemble_particles : int
+        Networks trained (seeds ``seed``, ``seed + 1``, ...; each with its own early stop) and
+        averaged, member ``k`` on the cube turned by ``k`` quarter turns
+        (:class:`~membrain_dist.model.MemBrainEnsemble`). 0 (default, auto): :data:`AUTO_MEMBERS`
+        (4) when the training rows hold fewer than ``ensemble_particles`` (64) annotated
+        particles, else 1 (``fit_model`` decides; :func:`train` alone treats 0 as 1). A
+        member costs what one network costs to train, but prediction costs the same:
+        ``fit_model`` divides the prediction's ``rotations`` by the members, so four score a
+        cube with the four passes one network makes at ``rotations`` 4. Hard phantom, one
+        annotated membrane (10-20 particles), tuning seeds 101 and 104, held-out F1 of four
+        single networks (seeds 0-3) at ``rotations`` 4 against their ensemble:
+
+        ====  ==========================  ============  ==================
+        seed  single networks             their mean    ensemble of four
+        ====  ==========================  ============  ==================
+        101   0.511 0.588 0.649 0.570     0.580         0.626
+        104   0.677 0.682 0.667 0.683     0.677         0.696
+        ====  ==========================  ============  ==================
+
+        (All four at four turns each, 4x the prediction cost: 0.612 / 0.701; two networks at
+        two turns: 0.570 / 0.672.) One network's F1 swings by up to 0.14 with the seed
+        alone when few particles train it; a whole annotated tomogram (70-80 phantom
+        particles, hundreds on real data) trains one.
     """
 
     lr: float = 1e-3
@@ -199,6 +226,8 @@ class TrainConfig:
     val_cubes: int = 4096
     amp: bool = True
     num_threads: int | None = None
+    members: int = 0
+    ensemble_particles: int = 64
 
     def __post_init__(self) -> None:
         positive = {
@@ -222,9 +251,18 @@ class TrainConfig:
             raise ValueError("need 0 < lr_factor <= 1, lr_patience >= 0 and min_lr >= 0")
         if not 2 <= self.min_epoch_cubes <= self.max_epoch_cubes or self.val_cubes < 0:
             raise ValueError("need 2 <= min_epoch_cubes <= max_epoch_cubes and val_cubes >= 0")
+        if self.members < 0 or self.ensemble_particles < 0:
+            raise ValueError("members (0: auto) and ensemble_particles must be >= 0")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _ = self.augment  # validates
+
+    def resolved_members(self, n_particles: int) -> int:
+        """Networks to train on a set of ``n_particles`` annotated particles (see
+        ``members``)."""
+        if self.members:
+            return self.members
+        return AUTO_MEMBERS if n_particles < self.ensemble_particles else 1
 
     @property
     def augment(self) -> AugmentConfig:
@@ -240,8 +278,9 @@ class EpochStats:
     ``train_loss`` of later epochs is the mean over the epoch's augmented batches; ``cubes`` the
     training cubes it saw. Time left, from the mean epoch time so far: ``eta_seconds`` up to
     ``max_epochs`` (a bound), ``stop_seconds`` up to the early stop should no later epoch
-    improve (both 0 when this epoch is the last). Equality ignores the timings, so two seeded
-    runs compare equal when their losses do.
+    improve (both 0 when this epoch is the last), both for this network (``member`` of
+    ``members``, 0-based, in an ensemble). Equality ignores the timings, so two seeded runs
+    compare equal when their losses do.
     """
 
     epoch: int
@@ -254,10 +293,14 @@ class EpochStats:
     cubes: int = 0
     eta_seconds: float = field(default=0.0, compare=False)
     stop_seconds: float = field(default=0.0, compare=False)
+    member: int = 0
+    members: int = 1
 
     def line(self) -> str:
         """One human-readable progress line."""
         head = f"epoch {self.epoch}/{self.max_epochs}"
+        if self.members > 1:
+            head = f"member {self.member + 1}/{self.members} {head}"
         if self.epoch == 0:
             return (f"{head} (untrained)  train {self.train_loss:.4f}  val {self.val_loss:.4f}"
                     f"  ({self.seconds:.1f} s)")
@@ -280,16 +323,25 @@ def _duration(seconds: float) -> str:
 class TrainResult:
     """The best model (eval mode, on the training device) and how it got there."""
 
-    model: MemBrainCNN
+    model: MemBrainCNN | MemBrainEnsemble
     history: list[EpochStats]
     best_epoch: int
     best_val_loss: float
     #: (N,) bool over the training rows: the rows held out for validation, when no validation
     #: set was given (:func:`split_validation`); None otherwise
     held_out: np.ndarray | None = None
+    #: an ensemble's members' own results (``history`` etc. above are the first member's)
+    members: list[TrainResult] = field(default_factory=list)
 
     def metrics(self) -> dict[str, Any]:
-        """Summary for ``ModelMeta.metrics``."""
+        """Summary for ``ModelMeta.metrics``; an ensemble's is its first member's with the
+        members' mean ``best_val_loss``, their total ``train_seconds`` and each member's
+        summary under ``members``."""
+        if self.members:
+            per = [m.metrics() for m in self.members]
+            return {**per[0], "best_val_loss": float(np.mean([m["best_val_loss"] for m in per])),
+                    "train_seconds": round(sum(m["train_seconds"] for m in per), 1),
+                    "members": per}
         return {
             "best_epoch": self.best_epoch,
             "best_val_loss": self.best_val_loss,
@@ -594,12 +646,30 @@ def train(
     Returns
     -------
     TrainResult with the best-validation model (eval mode). Validation loss is the mean smooth
-    L1 over the validation set without augmentation. torch's thread count is restored on return.
+    L1 over the validation set without augmentation. With ``cfg.members`` > 1 the networks are
+    trained one after the other (seeds ``cfg.seed + k``) and returned as one
+    :class:`~membrain_dist.model.MemBrainEnsemble`. torch's thread count is restored on return.
     """
     cfg = cfg or TrainConfig()
     prev_threads = torch.get_num_threads()
     try:
-        return _train(train_cubes, train_labels, val_cubes, val_labels, cfg, progress, groups, zyx)
+        results = []
+        members = max(1, cfg.members)
+        for k in range(members):
+            member_progress = progress
+            if progress is not None and members > 1:
+                def member_progress(st: EpochStats, k: int = k) -> None:
+                    progress(dataclasses.replace(st, member=k, members=members))
+            # every member holds out the same rows (the ensemble is calibrated on them)
+            results.append(_train(train_cubes, train_labels, val_cubes, val_labels,
+                                  dataclasses.replace(cfg, seed=cfg.seed + k), member_progress,
+                                  groups, zyx, split_seed=cfg.seed))
+        if len(results) == 1:
+            return results[0]
+        first = results[0]
+        ensemble = MemBrainEnsemble([r.model for r in results]).eval()
+        return TrainResult(ensemble, first.history, first.best_epoch, first.best_val_loss,
+                           first.held_out, results)
     finally:
         torch.set_num_threads(prev_threads)
 
@@ -613,6 +683,7 @@ def _train(
     progress: Callable[[EpochStats], None] | None,
     groups: np.ndarray | None,
     zyx: np.ndarray | None,
+    split_seed: int,
 ) -> TrainResult:
     dev = torch.device(resolve_device(cfg.device))
     threads = configure_threads(cfg.num_threads) if dev.type == "cpu" else None
@@ -627,7 +698,7 @@ def _train(
         g = np.zeros(len(x), dtype=np.int64) if groups is None else np.asarray(groups)
         if len(g) != len(x):
             raise ValueError(f"groups has {len(g)} rows, training data {len(x)}")
-        held_out = split_validation(g, cfg.val_fraction, cfg.seed, zyx)
+        held_out = split_validation(g, cfg.val_fraction, split_seed, zyx)
         mask = torch.from_numpy(held_out).to(dev)
         xv, yv, x, y = x[mask], y[mask], x[~mask], y[~mask]
     else:
@@ -646,7 +717,7 @@ def _train(
     n_classes = int(y.shape[1]) if y.dim() == 2 else 1
     if len(x) == 0 or len(xv) == 0:
         raise ValueError("training and validation sets must both be non-empty")
-    xv, yv = _subset(xv, yv, cfg, cfg.seed)  # fixed for the whole run
+    xv, yv = _subset(xv, yv, cfg, split_seed)  # fixed for the whole run (and every member)
     x0, y0 = _subset(x, y, cfg, cfg.seed + 1)  # epoch 0's training loss
     near = _near(y)
     log.info(

@@ -66,7 +66,7 @@ def test_train_through_the_flows_writes_a_loadable_model(campaign: Path, tmp_pat
     # the template relative to the working directory, as a user types it
     proc = subprocess.Popen(
         [*CLI, "train", "--manifest", str(campaign), "--out", str(out), "--epochs", "2",
-         "--template", "template.mrc", "--workers", "2"], cwd=campaign.parent,
+         "--template", "template.mrc", "--workers", "2", "--members", "1"], cwd=campaign.parent,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, during_training = [], None
     assert proc.stdout is not None
@@ -90,6 +90,29 @@ def test_train_through_the_flows_writes_a_loadable_model(campaign: Path, tmp_pat
     assert (out / "pipeline.json").is_file()
     _assert_self_contained(out, campaign.parent / "template.mrc")
     assert (tmp_path / "model.train.zarr" / "zarr.json").is_file()  # beside, not inside
+
+
+def test_train_an_ensemble(campaign: Path, trained_model: Path, tmp_path: Path) -> None:
+    """`train --members 2`: one model directory with both networks, prediction at half the
+    quarter turns per network (each member scores its own turn), one progress line per
+    member's epoch. (The training store of ``trained_model`` is reused: geometry done.)"""
+    from membrain_dist.model import MemBrainEnsemble, load_model
+
+    store = tmp_path / "train.zarr"
+    shutil.copytree(trained_model.parent / "train.zarr", store)
+    out = tmp_path / "model"
+    res = run("train", "--manifest", str(campaign), "--out", str(out), "--epochs", "1",
+              "--template", str(campaign.parent / "template.mrc"), "--members", "2",
+              "--store", str(store), "--sequential", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    epochs = [ln.split("training: ")[1].split("  ")[0].split(" (")[0]
+              for ln in res.stderr.splitlines() if "training: member" in ln]
+    assert epochs == ["member 1/2 epoch 0/1", "member 1/2 epoch 1/1", "member 2/2 epoch 0/1",
+                      "member 2/2 epoch 1/1"], epochs
+    model, meta = load_model(out)
+    assert isinstance(model, MemBrainEnsemble) and meta.members == 2
+    assert len(meta.metrics["members"]) == 2 and meta.train_config["members"] == 2
+    assert json.loads((out / "pipeline.json").read_text())["inference"]["rotations"] == 2
 
 
 def _assert_self_contained(model_dir: Path, template: Path) -> None:

@@ -126,6 +126,17 @@ def test_rotations_average_quarter_turns_about_the_normal(model, cubes):
         predict_distances(model, cubes, rotations=3)
 
 
+def test_ensemble_of_four_at_one_turn_is_invariant_like_one_network_at_four(model, cubes):
+    from membrain_dist.model import MemBrainEnsemble
+
+    ens = MemBrainEnsemble([model] * 4).eval()  # four copies: the mean over the four turns
+    np.testing.assert_allclose(predict_distances(ens, cubes, rotations=1),
+                               predict_distances(model, cubes, rotations=4), atol=1e-5, rtol=0)
+    turned = np.ascontiguousarray(np.rot90(cubes, 1, axes=(2, 3)))
+    np.testing.assert_allclose(predict_distances(ens, turned), predict_distances(ens, cubes),
+                               atol=1e-5, rtol=0)
+
+
 def test_inference_model_folds_batchnorm_and_leaves_the_model_alone(model, cubes):
     from torch import nn
 

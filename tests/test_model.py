@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from membrain_dist.errors import InputError
-from membrain_dist.model import MemBrainCNN, ModelMeta, load_model, save_model
+from membrain_dist.model import MemBrainCNN, MemBrainEnsemble, ModelMeta, load_model, save_model
 
 
 def _model(cube: int = 12, channels: int = 4, seed: int = 0) -> MemBrainCNN:
@@ -127,3 +127,29 @@ def test_weights_with_wrong_channels_refused(tmp_path: Path):
     (tmp_path / "b" / "model.json").write_text(json.dumps(raw))
     with pytest.raises(InputError, match="tensors do not match"):
         load_model(tmp_path / "b")
+
+
+def test_ensemble_is_the_mean_of_its_members_on_their_quarter_turns(tmp_path: Path):
+    members = [_model(seed=k) for k in range(3)]
+    ens = MemBrainEnsemble(members).eval()
+    x = torch.randn(5, 12, 12, 12)
+    with torch.inference_mode():
+        # member k sees the cube turned k times about axis 0 (the normal), in the y-x plane
+        want = sum(m(torch.rot90(x, k, dims=(2, 3))) for k, m in enumerate(members)) / 3
+        assert torch.allclose(ens(x), want, atol=1e-6)
+        assert not torch.allclose(ens(x), sum(m(x) for m in members) / 3, atol=1e-4)
+    meta = save_model(ens, tmp_path / "ens", ModelMeta(voxel_size_A=10.0))
+    assert meta.members == 3 and json.loads(meta.to_json())["members"] == 3
+    assert "members" not in json.loads(save_model(members[0], tmp_path / "one",
+                                                  ModelMeta()).to_json())
+    back, meta2 = load_model(tmp_path / "ens")
+    assert isinstance(back, MemBrainEnsemble) and meta2 == meta
+    with torch.inference_mode():
+        assert torch.equal(back(x), ens(x))
+    # a file claiming another number of members is refused, naming the weights
+    raw = json.loads((tmp_path / "ens" / "model.json").read_text())
+    (tmp_path / "ens" / "model.json").write_text(json.dumps({**raw, "members": 2}))
+    with pytest.raises(InputError, match="weights.safetensors.*2 member"):
+        load_model(tmp_path / "ens")
+    with pytest.raises(ValueError, match="differ in architecture"):
+        MemBrainEnsemble([_model(channels=4), _model(channels=8)])

@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 
+from membrain_dist.model import MemBrainEnsemble
 from membrain_dist.training import (
     EpochStats,
     TrainConfig,
@@ -230,3 +231,46 @@ def test_training_sees_bounded_epochs_and_reports_time_left():
     assert "epoch 2/4" in res.history[-1].line() and "left" not in res.history[-1].line()
     full = train(x, y, x[:200], y[:200], dataclasses.replace(cfg, epoch="full", max_epochs=1))
     assert full.history[1].cubes == 600
+
+
+def test_members_are_the_seeded_single_runs_on_the_same_held_out_rows():
+    x, y = _synthetic(128, 5)
+    groups = np.repeat(np.arange(8), 16)  # 8 membranes: seeds 3 and 4 hold out different ones
+    cfg = dataclasses.replace(CFG, max_epochs=2, seed=3, members=2)
+    seen: list[EpochStats] = []
+    res = train(x, y, cfg=cfg, groups=groups, progress=seen.append)
+    assert isinstance(res.model, MemBrainEnsemble) and len(res.members) == 2
+    assert [(s.member, s.members) for s in seen] == [(0, 2)] * 3 + [(1, 2)] * 3
+    assert seen[3].line().startswith("member 2/2 epoch 0/2")
+    # member 0 is exactly the single network of seed 3; member 1 (seed 4) holds out the
+    # rows seed 3 held out, so the ensemble is validated and calibrated on rows none trained on
+    single = train(x, y, cfg=dataclasses.replace(cfg, members=1), groups=groups)
+    assert single.history == res.members[0].history
+    for name, v in single.model.state_dict().items():
+        assert torch.equal(v, res.model.members[0].state_dict()[name]), name
+    for member in res.members:
+        np.testing.assert_array_equal(member.held_out, single.held_out)
+    other = split_validation(groups, cfg.val_fraction, 4)
+    assert not np.array_equal(other, single.held_out)  # seed 4's own split differs
+    assert res.members[0].history != res.members[1].history
+    m = res.metrics()
+    assert m["best_val_loss"] == pytest.approx(np.mean([r.best_val_loss for r in res.members]))
+    assert [s["best_epoch"] for s in m["members"]] == [r.best_epoch for r in res.members]
+
+
+def test_few_annotated_particles_train_an_ensemble_that_predicts_at_the_same_cost():
+    from membrain_dist.config import PipelineConfig
+    from membrain_dist.pipeline import ensemble_rotations
+
+    auto = TrainConfig()
+    assert auto.members == 0  # auto
+    assert [auto.resolved_members(n) for n in (10, 63, 64, 500)] == [4, 4, 1, 1]
+    assert TrainConfig(members=2).resolved_members(10) == 2
+    assert TrainConfig(members=1).resolved_members(10) == 1
+    with pytest.raises(ValueError, match="members"):
+        TrainConfig(members=-1)
+    # the members' own turns replace the input's: four members at 1 pass each = 4 passes
+    for members, rotations, want in ((1, 4, 4), (2, 4, 2), (4, 4, 1), (3, 4, 1), (4, 8, 2)):
+        cfg = PipelineConfig().with_overrides("train", members=members).with_overrides(
+            "inference", rotations=rotations)
+        assert ensemble_rotations(cfg).inference.rotations == want

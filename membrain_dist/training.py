@@ -278,8 +278,8 @@ class EpochStats:
     ``train_loss`` of later epochs is the mean over the epoch's augmented batches; ``cubes`` the
     training cubes it saw. Time left, from the mean epoch time so far: ``eta_seconds`` up to
     ``max_epochs`` (a bound), ``stop_seconds`` up to the early stop should no later epoch
-    improve (both 0 when this epoch is the last), both for this network (``member`` of
-    ``members``, 0-based, in an ensemble). Equality ignores the timings, so two seeded runs
+    improve (both 0 when this epoch is the last); in an ensemble (``member`` of ``members``,
+    0-based) both include the members still to train. Equality ignores the timings, so two seeded runs
     compare equal when their losses do.
     """
 
@@ -655,11 +655,12 @@ def train(
     try:
         results = []
         members = max(1, cfg.members)
+        spent = [0.0] * members
         for k in range(members):
             member_progress = progress
             if progress is not None and members > 1:
                 def member_progress(st: EpochStats, k: int = k) -> None:
-                    progress(dataclasses.replace(st, member=k, members=members))
+                    progress(_member_stats(st, k, spent))
             # every member holds out the same rows (the ensemble is calibrated on them)
             results.append(_train(train_cubes, train_labels, val_cubes, val_labels,
                                   dataclasses.replace(cfg, seed=cfg.seed + k), member_progress,
@@ -672,6 +673,18 @@ def train(
                            first.held_out, results)
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def _member_stats(st: EpochStats, k: int, spent: list[float]) -> EpochStats:
+    """Member ``k``'s epoch statistics, its time left extended by the members after it: each
+    takes the mean time of the members done, or (while the first trains) this member's bound.
+    ``spent`` accumulates each member's seconds."""
+    spent[k] += st.seconds
+    done = spent[:k]
+    per_member = sum(done) / len(done) if done else spent[k] + st.eta_seconds
+    later = (len(spent) - k - 1) * per_member
+    return dataclasses.replace(st, member=k, members=len(spent), eta_seconds=st.eta_seconds + later,
+                               stop_seconds=st.stop_seconds + later)
 
 
 def _train(

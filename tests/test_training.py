@@ -242,6 +242,11 @@ def test_members_are_the_seeded_single_runs_on_the_same_held_out_rows():
     assert isinstance(res.model, MemBrainEnsemble) and len(res.members) == 2
     assert [(s.member, s.members) for s in seen] == [(0, 2)] * 3 + [(1, 2)] * 3
     assert seen[3].line().startswith("member 2/2 epoch 0/2")
+    # time left counts the members still to train: at the first member's last epoch, one
+    # more member of the first one's duration; nothing at the very end
+    first_total = sum(h.seconds for h in res.members[0].history)
+    assert seen[2].eta_seconds == pytest.approx(first_total) and "left" in seen[2].line()
+    assert seen[-1].eta_seconds == 0 and seen[-1].stop_seconds == 0
     # member 0 is exactly the single network of seed 3; member 1 (seed 4) holds out the
     # rows seed 3 held out, so the ensemble is validated and calibrated on rows none trained on
     single = train(x, y, cfg=dataclasses.replace(cfg, members=1), groups=groups)

@@ -140,15 +140,6 @@ def geometry_key(name: str, membrane_id: int) -> str:
     return f"{name}/{store.GEOMETRY_KEY}/m{int(membrane_id)}"
 
 
-def _existing_attrs(root: Path, key: str) -> dict | None:
-    path = Path(root).joinpath(*key.split("/"))
-    if not (path / "zarr.json").is_file():
-        return None
-    import zarr
-
-    return dict(zarr.open_group(store=str(root), path=key, mode="r").attrs)
-
-
 # Largest tomogram region (voxels, float32: 4 B each) read at once for a membrane's extraction
 REGION_MAX_VOXELS = 32 * 1024**2
 
@@ -229,7 +220,7 @@ def membrane_source(root: str | os.PathLike, name: str, membrane_id: int,
     cfg = cfg or GeometryConfig()
     root = Path(root)
     key = geometry_key(name, membrane_id)
-    if _existing_attrs(root, key) is None:
+    if store.node_attrs(root, key) is None:
         raise KeyError(f"{root}: no geometry group {key}")
     g = zarr.open_group(store=str(root), path=key, mode="r")
     zyx = np.asarray(g["zyx"][start:stop], np.float32)
@@ -313,7 +304,7 @@ def process_membrane(
         {"source": meta.source, "intensity": meta.intensity, "membrane": record,
          "shape_zyx": list(meta.shape_zyx)},
     )
-    attrs = _existing_attrs(root, key)
+    attrs = store.node_attrs(root, key)
     # stored cubes or not, the points are the same; a run that wants cubes redoes a group
     # made without them
     if (attrs is not None and store.is_current(attrs, prov)
@@ -384,7 +375,7 @@ def read_geometry(root: str | os.PathLike, name: str, membrane_id: int) -> dict[
     import zarr
 
     key = geometry_key(name, membrane_id)
-    if _existing_attrs(Path(root), key) is None:
+    if store.node_attrs(root, key) is None:
         raise KeyError(f"{root}: no geometry group {key}")
     g = zarr.open_group(store=str(root), path=key, mode="r")
     return {k: np.asarray(g[k][...]) for k in ("zyx", "normal", "side")}

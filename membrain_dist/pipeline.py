@@ -150,20 +150,6 @@ def geometry_membrane(
     return process_membrane(root, name, membrane_id, cfg, side, keep_cubes=keep_cubes)
 
 
-def _group_attrs(root: str | os.PathLike, key: str) -> dict | None:
-    path = Path(root).joinpath(*key.split("/"))
-    if not (path / "zarr.json").is_file():
-        return None
-    return dict(zarr.open_group(store=str(root), path=key, mode="r").attrs)
-
-
-def _array_attrs(root: str | os.PathLike, key: str) -> dict | None:
-    path = Path(root).joinpath(*key.split("/"))
-    if not (path / "zarr.json").is_file():
-        return None
-    return dict(zarr.open_array(store=str(root), path=key, mode="r").attrs)
-
-
 # --------------------------------------------------------------------------- scoring
 def _model_json(model_dir: str | os.PathLike, key: str | None = None) -> dict:
     """A model directory's ``model.json`` (InputError naming it when unreadable, or when
@@ -203,7 +189,7 @@ def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
     The scores depend on the model, the passes and the geometry (whose provenance holds the
     cube parameters), not on whether the cubes were stored or cut in memory."""
     gkey = geometry_key(name, membrane_id)
-    gattrs = _group_attrs(root, gkey)
+    gattrs = store.node_attrs(root, gkey)
     if gattrs is None:
         raise KeyError(f"{root}: no geometry for {gkey}")
     prov = store.provenance(
@@ -227,13 +213,13 @@ def _scores_current_at(root: str | os.PathLike, key: str, name: str, membrane_id
         _, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
     except KeyError:
         return False
-    attrs = _array_attrs(root, key)
+    attrs = store.node_attrs(root, key)
     return attrs is not None and store.is_current(attrs, prov)
 
 
 def n_points(root: str | os.PathLike, name: str, membrane_id: int) -> int:
     """Points of one membrane's stored geometry (KeyError: none)."""
-    attrs = _group_attrs(root, geometry_key(name, membrane_id))
+    attrs = store.node_attrs(root, geometry_key(name, membrane_id))
     if attrs is None:
         raise KeyError(f"{root}: no geometry for {geometry_key(name, membrane_id)}")
     return int(attrs["n_points"])
@@ -369,7 +355,7 @@ def score_membrane(
     gattrs, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
     gkey = geometry_key(name, membrane_id)
     skey = f"{gkey}/scores"
-    sattrs = _array_attrs(root, skey)
+    sattrs = store.node_attrs(root, skey)
     if sattrs is not None and store.is_current(sattrs, prov):
         log.info("%s: current, skipped", skey)
         return int(gattrs["n_points"])
@@ -457,13 +443,13 @@ def cluster_membrane(
 ) -> int:
     """Stages 4 + 5 for one membrane from the stored scores; writes ``<name>/picks/m<id>``."""
     gkey = geometry_key(name, membrane_id)
-    sattrs = _array_attrs(root, f"{gkey}/scores")
+    sattrs = store.node_attrs(root, f"{gkey}/scores")
     if sattrs is None:
         raise KeyError(f"{root}: membrane {gkey} has no scores yet")
     prov = store.provenance("picks", {"cluster": ccfg.to_dict(), "orientation": ocfg.to_dict()},
                             {"scores": sattrs["provenance"]})
     key = picks_key(name, membrane_id)
-    attrs = _group_attrs(root, key)
+    attrs = store.node_attrs(root, key)
     if attrs is not None and store.is_current(attrs, prov):
         return int(attrs["n_picks"])
     geo = read_geometry(root, name, membrane_id)
@@ -499,7 +485,7 @@ def picks_classes(root: str | os.PathLike, name: str) -> list[str]:
     """Class names of a tomogram's picks (``[]``: one unnamed class), from its first
     membrane's picks group (every membrane is scored by the same model)."""
     for mid in membrane_ids(root, name):
-        attrs = _group_attrs(root, picks_key(name, mid))
+        attrs = store.node_attrs(root, picks_key(name, mid))
         if attrs is not None:
             return list(attrs.get(CLASSES_ATTR, []))
     return []

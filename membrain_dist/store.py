@@ -181,6 +181,14 @@ def _node_dir(root: str | os.PathLike, key: str) -> Path:
     return Path(root).joinpath(*key.strip("/").split("/"))
 
 
+def node_attrs(root: str | os.PathLike, key: str) -> dict | None:
+    """The attributes of the group or array at ``key`` of the store at ``root`` (None when
+    there is none)."""
+    if not (_node_dir(root, key) / "zarr.json").is_file():
+        return None
+    return dict(zarr.open(store=str(root), path=key, mode="r").attrs)
+
+
 def _group(root: str | os.PathLike, key: str) -> zarr.Group | None:
     if not (_node_dir(root, key) / "zarr.json").is_file():
         return None

@@ -71,8 +71,9 @@ def _add_rotations_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) 
     p.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=None,  # ROTATIONS
                    help="average the scores of 1, 2 or 4 quarter turns of each cube about the "
                         "membrane normal, or 8 (the 4 turns of the cube and of its mirror "
-                        "image); inference cost x1 to x8; default: what the model was trained "
-                        "with; saved with a trained model")
+                        "image); inference cost x1 to x8 (times an ensemble's members: train "
+                        "divides it by them); default: what the model was trained with; saved "
+                        "with a trained model")
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:

@@ -192,6 +192,7 @@ def run_setting(name: str, cfg: PipelineConfig, store: Path, train: list, val: l
              cal.get("score_threshold"), pcfg.picks.height, res["all"]["f1"])
     return {"setting": name, "fit_seconds": round(fit_s, 1), "best_epoch": metrics["best_epoch"],
             "epochs_run": metrics["epochs_run"], "train_points": metrics["train_points"],
+            "members": len(metrics.get("members", [])) or 1,
             "train_membranes": len(metrics["train_membranes"]),
             "calibration": {k: v for k, v in cal.items() if k != "table"},
             "pick_height": pcfg.picks.height, "scores": res}

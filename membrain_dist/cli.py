@@ -22,7 +22,6 @@ log = logging.getLogger("membrain_dist")
 EXIT_BAD_INPUT = 2
 EXIT_PARTIAL = 3
 DEMO_ROTATIONS = 4  # the demo's tomograms are small: the 4x inference cost is seconds
-DEMO_MEMBERS = 1  # one network: a first run of a few minutes (see cmd_demo)
 
 
 # --------------------------------------------------------------------------- shared options
@@ -474,10 +473,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(**vars(args))
     ns.template = str(out / "data" / "template.mrc")
     ns.manifest = str(manifest)
-    cfg = _train_config(ns)  # training: TrainConfig's defaults unless given ...
-    # ... but one network: the training tomogram's 28 particles would train an ensemble of
-    # four, four times the few minutes a first run should take (--members 4 gives it)
-    cfg = cfg.with_overrides("train", members=args.members or DEMO_MEMBERS)
+    cfg = _train_config(ns)  # training: TrainConfig's defaults unless given
     cfg = cfg.with_overrides("inference", rotations=args.rotations or DEMO_ROTATIONS)
     run = _check_campaign(str(manifest), str(out / "run"), cfg, None)
     from flows.campaign import run_campaign
@@ -534,8 +530,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="train this many networks (seeds seed, seed+1, ...) and average them: "
                         "steadier picks from few annotations at x members the training time; "
                         "prediction costs the same (each member scores its own quarter turn of "
-                        "the cube). Default: 4 when fewer than 64 annotated particles train the "
-                        "model (one membrane), else 1; the demo trains 1")
+                        "the cube); default 1; 4 is worth it on a GPU")
     _add_rotations_option(g)
     g.add_argument("--particle-diameter", type=float, default=None,
                    help="expected particle size in voxels; sets the clustering defaults")

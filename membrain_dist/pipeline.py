@@ -940,8 +940,6 @@ def fit_model(
     to reproduce the training's picking: the score threshold and bandwidth chosen by
     validation F1 (:mod:`membrain_dist.calibration`, when ``cfg.picks.calibrate``) and the
     annotations' median height above their face (``cfg.picks.learn_height``)."""
-    from dataclasses import replace
-
     from .model import ModelMeta, save_model
     from .training import config_dict, train
 
@@ -953,11 +951,6 @@ def fit_model(
              f"{len(vs)} points of the val rows" if vs else "held-out points")
     names = [e.name for e in (*train_entries, *val_entries)]
     voxel_size = common_voxel_size(root, names)
-    members = cfg.train.resolved_members(len(ts.truth_zyx))
-    if members > 1:
-        log.info("%d annotated particles: an ensemble of %d networks", len(ts.truth_zyx),
-                 members)
-    cfg = replace(cfg, train=replace(cfg.train, members=members))
     result = train(ts.cubes, ts.labels, vs.cubes if vs else None, vs.labels if vs else None,
                    cfg.train, progress, groups=ts.groups, zyx=ts.zyx)
     metrics = {**result.metrics(), "train_points": len(ts),

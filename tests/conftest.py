@@ -33,9 +33,7 @@ def trained_model(campaign: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
     work = tmp_path_factory.mktemp("model")
     cfg = PipelineConfig()
-    # one network (its 26 particles would train an ensemble of four by default)
-    cfg = replace(cfg, train=replace(cfg.train, max_epochs=3, patience=3, num_threads=2,
-                                     members=1),
+    cfg = replace(cfg, train=replace(cfg.train, max_epochs=3, patience=3, num_threads=2),
                   labels=replace(cfg.labels, template=str(campaign.parent / "template.mrc")),
                   inference=replace(cfg.inference, rotations=1))  # plumbing: one pass
     train = [e for e in read_manifest(campaign) if e.split == "train"]

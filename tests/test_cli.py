@@ -66,7 +66,7 @@ def test_train_through_the_flows_writes_a_loadable_model(campaign: Path, tmp_pat
     # the template relative to the working directory, as a user types it
     proc = subprocess.Popen(
         [*CLI, "train", "--manifest", str(campaign), "--out", str(out), "--epochs", "2",
-         "--template", "template.mrc", "--workers", "2", "--members", "1"], cwd=campaign.parent,
+         "--template", "template.mrc", "--workers", "2"], cwd=campaign.parent,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, during_training = [], None
     assert proc.stdout is not None

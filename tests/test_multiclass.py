@@ -212,8 +212,7 @@ def test_multi_output_network_and_model_directory(tmp_path):
 def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, tmp_path):
     cfg = PipelineConfig()
     cfg = replace(
-        cfg, train=replace(cfg.train, max_epochs=2, patience=2, num_threads=2, channels=4,
-                           members=1),
+        cfg, train=replace(cfg.train, max_epochs=2, patience=2, num_threads=2, channels=4),
         labels=replace(cfg.labels, classes=("A", "B"),
                        class_radii_zyx=(RADII["A"], RADII["B"])),
         inference=replace(cfg.inference, rotations=1),

@@ -189,9 +189,10 @@ class TrainConfig:
         ======================  ==========================  ============  ================
 
         Steadier (one network's F1 swung by 0.14 with the seed alone on campaign 101) and
-        above the single networks' mean where that was measured, but the held-out gain is small for four times the training time (21 min for
-        the real membrane on 2 CPU cores against ~5), so one network is the default; on a
-        GPU, where a member trains in seconds, ``members = 4`` is cheap insurance.
+        above the single networks' mean where that was measured, but the held-out gain is
+        small for four times the training time (21 min for the real membrane on 2 CPU cores
+        against ~5), so one network is the default; on a GPU, where a member trains in
+        seconds, ``members = 4`` is cheap insurance.
     """
 
     lr: float = 1e-3

@@ -185,14 +185,15 @@ class TrainConfig:
         101 (tuning)            0.511 0.588 0.649 0.570     0.580         0.626
         104 (tuning)            0.677 0.682 0.667 0.683     0.677         0.696
         102 (held out)          0.667 (seed 0)                            0.669
+        103 (held out)          0.554 (seed 0)                            0.654
         102, real membrane      0.708 (seed 0)                            0.711
         ======================  ==========================  ============  ================
 
         Steadier (one network's F1 swung by 0.14 with the seed alone on campaign 101) and
-        above the single networks' mean where that was measured, but the held-out gain is
-        small for four times the training time (21 min for the real membrane on 2 CPU cores
-        against ~5), so one network is the default; on a GPU, where a member trains in
-        seconds, ``members = 4`` is cheap insurance.
+        above the single networks' mean where that was measured; the real membrane (48
+        particles) gained little for four times the training time (21 min on 2 CPU cores
+        against ~5), so one network is the default. Worth it for a membrane of a few dozen
+        particles or fewer, and on a GPU, where a member trains in seconds.
     """
 
     lr: float = 1e-3

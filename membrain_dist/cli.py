@@ -530,7 +530,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="train this many networks (seeds seed, seed+1, ...) and average them: "
                         "steadier picks from few annotations at x members the training time; "
                         "prediction costs the same (each member scores its own quarter turn of "
-                        "the cube); default 1; 4 is worth it on a GPU")
+                        "the cube); default 1; 4 for one membrane of a few dozen particles or "
+                        "fewer, or on a GPU")
     _add_rotations_option(g)
     g.add_argument("--particle-diameter", type=float, default=None,
                    help="expected particle size in voxels; sets the clustering defaults")

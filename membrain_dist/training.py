@@ -269,8 +269,8 @@ class EpochStats:
     training cubes it saw. Time left, from the mean epoch time so far: ``eta_seconds`` up to
     ``max_epochs`` (a bound), ``stop_seconds`` up to the early stop should no later epoch
     improve (both 0 when this epoch is the last); in an ensemble (``member`` of ``members``,
-    0-based) both include the members still to train. Equality ignores the timings, so two seeded runs
-    compare equal when their losses do.
+    0-based) both include the members still to train. Equality ignores the timings, so two
+    seeded runs compare equal when their losses do.
     """
 
     epoch: int
@@ -418,12 +418,18 @@ def _slab(n: int, fraction: float, zyx: np.ndarray | None) -> np.ndarray:
 
 def _to_tensor(a: Any, device: torch.device, name: str, ndim: int | tuple[int, ...]
                ) -> torch.Tensor:
-    arr = np.ascontiguousarray(a[...], dtype=np.float32)
-    if arr.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
+    """``a`` (numpy, zarr or a tensor) as a float32 tensor on ``device``, checked: its
+    dimensions and finite values (ValueError naming ``name``). A tensor already there is not
+    copied."""
+    if isinstance(a, torch.Tensor):
+        t = a.to(device, torch.float32)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a[...], dtype=np.float32)).to(device)
+    if t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains non-finite values")
-    return torch.from_numpy(arr).to(device)
+    return t
 
 
 @contextlib.contextmanager
@@ -643,6 +649,13 @@ def train(
     cfg = cfg or TrainConfig()
     prev_threads = torch.get_num_threads()
     try:
+        if cfg.members > 1:  # read (and move to the device) once for every member
+            dev = torch.device(resolve_device(cfg.device))
+            train_cubes = _to_tensor(train_cubes, dev, "train_cubes", 4)
+            train_labels = _to_tensor(train_labels, dev, "train_labels", (1, 2))
+            if val_cubes is not None and val_labels is not None:
+                val_cubes = _to_tensor(val_cubes, dev, "val_cubes", 4)
+                val_labels = _to_tensor(val_labels, dev, "val_labels", (1, 2))
         results = []
         members = cfg.members
         spent = [0.0] * members

@@ -275,3 +275,18 @@ def test_an_ensemble_predicts_at_the_cost_of_one_network():
         cfg = PipelineConfig().with_overrides("train", members=members).with_overrides(
             "inference", rotations=rotations)
         assert ensemble_rotations(cfg).inference.rotations == want
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_bad_training_data_is_refused_by_name(members):
+    x, y = _synthetic(32, 6)
+    cfg = dataclasses.replace(CFG, max_epochs=1, members=members)
+    bad = x.copy()
+    bad[3, 1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="train_cubes contains non-finite"):
+        train(bad, y, x, y, cfg)
+    with pytest.raises(ValueError, match="val_cubes must have 4 dimensions"):
+        train(x, y, x[:, 0], y, cfg)
+    # tensors are taken as they are (the ensemble hands its members the data read once)
+    res = train(torch.from_numpy(x), torch.from_numpy(y), x, y, cfg)
+    assert np.isfinite(res.best_val_loss)

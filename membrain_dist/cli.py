@@ -664,7 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("copick-export", help="write predict's picks into a copick project")
     p.add_argument("--config", required=True, help="copick config JSON (local roots)")
     p.add_argument("--pred", required=True, help="prediction folder (<name>.star per run)")
-    p.add_argument("--object", required=True, help="pickable object name")
+    p.add_argument("--object", default=None,
+                   help="pickable object of the picks (default: each class's name, for a model "
+                        "with named classes; needed for single-class picks)")
     p.add_argument("--user", default="membrain", help="user id (default membrain)")
     p.add_argument("--session", default="0", help="session id (default 0: a tool's picks)")
     p.set_defaults(func=cmd_copick_export)

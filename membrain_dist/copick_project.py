@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from .errors import InputError
 
 __all__ = ["CopickProject", "PickSet", "read_project", "read_picks", "find_picks", "write_picks",
            "tomogram_path", "segmentation_path", "build_manifest", "export_predictions"]
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -318,14 +322,20 @@ def build_manifest(config: str | os.PathLike, out: str | os.PathLike, voxel_spac
     return out
 
 
-def export_predictions(config: str | os.PathLike, pred_dir: str | os.PathLike, object_name: str,
-                       user_id: str = "membrain", session_id: str = "0",
+def export_predictions(config: str | os.PathLike, pred_dir: str | os.PathLike,
+                       object_name: str | None = None, user_id: str = "membrain",
+                       session_id: str = "0",
                        names: Sequence[str] | None = None) -> list[Path]:
-    """Write predict's ``<pred>/<name>.star`` files into a copick project as picks of
-    ``object_name`` under ``user_id`` / ``session_id`` (run = tomogram name): locations in Å
-    (voxels x the STAR's ``rlnMicrographPixelSize``), orientations as 4x4s, score =
-    ``mbScore`` (the predicted distance in voxels: lower is surer)."""
-    from .star import particles_matrices, particles_zyx, read_particles
+    """Write predict's ``<pred>/<name>.star`` files into a copick project as picks under
+    ``user_id`` / ``session_id`` (run = tomogram name): locations in Å (voxels x the STAR's
+    ``rlnMicrographPixelSize``), orientations as 4x4s, score = ``mbScore`` (the predicted
+    distance in voxels: lower is surer).
+
+    Picks of a model with named classes (an ``mbClassName`` column) go to the pickable object
+    of each class's name, one picks file per class; ``object_name`` names the object of
+    single-class picks (and may rename a STAR's one class). A run without picks gets an empty
+    picks file of ``object_name`` when it is given, else none."""
+    from .star import CLASS_NAME_COLUMN, particles_matrices, particles_zyx, read_particles
 
     project = read_project(config)
     pred = Path(pred_dir)
@@ -342,14 +352,42 @@ def export_predictions(config: str | os.PathLike, pred_dir: str | os.PathLike, o
         if len(df) and "rlnMicrographPixelSize" not in df.columns:
             raise InputError(f, "no rlnMicrographPixelSize column: the coordinates' pixel size "
                                 "is unknown")
-        vs = float(df["rlnMicrographPixelSize"].iloc[0]) if len(df) else None
-        m = particles_matrices(df)
-        mats = (axes.matrix_zyx_to_xyz(m) if m is not None
-                else np.tile(np.eye(3), (len(df), 1, 1)))
-        xyz_A = axes.zyx_to_xyz(particles_zyx(df).astype(np.float64)) * (vs or 1.0)
-        scores = df["mbScore"].to_numpy(np.float64) if "mbScore" in df.columns else np.ones(len(df))
-        written.append(write_picks(project, PickSet(
-            object_name=object_name, user_id=user_id, session_id=session_id, run=run,
-            xyz_A=xyz_A, matrices=mats, scores=scores, voxel_spacing=vs,
-            trust_orientation=m is not None)))
+        for obj, rows in _picks_by_object(f, df, object_name, project, CLASS_NAME_COLUMN):
+            vs = float(rows["rlnMicrographPixelSize"].iloc[0]) if len(rows) else None
+            m = particles_matrices(rows)
+            mats = (axes.matrix_zyx_to_xyz(m) if m is not None
+                    else np.tile(np.eye(3), (len(rows), 1, 1)))
+            xyz_A = axes.zyx_to_xyz(particles_zyx(rows).astype(np.float64)) * (vs or 1.0)
+            scores = (rows["mbScore"].to_numpy(np.float64) if "mbScore" in rows.columns
+                      else np.ones(len(rows)))
+            written.append(write_picks(project, PickSet(
+                object_name=obj, user_id=user_id, session_id=session_id, run=run,
+                xyz_A=xyz_A, matrices=mats, scores=scores, voxel_spacing=vs,
+                trust_orientation=m is not None)))
     return written
+
+
+def _picks_by_object(star: Path, df: pd.DataFrame, object_name: str | None,
+                     project: CopickProject, class_column: str) -> list[tuple[str, pd.DataFrame]]:
+    """``(pickable object, rows)`` pairs of one prediction STAR (see
+    :func:`export_predictions`)."""
+    if class_column not in df.columns or not len(df):
+        if object_name is None:
+            if not len(df):
+                return []
+            raise InputError(star, f"no {class_column} column: name the pickable object "
+                                   "(copick-export --object)")
+        return [(object_name, df)]
+    classes = list(dict.fromkeys(str(c) for c in df[class_column]))
+    if object_name is not None:
+        if len(classes) > 1:
+            raise InputError(star, f"picks of {len(classes)} classes ({', '.join(classes)}): "
+                                   "leave --object out to write each class as the pickable "
+                                   "object of its name")
+        return [(object_name, df)]
+    unknown = [c for c in classes if c not in project.objects]
+    if unknown:
+        raise InputError(star, f"class {unknown[0]!r} is no pickable object of "
+                               f"{project.config} (objects: {', '.join(project.objects)}); "
+                               "name one with --object")
+    return [(c, df[df[class_column].astype(str) == c]) for c in classes]

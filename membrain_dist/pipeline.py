@@ -61,6 +61,8 @@ from .orientation import OrientationConfig
 from .picks import PickConfig, Picks, cluster_classes, concat_picks, reduce_picks
 from .sides import SideSpec, parse_sides
 from .star import (
+    CLASS_NAME_COLUMN,
+    CLASS_NUMBER_COLUMN,
     particles_frame,
     particles_matrices,
     particles_zyx,
@@ -578,7 +580,9 @@ def write_tomogram_outputs(
     write_points_csv(out / NAPARI_DIR / f"{name}.csv",
                      particles_zyx(df) if len(df) else np.zeros((0, 3)), meta.voxel_size_A,
                      {"score": df["mbScore"].to_numpy(), "membrane": df["mbMembrane"].to_numpy(),
-                      "side": df["mbSide"].to_numpy()})
+                      "side": df["mbSide"].to_numpy(),
+                      **({"class": df[CLASS_NUMBER_COLUMN].to_numpy()}
+                         if CLASS_NUMBER_COLUMN in df else {})})
     write_particles(out / f"{name}.star", df)
     return {"name": name, "particles": int(len(df)), "points": n_points}
 
@@ -685,10 +689,6 @@ def class_covariances(cfg: LabelConfig) -> list[np.ndarray | None]:
         else:
             out.append(shared)
     return out
-
-
-#: STAR columns naming an annotation's class: a name of ``LabelConfig.classes``, or 1-based
-CLASS_NAME_COLUMN, CLASS_NUMBER_COLUMN = "mbClassName", "rlnClassNumber"
 
 
 def annotation_classes(df: pd.DataFrame, classes: Sequence[str],

@@ -27,6 +27,8 @@ __all__ = [
     "ANGLE_COLUMNS",
     "CENTERED_COLUMNS",
     "PIXEL_SIZE_LABELS",
+    "CLASS_NAME_COLUMN",
+    "CLASS_NUMBER_COLUMN",
     "read_particles",
     "coordinate_pixel_size",
     "to_tomogram_voxels",
@@ -55,6 +57,8 @@ ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst")
 #: tomography (coordinates in tilt-series pixels), RELION 3.1+ (micrograph pixels; what this
 #: package writes, the "micrograph" being the tomogram), then the image pixel size.
 PIXEL_SIZE_LABELS = ("rlnTomoTiltSeriesPixelSize", "rlnMicrographPixelSize", "rlnImagePixelSize")
+#: columns naming a particle's class: a name of ``LabelConfig.classes``, or its 1-based number
+CLASS_NAME_COLUMN, CLASS_NUMBER_COLUMN = "mbClassName", "rlnClassNumber"
 #: more than this share of the particles outside the tomogram: not voxels of it
 _OUTSIDE_SHARE = 0.5
 

@@ -23,6 +23,7 @@ from membrain_dist.convert import ConvertConfig, convert_tomogram
 from membrain_dist.copick_project import (
     CopickProject,
     PickSet,
+    export_predictions,
     read_picks,
     read_project,
     write_picks,
@@ -139,6 +140,40 @@ def test_predictions_written_back_as_copick_picks(project, tmp_path):
     np.testing.assert_allclose(back.matrices, MATS, atol=1e-5)
     np.testing.assert_allclose(back.scores, [1.5, 2.5, 3.5])
     assert back.trust_orientation
+
+
+def test_picks_of_named_classes_go_to_the_object_of_each_class(project, tmp_path):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    df = particles_frame("TS_1", XYZ_A[:, ::-1] / VS, axes.matrix_xyz_to_zyx(MATS), SHAPE, VS,
+                         extra={"mbScore": np.array([1.5, 2.5, 3.5]),
+                                "rlnMicrographPixelSize": np.full(3, VS),
+                                "rlnClassNumber": np.array([1, 2, 1]),
+                                "mbClassName": np.array(["psii", "membrane", "psii"], object)})
+    write_particles(pred / "TS_1.star", df)
+    paths = export_predictions(project["config"], pred, user_id="tool", session_id="3")
+    assert sorted(p.name for p in paths) == ["tool_3_membrane.json", "tool_3_psii.json"]
+    picks = project["overlay"] / "ExperimentRuns/TS_1/Picks"
+    psii, membrane = read_picks(picks / "tool_3_psii.json"), read_picks(picks / "tool_3_membrane.json")
+    np.testing.assert_allclose(psii.xyz_A, XYZ_A[[0, 2]], atol=1e-4)
+    np.testing.assert_allclose(psii.scores, [1.5, 3.5])
+    np.testing.assert_allclose(membrane.xyz_A, XYZ_A[[1]], atol=1e-4)
+    np.testing.assert_allclose(membrane.matrices, MATS[[1]], atol=1e-5)
+    # two classes under one --object would mix them: refused, naming the STAR
+    with pytest.raises(InputError, match=r"TS_1.star.*2 classes \(psii, membrane\)"):
+        export_predictions(project["config"], pred, "psii", "tool", "4")
+    # one class may be renamed; a class the project does not know is refused
+    write_particles(pred / "TS_1.star", df[df["mbClassName"] == "psii"])
+    (path,) = export_predictions(project["config"], pred, "membrane", "tool", "5")
+    assert read_picks(path).object_name == "membrane" and len(read_picks(path).xyz_A) == 2
+    df["mbClassName"] = np.array(["psii", "b6f", "psii"], object)
+    write_particles(pred / "TS_1.star", df)
+    with pytest.raises(InputError, match="class 'b6f' is no pickable object"):
+        export_predictions(project["config"], pred, user_id="tool", session_id="6")
+    # single-class picks need the object named
+    write_particles(pred / "TS_1.star", df.drop(columns=["mbClassName", "rlnClassNumber"]))
+    with pytest.raises(InputError, match="no mbClassName column"):
+        export_predictions(project["config"], pred, user_id="tool", session_id="7")
 
 
 @pytest.mark.skipif(not os.environ.get("MEMBRAIN_COPICK_PYTHON"),

@@ -239,6 +239,11 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
     assert all(n == ("A", "B")[k - 1] for n, k in zip(df["mbClassName"].astype(str),
                                                        df["rlnClassNumber"].astype(int),
                                                        strict=True))
+    # the napari points carry each pick's class number
+    from membrain_dist.napari_points import read_points_csv
+
+    _, props = read_points_csv(out / "napari" / "t.csv")
+    np.testing.assert_array_equal(props["class"], df["rlnClassNumber"].astype(float))
     _, overall = evaluate_campaign(out, sheet["dir"] / "names.star")
     assert set(overall["classes"]) >= {"A", "B"}
     assert overall["classes"]["A"]["n_gt"] == 2 and overall["classes"]["B"]["n_gt"] == 2

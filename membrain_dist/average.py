@@ -29,12 +29,19 @@ from .extraction import Intensity, ReadVolume, _margin, extract_batches
 from .orientation import frame_from_axes, reference_axis
 
 __all__ = ["AverageSum", "accumulate_average", "in_plane_frames", "search_in_plane",
-           "write_average", "read_average", "AVERAGE_FILE"]
+           "write_average", "read_average", "AVERAGE_FILE", "average_file"]
 
 log = logging.getLogger(__name__)
 
 #: the average's file in a model directory
 AVERAGE_FILE = "average.mrc"
+
+
+def average_file(klass: int | None = None) -> str:
+    """File name of a model's average: ``average.mrc``, or ``average_class<k>.mrc`` for class
+    ``klass`` (0-based; the file is numbered 1-based, as ``rlnClassNumber``) of a model with
+    named classes."""
+    return AVERAGE_FILE if klass is None else f"average_class{klass + 1}.mrc"
 
 
 @dataclass

@@ -26,9 +26,9 @@ import zarr
 
 from . import mrc, store
 from .average import (
-    AVERAGE_FILE,
     AverageSum,
     accumulate_average,
+    average_file,
     read_average,
     search_in_plane,
     write_average,
@@ -517,8 +517,9 @@ def tomogram_particles(
     source = np.where(picks.from_pca, "pca", "normal")
     matrices = picks.matrices
     if in_plane is not None and len(picks.zyx):
-        matrices, _ = align_in_plane(root, name, picks.zyx, matrices, in_plane)
-        source = np.full(len(picks.zyx), "average")
+        matrices, _, searched = align_in_plane(root, name, picks.zyx, matrices, in_plane,
+                                               picks.klass)
+        source = np.where(searched, "average", source)
     df = particles_frame(
         name, picks.zyx, matrices, meta.shape_zyx, meta.voxel_size_A,
         extra={"mbScore": picks.score, "mbPoints": picks.n_points, "mbMembrane": membrane,
@@ -891,18 +892,22 @@ def training_set(
 
 
 def particle_average(
-    root: str | os.PathLike, ts: TrainingSet, cfg: PipelineConfig
+    root: str | os.PathLike, ts: TrainingSet, cfg: PipelineConfig, klass: int | None = None
 ) -> AverageSum:
-    """The annotated particles of a training set averaged in their membrane frames
-    (:func:`membrain_dist.average.accumulate_average`), from each tomogram's normalised (and
-    low-passed, as the cubes) volume in the store; particles without angles are left out."""
+    """The annotated particles of a training set (of class ``klass`` only, when given)
+    averaged in their membrane frames (:func:`membrain_dist.average.accumulate_average`), from
+    each tomogram's normalised (and low-passed, as the cubes) volume in the store; particles
+    without angles are left out."""
     acc = AverageSum.empty(cfg.orientation.average_size)
     if ts.truth_centre is None or ts.truth_axis is None or not len(ts.truth_row):
         return acc
+    mine = np.isfinite(ts.truth_axis).all(1)
+    if klass is not None and ts.truth_class is not None:
+        mine &= ts.truth_class == klass
     names = {name for name, _, _ in ts.membranes}
     row_name = np.concatenate([np.full(n, name, dtype=object) for name, _, n in ts.membranes])
     for name in sorted(names):
-        sel = (row_name[ts.truth_row] == name) & np.isfinite(ts.truth_axis).all(1)
+        sel = (row_name[ts.truth_row] == name) & mine
         if not sel.any():
             continue
         meta = store.read_meta(root, name)
@@ -990,58 +995,84 @@ def ensemble_rotations(cfg: PipelineConfig) -> PipelineConfig:
 
 def _write_average(root: str | os.PathLike, sets: Sequence[TrainingSet], cfg: PipelineConfig,
                    out: Path, voxel_size: float, metrics: dict) -> None:
-    """``out/average.mrc`` from the annotations of the training and validation rows (when
-    they carry angles and ``cfg.orientation.in_plane`` is ``average``); a stale one is
-    removed otherwise. The validation annotations are annotated particles too: with one
-    training membrane (13-20 particles) adding the validation membrane's lowered the picks'
-    in-plane error by 2-5 degrees in each of five models (hard phantom, tuning seeds)."""
-    path = out / AVERAGE_FILE
-    acc = None
-    # one average of one kind of particle: several classes keep their PCA in-plane angles
-    if cfg.orientation.in_plane == "average" and cfg.labels.n_classes == 1:
-        acc = AverageSum.empty(cfg.orientation.average_size)
-        for ts in sets:
-            acc += particle_average(root, ts, cfg)
-    if acc is None or acc.count < cfg.orientation.min_average_particles:
-        path.unlink(missing_ok=True)
-        if acc is not None:
-            log.info("average: %d annotated particles with angles (fewer than %d): in-plane "
-                     "angles from PCA", acc.count, cfg.orientation.min_average_particles)
-        return
-    write_average(path, acc.mean(), voxel_size)
-    metrics["average_particles"] = acc.count
-    log.info("average of %d annotated particles written to %s: in-plane angles of picks "
-             "from it", acc.count, path)
+    """``out/average.mrc`` (one per class for a model with named classes:
+    :func:`membrain_dist.average.average_file`) from the annotations of the training and
+    validation rows (when they carry angles and ``cfg.orientation.in_plane`` is ``average``);
+    a stale one is removed otherwise. The validation annotations are annotated particles too:
+    with one training membrane (13-20 particles) adding the validation membrane's lowered the
+    picks' in-plane error by 2-5 degrees in each of five models (hard phantom, tuning seeds)."""
+    named = cfg.labels.n_classes > 1
+    classes: list[int | None] = list(range(cfg.labels.n_classes)) if named else [None]
+    counts = {}
+    for klass in classes:
+        path = out / average_file(klass)
+        what = "" if klass is None else f" of class {cfg.labels.classes[klass]}"
+        acc = None
+        if cfg.orientation.in_plane == "average":
+            acc = AverageSum.empty(cfg.orientation.average_size)
+            for ts in sets:
+                acc += particle_average(root, ts, cfg, klass)
+        if acc is None or acc.count < cfg.orientation.min_average_particles:
+            path.unlink(missing_ok=True)
+            if acc is not None:
+                log.info("average: %d annotated particles%s with angles (fewer than %d): "
+                         "in-plane angles from PCA", acc.count, what,
+                         cfg.orientation.min_average_particles)
+            continue
+        write_average(path, acc.mean(), voxel_size)
+        counts[cfg.labels.classes[klass] if named else None] = acc.count
+        log.info("average of %d annotated particles%s written to %s: in-plane angles of its "
+                 "picks from it", acc.count, what, path)
+    if counts:
+        metrics["average_particles"] = counts if named else counts[None]
 
 
 @dataclass(frozen=True)
 class InPlaneSearch:
     """How a tomogram's picks get their in-plane angles from a model's average (small and
-    picklable: what an outputs task receives)."""
+    picklable: what an outputs task receives). ``average_paths``: one per class (None: that
+    class keeps its PCA angles); a single-class model has one."""
 
-    average_path: str
+    average_paths: tuple[str | None, ...]
     geometry: GeometryConfig
     angle_step: float = 5.0
 
 
 def in_plane_search(model_dir: str | os.PathLike, cfg: PipelineConfig) -> InPlaneSearch | None:
     """The search for picks of a model, or None (PCA angles): no average, or ``pca`` asked."""
-    path = Path(model_dir) / AVERAGE_FILE
-    if cfg.orientation.in_plane != "average" or not path.is_file():
+    if cfg.orientation.in_plane != "average":
         return None
-    return InPlaneSearch(str(path), cfg.geometry, cfg.orientation.angle_step)
+    named = cfg.labels.n_classes > 1
+    paths = [Path(model_dir) / average_file(k if named else None)
+             for k in range(cfg.labels.n_classes)]
+    found = tuple(str(p) if p.is_file() else None for p in paths)
+    if not any(found):
+        return None
+    return InPlaneSearch(found, cfg.geometry, cfg.orientation.angle_step)
 
 
 def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices: np.ndarray,
-                   search: InPlaneSearch) -> tuple[np.ndarray, np.ndarray]:
-    """Matrices of picks at ``zyx`` (K, 3) with in-plane angles from the model's average
-    (normals kept), and the correlation at each; reads the tomogram region by region."""
-    average = read_average(search.average_path)
+                   search: InPlaneSearch, klass: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Matrices of picks at ``zyx`` (K, 3) with in-plane angles from the model's average of
+    their class (``klass`` (K,) 0-based; None: all of class 0), normals kept, the correlation
+    at each (NaN where not searched) and whether each was searched (a class without an
+    average keeps ``matrices``); reads the tomogram region by region."""
     meta = store.read_meta(root, name)
-    return search_in_plane(
-        store.tomogram_array(root, name).__getitem__, tuple(meta.shape_zyx), zyx,
-        np.asarray(matrices)[:, :, 2], average, cube_intensity(meta.intensity, search.geometry),
-        search.angle_step)
+    klass = np.zeros(len(zyx), np.int64) if klass is None else np.asarray(klass)
+    out = np.array(matrices, dtype=np.float64, copy=True)
+    corr = np.full(len(zyx), np.nan)
+    done = np.zeros(len(zyx), bool)
+    for k, path in enumerate(search.average_paths):
+        sel = np.flatnonzero(klass == k)
+        if path is None or not len(sel):
+            continue
+        out[sel], corr[sel] = search_in_plane(
+            store.tomogram_array(root, name).__getitem__, tuple(meta.shape_zyx), zyx[sel],
+            out[sel][:, :, 2], read_average(path), cube_intensity(meta.intensity, search.geometry),
+            search.angle_step)
+        done[sel] = True
+    return out, corr, done
 
 
 MODEL_TEMPLATE = "template.mrc"

@@ -28,7 +28,12 @@ from membrain_dist.picks import (
     reduce_picks,
     suppress_duplicates,
 )
-from membrain_dist.star import particles_frame, read_particles, write_particles
+from membrain_dist.star import (
+    particles_frame,
+    particles_matrices,
+    read_particles,
+    write_particles,
+)
 
 SHAPE = (40, 64, 64)  # z, y, x
 VS = 13.6
@@ -216,13 +221,18 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
         labels=replace(cfg.labels, classes=("A", "B"),
                        class_radii_zyx=(RADII["A"], RADII["B"])),
         inference=replace(cfg.inference, rotations=1),
-        picks=replace(cfg.picks, min_calibration_particles=1))
+        picks=replace(cfg.picks, min_calibration_particles=1),
+        orientation=replace(cfg.orientation, min_average_particles=2))
     entry = sheet["entries"]["names"]
     model = tmp_path / "model"
     metrics = pipeline.fit_model(sheet["root"], [entry], [], cfg, model)
     assert set(metrics["classes"]) == {"A", "B"}
     meta = json.loads((model / "model.json").read_text())
     assert meta["classes"] == ["A", "B"] and meta["n_classes"] == 2
+    # one average per class, of that class's annotations (two each; class C's one is no class)
+    assert meta["metrics"]["average_particles"] == {"A": 2, "B": 2}
+    assert (model / "average_class1.mrc").is_file() and (model / "average_class2.mrc").is_file()
+    assert not (model / "average.mrc").exists()
     pcfg = pipeline.model_pipeline_config(model)
     assert len(pcfg.cluster.class_score_thresholds) == 2
     assert len(pcfg.picks.class_heights) == 2 and pcfg.labels.classes == ("A", "B")
@@ -239,6 +249,18 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
     assert all(n == ("A", "B")[k - 1] for n, k in zip(df["mbClassName"].astype(str),
                                                        df["rlnClassNumber"].astype(int),
                                                        strict=True))
+    # each class's picks turned by its own average; a class without one keeps PCA's angles
+    assert set(df["mbOrientationFrom"]) == {"average"}
+    (model / "average_class2.mrc").unlink()
+    search = pipeline.in_plane_search(model, pcfg)
+    assert search.average_paths == (str(model / "average_class1.mrc"), None)
+    again = pipeline.tomogram_particles(tmp_path / "s.zarr", "t", pcfg.picks, search)
+    number = again["rlnClassNumber"].astype(int).to_numpy()
+    assert set(number) == {1, 2}
+    assert (again["mbOrientationFrom"][number == 1] == "average").all()
+    assert (again["mbOrientationFrom"][number == 2] != "average").all()
+    np.testing.assert_allclose(particles_matrices(again)[number == 1],
+                               particles_matrices(df)[number == 1], atol=1e-6)
     # the napari points carry each pick's class number
     from membrain_dist.napari_points import read_points_csv
 

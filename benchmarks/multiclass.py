@@ -16,7 +16,10 @@ The held-out tomograms are predicted with each (geometry computed once, beforeha
 timed predictions differ only in the CNN scoring and the clustering), and the picks of each
 class scored one-to-one against that class's annotations within 4.5 voxels (F1 / P / R). The
 inference time of the two-output model (CNN scoring of every membrane point, 4 quarter turns)
-is set against the sum of the two single-class models', measured in the same run.
+is set against the sum of the two single-class models', measured in the same run. Each
+class's in-plane error (C2, matched picks) is given with the angles from that class's
+annotations' average (as ``predict`` writes them) and, for reference, from the clusters' PCA.
+``--models two`` trains the two-output model alone (no comparison).
 
     python benchmarks/multiclass.py            # writes benchmarks/results/multiclass.json
 """
@@ -41,10 +44,16 @@ from common import work_dir, write_report
 
 from membrain_dist import pipeline, synth
 from membrain_dist.config import PipelineConfig
-from membrain_dist.evaluation import DEFAULT_RADIUS, match_particles
+from membrain_dist.evaluation import DEFAULT_RADIUS, in_plane_error, match_particles
 from membrain_dist.manifest import read_manifest, write_manifest
 from membrain_dist.mrc import write_volume
-from membrain_dist.star import particles_frame, particles_zyx, read_particles, write_particles
+from membrain_dist.star import (
+    particles_frame,
+    particles_matrices,
+    particles_zyx,
+    read_particles,
+    write_particles,
+)
 
 log = logging.getLogger("multiclass")
 OUT = Path(__file__).parent / "results" / "multiclass.json"
@@ -87,20 +96,36 @@ def class_scores(pred_dir: Path, test: list, klass: str) -> dict[str, Any]:
     """One-to-one F1 / P / R of the picks of ``klass`` against the annotations of ``klass``,
     counts summed over the test tomograms."""
     n_pred = n_gt = hits = 0
+    errors: list[float] = []
     for e in test:
         pred = read_particles(pred_dir / f"{e.name}.star")
         gt = read_particles(e.particles)
         if len(pred) and "mbClassName" in pred:
             pred = pred[pred["mbClassName"].astype(str) == klass]
         gt = gt[gt["mbClassName"].astype(str) == klass]
-        hits += match_particles(particles_zyx(pred), particles_zyx(gt),
-                                DEFAULT_RADIUS)["pairs"].shape[0]
+        pairs = match_particles(particles_zyx(pred), particles_zyx(gt), DEFAULT_RADIUS)["pairs"]
+        hits += pairs.shape[0]
         n_pred += len(pred)
         n_gt += len(gt)
+        if len(pairs):  # both maps are C2 dimers
+            errors += in_plane_error(particles_matrices(pred)[pairs[:, 0]],
+                                     particles_matrices(gt)[pairs[:, 1]], 2).tolist()
     p = hits / n_pred if n_pred else 0.0
     r = hits / n_gt if n_gt else 0.0
     return {"f1": round(2 * p * r / (p + r), 4) if p + r else 0.0, "precision": round(p, 4),
-            "recall": round(r, 4), "n_pred": n_pred, "n_gt": n_gt, "matched": hits}
+            "recall": round(r, 4), "n_pred": n_pred, "n_gt": n_gt, "matched": hits,
+            "inplane_deg": round(float(np.mean(errors)), 2) if errors else None}
+
+
+def pca_angles(store: Path, test: list, model_dir: Path, out_dir: Path) -> Path:
+    """The model's picks with the clusters' PCA in-plane angles (no search against the
+    annotations' averages) as ``<out_dir>/<name>.star``: the reference of the averages."""
+    pcfg = pipeline.model_pipeline_config(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for e in test:
+        write_particles(out_dir / f"{e.name}.star",
+                        pipeline.tomogram_particles(store, e.name, pcfg.picks))
+    return out_dir
 
 
 def predict_timed(store: Path, test: list, model_dir: Path, out_dir: Path,
@@ -170,7 +195,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pipeline.prepare_sequential(entries, store, base)  # geometry of every row, once
     prep_s = time.perf_counter() - t0
     log.info("campaign ready in %.0f s", prep_s)
-    settings = {"two": CLASSES, "PSII": ("PSII",), "b6f": ("b6f",)}
+    settings = {k: v for k, v in {"two": CLASSES, "PSII": ("PSII",), "b6f": ("b6f",)}.items()
+                if k in args.models}
     models: dict[str, Any] = {}
     reused: list[str] = []
     for name, classes in settings.items():
@@ -194,9 +220,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
             "train_points": metrics["train_points"], **timing,
             "scores": {k: class_scores(work / f"pred_{name}", test, k) for k in classes},
+            "scores_pca_inplane": {k: class_scores(pca_angles(
+                store, test, model_dir, work / f"pred_{name}_pca"), test, k)["inplane_deg"]
+                for k in classes},
         }
         log.info("%s: fit %.0f s, scoring %.1f s, %s", name, fit_s, timing["score_seconds"],
                  {k: v["f1"] for k, v in models[name]["scores"].items()})
+    if set(settings) != {"two", *CLASSES}:
+        return {"seed": args.seed, "prepare_seconds": round(prep_s), "models": models,
+                "reused_models": reused}
     single = {k: models[k] for k in CLASSES}
     comparison = {
         "f1_two": {k: models["two"]["scores"][k]["f1"] for k in CLASSES},
@@ -224,12 +256,16 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def _print(res: dict[str, Any]) -> None:
     print(f"\n{'model':<6} {'class':<5} {'F1':>6} {'P':>6} {'R':>6} {'picks':>5} {'gt':>4} "
-          f"{'fit s':>6} {'score s':>8} {'predict s':>9}")
+          f"{'in-pl':>6} {'PCA':>6} {'fit s':>6} {'score s':>8} {'predict s':>9}")
     for name, m in res["models"].items():
         for k, s in m["scores"].items():
+            ip, pca = s["inplane_deg"], m["scores_pca_inplane"][k]
             print(f"{name:<6} {k:<5} {s['f1']:>6.3f} {s['precision']:>6.3f} {s['recall']:>6.3f} "
-                  f"{s['n_pred']:>5} {s['n_gt']:>4} {m['fit_seconds']:>6.0f} "
+                  f"{s['n_pred']:>5} {s['n_gt']:>4} {ip if ip is not None else float('nan'):>6.1f} "
+                  f"{pca if pca is not None else float('nan'):>6.1f} {m['fit_seconds']:>6.0f} "
                   f"{m['score_seconds']:>8.1f} {m['predict_seconds']:>9.1f}")
+    if "comparison" not in res:
+        return
     c = res["comparison"]
     print(f"\nF1 two-output minus single-class: {c['f1_difference']}")
     print(f"CNN scoring: {c['score_seconds_two']} s against {c['score_seconds_singles']} s "
@@ -256,6 +292,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="with --work: keep the models an earlier run there trained (delete a "
                          "model's folder to train it again); predictions and timings are redone")
+    ap.add_argument("--models", nargs="+", choices=("two", *CLASSES),
+                    default=["two", *CLASSES],
+                    help="models to train (default all three; the comparison needs all)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",

@@ -29,12 +29,15 @@ from .extraction import Intensity, ReadVolume, _margin, extract_batches
 from .orientation import frame_from_axes, reference_axis
 
 __all__ = ["AverageSum", "accumulate_average", "in_plane_frames", "search_in_plane",
-           "write_average", "read_average", "AVERAGE_FILE", "average_file"]
+           "write_average", "read_average", "AVERAGE_FILE", "AVERAGE_GLOB",
+           "average_file"]
 
 log = logging.getLogger(__name__)
 
 #: the average's file in a model directory
 AVERAGE_FILE = "average.mrc"
+#: every average file of a model directory (one model's, or one per class)
+AVERAGE_GLOB = "average*.mrc"
 
 
 def average_file(klass: int | None = None) -> str:

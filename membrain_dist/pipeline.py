@@ -26,6 +26,7 @@ import zarr
 
 from . import mrc, store
 from .average import (
+    AVERAGE_GLOB,
     AverageSum,
     accumulate_average,
     average_file,
@@ -1003,6 +1004,10 @@ def _write_average(root: str | os.PathLike, sets: Sequence[TrainingSet], cfg: Pi
     picks' in-plane error by 2-5 degrees in each of five models (hard phantom, tuning seeds)."""
     named = cfg.labels.n_classes > 1
     classes: list[int | None] = list(range(cfg.labels.n_classes)) if named else [None]
+    mine = {average_file(k) for k in classes}
+    for stale in out.glob(AVERAGE_GLOB):
+        if stale.name not in mine:  # an earlier model's in this folder, of other classes
+            stale.unlink(missing_ok=True)
     counts = {}
     for klass in classes:
         path = out / average_file(klass)

@@ -225,6 +225,9 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
         orientation=replace(cfg.orientation, min_average_particles=2))
     entry = sheet["entries"]["names"]
     model = tmp_path / "model"
+    model.mkdir()  # averages of an earlier model trained into this folder go
+    for stale in ("average.mrc", "average_class3.mrc"):
+        (model / stale).write_bytes(b"stale")
     metrics = pipeline.fit_model(sheet["root"], [entry], [], cfg, model)
     assert set(metrics["classes"]) == {"A", "B"}
     meta = json.loads((model / "model.json").read_text())
@@ -232,7 +235,7 @@ def test_two_class_train_predict_writes_classes_and_evaluates_per_class(sheet, t
     # one average per class, of that class's annotations (two each; class C's one is no class)
     assert meta["metrics"]["average_particles"] == {"A": 2, "B": 2}
     assert (model / "average_class1.mrc").is_file() and (model / "average_class2.mrc").is_file()
-    assert not (model / "average.mrc").exists()
+    assert not (model / "average.mrc").exists() and not (model / "average_class3.mrc").exists()
     pcfg = pipeline.model_pipeline_config(model)
     assert len(pcfg.cluster.class_score_thresholds) == 2
     assert len(pcfg.picks.class_heights) == 2 and pcfg.labels.classes == ("A", "B")

@@ -335,7 +335,7 @@ def export_predictions(config: str | os.PathLike, pred_dir: str | os.PathLike,
     of each class's name, one picks file per class; ``object_name`` names the object of
     single-class picks (and may rename a STAR's one class). A run without picks gets an empty
     picks file of ``object_name`` when it is given, else none."""
-    from .star import CLASS_NAME_COLUMN, particles_matrices, particles_zyx, read_particles
+    from .star import particles_matrices, particles_zyx, read_particles
 
     project = read_project(config)
     pred = Path(pred_dir)
@@ -352,7 +352,7 @@ def export_predictions(config: str | os.PathLike, pred_dir: str | os.PathLike,
         if len(df) and "rlnMicrographPixelSize" not in df.columns:
             raise InputError(f, "no rlnMicrographPixelSize column: the coordinates' pixel size "
                                 "is unknown")
-        for obj, rows in _picks_by_object(f, df, object_name, project, CLASS_NAME_COLUMN):
+        for obj, rows in _picks_by_object(f, df, object_name, project):
             vs = float(rows["rlnMicrographPixelSize"].iloc[0]) if len(rows) else None
             m = particles_matrices(rows)
             mats = (axes.matrix_zyx_to_xyz(m) if m is not None
@@ -368,9 +368,10 @@ def export_predictions(config: str | os.PathLike, pred_dir: str | os.PathLike,
 
 
 def _picks_by_object(star: Path, df: pd.DataFrame, object_name: str | None,
-                     project: CopickProject, class_column: str) -> list[tuple[str, pd.DataFrame]]:
+                     project: CopickProject) -> list[tuple[str, pd.DataFrame]]:
     """``(pickable object, rows)`` pairs of one prediction STAR (see
     :func:`export_predictions`)."""
+    from .star import CLASS_NAME_COLUMN as class_column
     if class_column not in df.columns or not len(df):
         if object_name is None:
             if not len(df):

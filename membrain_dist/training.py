@@ -187,6 +187,7 @@ class TrainConfig:
         102 (held out)          0.667 (seed 0)                            0.669
         103 (held out)          0.554 (seed 0)                            0.654
         102, real membrane      0.708 (seed 0)                            0.711
+        103, real membrane      0.631 (seed 0)                            0.628
         ======================  ==========================  ============  ================
 
         Steadier (one network's F1 swung by 0.14 with the seed alone on campaign 101) and

@@ -132,7 +132,14 @@ def predict_timed(store: Path, test: list, model_dir: Path, out_dir: Path,
                   cfg: PipelineConfig) -> dict[str, float]:
     """Predict the test rows (their geometry already stored): seconds of CNN scoring (every
     membrane, timed on its own) and of the whole predict chain."""
+    import shutil
+
+    from membrain_dist.geometry import geometry_key
+
     run_cfg = pipeline.over_model(cfg, model_dir)
+    for e in test:  # scores of an earlier run (--reuse) would be current: score anew
+        for mid in pipeline.membrane_ids(store, e.name):
+            shutil.rmtree(store / geometry_key(e.name, mid) / "scores", ignore_errors=True)
     t0 = time.perf_counter()
     for e in test:
         for mid in pipeline.membrane_ids(store, e.name):

@@ -43,7 +43,7 @@ import torch
 from common import work_dir, write_report
 
 from membrain_dist import pipeline, synth
-from membrain_dist.config import PipelineConfig
+from membrain_dist.config import GeometryConfig, PipelineConfig
 from membrain_dist.evaluation import DEFAULT_RADIUS, in_plane_error, match_particles
 from membrain_dist.manifest import read_manifest, write_manifest
 from membrain_dist.mrc import write_volume
@@ -151,13 +151,11 @@ def predict_timed(store: Path, test: list, model_dir: Path, out_dir: Path,
 
 
 def cnn_timing(store: Path, test: list, model_dirs: dict[str, Path], n_cubes: int,
-               repeats: int = 3) -> dict[str, float]:
+               geometry: GeometryConfig, repeats: int = 3) -> dict[str, float]:
     """Seconds of CNN inference (4 quarter turns, this machine's default batch) of each model
-    on the same ``n_cubes`` stored test cubes, best of ``repeats`` rounds taken in turn (the
-    models alternate, so a load change on the machine hits all of them alike)."""
-    import zarr
-
-    from membrain_dist.geometry import geometry_key
+    on the same ``n_cubes`` test cubes (cut once, beforehand), best of ``repeats`` rounds taken
+    in turn (the models alternate, so a load change on the machine hits all of them alike)."""
+    from membrain_dist.geometry import membrane_cubes
     from membrain_dist.inference import predict_distances
     from membrain_dist.model import load_model
 
@@ -166,9 +164,8 @@ def cnn_timing(store: Path, test: list, model_dirs: dict[str, Path], n_cubes: in
         for mid in pipeline.membrane_ids(store, e.name):
             if total >= n_cubes:
                 break
-            arr = zarr.open_array(store=str(store), path=f"{geometry_key(e.name, mid)}/cubes",
-                                  mode="r")
-            parts.append(np.asarray(arr[: n_cubes - total], np.float32))
+            stop = min(n_cubes - total, pipeline.n_points(store, e.name, mid))
+            parts.append(membrane_cubes(store, e.name, mid, geometry, 0, stop))
             total += len(parts[-1])
     cubes = np.concatenate(parts)
     models = {k: load_model(d, "cpu")[0] for k, d in model_dirs.items()}
@@ -245,7 +242,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "predict_seconds_two": models["two"]["predict_seconds"],
         "predict_seconds_singles": round(sum(m["predict_seconds"] for m in single.values()), 1),
     }
-    cnn = cnn_timing(store, test, {k: work / f"model_{k}" for k in settings}, args.timing_cubes)
+    cnn = cnn_timing(store, test, {k: work / f"model_{k}" for k in settings}, args.timing_cubes,
+                     base.geometry)
     comparison["cnn_seconds"] = cnn
     comparison["cnn_time_ratio"] = round(cnn["two"] / (cnn["PSII"] + cnn["b6f"]), 3)
     c = cnn["cpu_seconds"]

@@ -1064,6 +1064,7 @@ def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices
     at each (NaN where not searched) and whether each was searched (a class without an
     average keeps ``matrices``); reads the tomogram region by region."""
     meta = store.read_meta(root, name)
+    read = store.tomogram_array(root, name).__getitem__
     klass = np.zeros(len(zyx), np.int64) if klass is None else np.asarray(klass)
     out = np.array(matrices, dtype=np.float64, copy=True)
     corr = np.full(len(zyx), np.nan)
@@ -1073,9 +1074,8 @@ def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices
         if path is None or not len(sel):
             continue
         out[sel], corr[sel] = search_in_plane(
-            store.tomogram_array(root, name).__getitem__, tuple(meta.shape_zyx), zyx[sel],
-            out[sel][:, :, 2], read_average(path), cube_intensity(meta.intensity, search.geometry),
-            search.angle_step)
+            read, tuple(meta.shape_zyx), zyx[sel], out[sel][:, :, 2], read_average(path),
+            cube_intensity(meta.intensity, search.geometry), search.angle_step)
         done[sel] = True
     return out, corr, done
 

@@ -30,7 +30,7 @@ from .orientation import frame_from_axes, reference_axis
 
 __all__ = ["AverageSum", "accumulate_average", "in_plane_frames", "search_in_plane",
            "write_average", "read_average", "AVERAGE_FILE", "AVERAGE_GLOB",
-           "average_file"]
+           "average_file", "model_averages"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,14 @@ def average_file(klass: int | None = None) -> str:
     ``klass`` (0-based; the file is numbered 1-based, as ``rlnClassNumber``) of a model with
     named classes."""
     return AVERAGE_FILE if klass is None else f"average_class{klass + 1}.mrc"
+
+
+def model_averages(n_classes: int) -> list[tuple[int | None, str]]:
+    """``(class, file name)`` of each average a model of ``n_classes`` outputs has: one
+    ``(None, average.mrc)``, or one per class of a model with several."""
+    if n_classes <= 1:
+        return [(None, AVERAGE_FILE)]
+    return [(k, average_file(k)) for k in range(n_classes)]
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .average import (
     AVERAGE_GLOB,
     AverageSum,
     accumulate_average,
-    average_file,
+    model_averages,
     read_average,
     search_in_plane,
     write_average,
@@ -1002,15 +1002,14 @@ def _write_average(root: str | os.PathLike, sets: Sequence[TrainingSet], cfg: Pi
     a stale one is removed otherwise. The validation annotations are annotated particles too:
     with one training membrane (13-20 particles) adding the validation membrane's lowered the
     picks' in-plane error by 2-5 degrees in each of five models (hard phantom, tuning seeds)."""
-    named = cfg.labels.n_classes > 1
-    classes: list[int | None] = list(range(cfg.labels.n_classes)) if named else [None]
-    mine = {average_file(k) for k in classes}
+    files = model_averages(cfg.labels.n_classes)
+    mine = {f for _, f in files}
     for stale in out.glob(AVERAGE_GLOB):
         if stale.name not in mine:  # an earlier model's in this folder, of other classes
             stale.unlink(missing_ok=True)
     counts = {}
-    for klass in classes:
-        path = out / average_file(klass)
+    for klass, file in files:
+        path = out / file
         what = "" if klass is None else f" of class {cfg.labels.classes[klass]}"
         acc = None
         if cfg.orientation.in_plane == "average":
@@ -1025,11 +1024,11 @@ def _write_average(root: str | os.PathLike, sets: Sequence[TrainingSet], cfg: Pi
                          cfg.orientation.min_average_particles)
             continue
         write_average(path, acc.mean(), voxel_size)
-        counts[cfg.labels.classes[klass] if named else None] = acc.count
+        counts[None if klass is None else cfg.labels.classes[klass]] = acc.count
         log.info("average of %d annotated particles%s written to %s: in-plane angles of its "
                  "picks from it", acc.count, what, path)
     if counts:
-        metrics["average_particles"] = counts if named else counts[None]
+        metrics["average_particles"] = counts[None] if None in counts else counts
 
 
 @dataclass(frozen=True)
@@ -1047,9 +1046,7 @@ def in_plane_search(model_dir: str | os.PathLike, cfg: PipelineConfig) -> InPlan
     """The search for picks of a model, or None (PCA angles): no average, or ``pca`` asked."""
     if cfg.orientation.in_plane != "average":
         return None
-    named = cfg.labels.n_classes > 1
-    paths = [Path(model_dir) / average_file(k if named else None)
-             for k in range(cfg.labels.n_classes)]
+    paths = [Path(model_dir) / f for _, f in model_averages(cfg.labels.n_classes)]
     found = tuple(str(p) if p.is_file() else None for p in paths)
     if not any(found):
         return None

@@ -181,16 +181,21 @@ def _node_dir(root: str | os.PathLike, key: str) -> Path:
     return Path(root).joinpath(*key.strip("/").split("/"))
 
 
+def _has_node(root: str | os.PathLike, key: str) -> bool:
+    """Whether a group or array exists at ``key`` (its ``zarr.json`` is there)."""
+    return (_node_dir(root, key) / "zarr.json").is_file()
+
+
 def node_attrs(root: str | os.PathLike, key: str) -> dict | None:
     """The attributes of the group or array at ``key`` of the store at ``root`` (None when
     there is none)."""
-    if not (_node_dir(root, key) / "zarr.json").is_file():
+    if not _has_node(root, key):
         return None
     return dict(zarr.open(store=str(root), path=key, mode="r").attrs)
 
 
 def _group(root: str | os.PathLike, key: str) -> zarr.Group | None:
-    if not (_node_dir(root, key) / "zarr.json").is_file():
+    if not _has_node(root, key):
         return None
     try:
         return zarr.open_group(LocalStore(Path(root), read_only=True), path=key, mode="r")

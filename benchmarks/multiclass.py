@@ -194,7 +194,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     templates = {k: str(work / "data" / f"{k}.mrc") for k in CLASSES}
     base = PipelineConfig()
     base = replace(base, train=replace(base.train, max_epochs=args.max_epochs,
-                                       patience=args.patience))
+                                       patience=args.patience, seed=args.train_seed))
+    # models of another training seed live beside the default's (seed 0: model_<name>)
+    sfx = f"_s{args.train_seed}" if args.train_seed else ""
     store = work / "campaign.zarr"
     pipeline.prepare_sequential(entries, store, base)  # geometry of every row, once
     prep_s = time.perf_counter() - t0
@@ -206,8 +208,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for name, classes in settings.items():
         cfg = replace(base, labels=replace(base.labels, classes=classes, class_templates=tuple(
             templates[k] for k in classes)))
-        model_dir = work / f"model_{name}"
-        fit_file = work / f"fit_{name}.json"
+        model_dir = work / f"model_{name}{sfx}"
+        fit_file = work / f"fit_{name}{sfx}.json"
         if args.reuse and fit_file.is_file() and (model_dir / "model.json").is_file():
             # a model of an earlier run in this folder (same campaign and settings)
             metrics = json.loads((model_dir / "model.json").read_text())["metrics"]
@@ -218,14 +220,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             metrics = pipeline.fit_model(store, train, val, cfg, model_dir)
             fit_s = time.perf_counter() - t
             fit_file.write_text(json.dumps({"fit_seconds": fit_s}))
-        timing = predict_timed(store, test, model_dir, work / f"pred_{name}", cfg)
+        timing = predict_timed(store, test, model_dir, work / f"pred_{name}{sfx}", cfg)
         models[name] = {
             "classes": list(classes), "fit_seconds": round(fit_s, 1),
             "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
             "train_points": metrics["train_points"], **timing,
-            "scores": {k: class_scores(work / f"pred_{name}", test, k) for k in classes},
+            "scores": {k: class_scores(work / f"pred_{name}{sfx}", test, k) for k in classes},
             "scores_pca_inplane": {k: class_scores(pca_angles(
-                store, test, model_dir, work / f"pred_{name}_pca"), test, k)["inplane_deg"]
+                store, test, model_dir, work / f"pred_{name}{sfx}_pca"), test, k)["inplane_deg"]
                 for k in classes},
         }
         log.info("%s: fit %.0f s, scoring %.1f s, %s", name, fit_s, timing["score_seconds"],
@@ -242,7 +244,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "predict_seconds_two": models["two"]["predict_seconds"],
         "predict_seconds_singles": round(sum(m["predict_seconds"] for m in single.values()), 1),
     }
-    cnn = cnn_timing(store, test, {k: work / f"model_{k}" for k in settings}, args.timing_cubes,
+    cnn = cnn_timing(store, test, {k: work / f"model_{k}{sfx}" for k in settings},
+                     args.timing_cubes,
                      base.geometry)
     comparison["cnn_seconds"] = cnn
     comparison["cnn_time_ratio"] = round(cnn["two"] / (cnn["PSII"] + cnn["b6f"]), 3)
@@ -297,6 +300,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="with --work: keep the models an earlier run there trained (delete a "
                          "model's folder to train it again); predictions and timings are redone")
+    ap.add_argument("--train-seed", type=int, default=0,
+                    help="training seed of the models (seed noise: a few seeds per model)")
     ap.add_argument("--models", nargs="+", choices=("two", *CLASSES),
                     default=["two", *CLASSES],
                     help="models to train (default all three; the comparison needs all)")
@@ -313,6 +318,7 @@ def main() -> None:
             "host": f"{platform.node()} ({os.cpu_count()} cpus), torch {torch.__version__}",
             "shape_zyx": list(args.shape), "voxel_size_A": args.voxel_size,
             "n_test": args.n_test, "max_epochs": args.max_epochs, "patience": args.patience,
+            "train_seed": args.train_seed,
             **res, "seconds": round(time.perf_counter() - t0),
         }
         _print(report)

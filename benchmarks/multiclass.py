@@ -305,7 +305,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=("two", *CLASSES),
                     default=["two", *CLASSES],
                     help="models to train (default all three; the comparison needs all)")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"results file (default: {OUT} for the full comparison at training "
+                         "seed 0; other runs only print theirs)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -322,7 +324,10 @@ def main() -> None:
             **res, "seconds": round(time.perf_counter() - t0),
         }
         _print(report)
-        write_report(report, args.out)
+        full = set(args.models) == {"two", *CLASSES} and args.train_seed == 0
+        out = args.out or (OUT if full else None)
+        if out is not None:
+            write_report(report, out)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ class LabelConfig:
         ``rlnClassNumber`` (1-based into this list) column; annotations of other classes are
         left out (one name: a single-class model of that class from a mixed STAR). Several
         names share one network and one scoring pass; on the hard phantom it picked PSII at
-        F1 0.64 where a PSII-only model reached 0.73 (mean of three training seeds,
-        ``benchmarks/multiclass.py``): one model per class when accuracy comes first.
+        F1 0.64 where a PSII-only model reached 0.73 (mean of three training seeds, 12
+        epochs; ``benchmarks/multiclass.py``): one model per class when accuracy comes first.
     class_templates
         One template MRC per class (as ``template``); empty: ``template`` (or the radii) for
         every class.

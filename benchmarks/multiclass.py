@@ -134,12 +134,11 @@ def predict_timed(store: Path, test: list, model_dir: Path, out_dir: Path,
     membrane, timed on its own) and of the whole predict chain."""
     import shutil
 
-    from membrain_dist.geometry import geometry_key
-
     run_cfg = pipeline.over_model(cfg, model_dir)
     for e in test:  # scores of an earlier run (--reuse) would be current: score anew
         for mid in pipeline.membrane_ids(store, e.name):
-            shutil.rmtree(store / geometry_key(e.name, mid) / "scores", ignore_errors=True)
+            shutil.rmtree(store.joinpath(*pipeline.scores_key(e.name, mid).split("/")),
+                          ignore_errors=True)
     t0 = time.perf_counter()
     for e in test:
         for mid in pipeline.membrane_ids(store, e.name):
@@ -197,6 +196,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                        patience=args.patience, seed=args.train_seed))
     # models of another training seed live beside the default's (seed 0: model_<name>)
     sfx = f"_s{args.train_seed}" if args.train_seed else ""
+
+    def at(kind: str, name: str, ext: str = "") -> Path:
+        return work / f"{kind}_{name}{sfx}{ext}"
+
     store = work / "campaign.zarr"
     pipeline.prepare_sequential(entries, store, base)  # geometry of every row, once
     prep_s = time.perf_counter() - t0
@@ -208,8 +211,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for name, classes in settings.items():
         cfg = replace(base, labels=replace(base.labels, classes=classes, class_templates=tuple(
             templates[k] for k in classes)))
-        model_dir = work / f"model_{name}{sfx}"
-        fit_file = work / f"fit_{name}{sfx}.json"
+        model_dir, pred_dir = at("model", name), at("pred", name)
+        fit_file = at("fit", name, ".json")
         if args.reuse and fit_file.is_file() and (model_dir / "model.json").is_file():
             # a model of an earlier run in this folder (same campaign and settings)
             metrics = json.loads((model_dir / "model.json").read_text())["metrics"]
@@ -220,14 +223,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             metrics = pipeline.fit_model(store, train, val, cfg, model_dir)
             fit_s = time.perf_counter() - t
             fit_file.write_text(json.dumps({"fit_seconds": fit_s}))
-        timing = predict_timed(store, test, model_dir, work / f"pred_{name}{sfx}", cfg)
+        timing = predict_timed(store, test, model_dir, pred_dir, cfg)
         models[name] = {
             "classes": list(classes), "fit_seconds": round(fit_s, 1),
             "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
             "train_points": metrics["train_points"], **timing,
-            "scores": {k: class_scores(work / f"pred_{name}{sfx}", test, k) for k in classes},
+            "scores": {k: class_scores(pred_dir, test, k) for k in classes},
             "scores_pca_inplane": {k: class_scores(pca_angles(
-                store, test, model_dir, work / f"pred_{name}{sfx}_pca"), test, k)["inplane_deg"]
+                store, test, model_dir, at("pred", name, "_pca")), test, k)["inplane_deg"]
                 for k in classes},
         }
         log.info("%s: fit %.0f s, scoring %.1f s, %s", name, fit_s, timing["score_seconds"],
@@ -244,9 +247,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "predict_seconds_two": models["two"]["predict_seconds"],
         "predict_seconds_singles": round(sum(m["predict_seconds"] for m in single.values()), 1),
     }
-    cnn = cnn_timing(store, test, {k: work / f"model_{k}{sfx}" for k in settings},
-                     args.timing_cubes,
-                     base.geometry)
+    cnn = cnn_timing(store, test, {k: at("model", k) for k in settings},
+                     args.timing_cubes, base.geometry)
     comparison["cnn_seconds"] = cnn
     comparison["cnn_time_ratio"] = round(cnn["two"] / (cnn["PSII"] + cnn["b6f"]), 3)
     c = cnn["cpu_seconds"]

@@ -372,6 +372,7 @@ def _picks_by_object(star: Path, df: pd.DataFrame, object_name: str | None,
     """``(pickable object, rows)`` pairs of one prediction STAR (see
     :func:`export_predictions`)."""
     from .star import CLASS_NAME_COLUMN as class_column
+
     if class_column not in df.columns or not len(df):
         if object_name is None:
             if not len(df):

@@ -205,7 +205,7 @@ def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
 def scores_current(root: str | os.PathLike, name: str, membrane_id: int,
                    model_dir: str | os.PathLike, cfg: InferenceConfig) -> bool:
     """Whether the stored scores of one membrane were made by this model from this geometry."""
-    return _scores_current_at(root, f"{geometry_key(name, membrane_id)}/scores", name,
+    return _scores_current_at(root, scores_key(name, membrane_id), name,
                               membrane_id, model_dir, cfg)
 
 
@@ -266,7 +266,7 @@ def store_scores(root: str | os.PathLike, name: str, membrane_id: int,
     n = int(scores.shape[0])
     if n != int(gattrs["n_points"]):
         raise ValueError(f"{name} m{membrane_id}: {n} scores for {gattrs['n_points']} points")
-    return write_scores(root, f"{geometry_key(name, membrane_id)}/scores", scores, prov,
+    return write_scores(root, scores_key(name, membrane_id), scores, prov,
                         classes)
 
 
@@ -357,7 +357,7 @@ def score_membrane(
 
     gattrs, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
     gkey = geometry_key(name, membrane_id)
-    skey = f"{gkey}/scores"
+    skey = scores_key(name, membrane_id)
     sattrs = store.node_attrs(root, skey)
     if sattrs is not None and store.is_current(sattrs, prov):
         log.info("%s: current, skipped", skey)
@@ -418,7 +418,7 @@ def write_scores(root: str | os.PathLike, key: str, scores: np.ndarray, prov: di
 
 def read_scores(root: str | os.PathLike, name: str, membrane_id: int) -> np.ndarray:
     """One membrane's stored scores as written: (N,) one class, (N, C) several."""
-    key = f"{geometry_key(name, membrane_id)}/scores"
+    key = scores_key(name, membrane_id)
     return np.asarray(zarr.open_array(store=str(root), path=key, mode="r")[...])
 
 
@@ -426,13 +426,18 @@ def read_class_scores(root: str | os.PathLike, name: str, membrane_id: int
                       ) -> tuple[np.ndarray, list[str]]:
     """One membrane's scores with a class axis, (N, C), and the class names (``[]``: one
     unnamed class, as every store written before classes existed)."""
-    key = f"{geometry_key(name, membrane_id)}/scores"
+    key = scores_key(name, membrane_id)
     arr = zarr.open_array(store=str(root), path=key, mode="r")
     scores = np.asarray(arr[...])
     return scores.reshape(scores.shape[0], -1), list(arr.attrs.get(CLASSES_ATTR, []))
 
 
 # --------------------------------------------------------------------------- clustering
+def scores_key(name: str, membrane_id: int) -> str:
+    """Store key of one membrane's scores (an array beside its geometry)."""
+    return f"{geometry_key(name, membrane_id)}/scores"
+
+
 def picks_key(name: str, membrane_id: int) -> str:
     return f"{name}/{PICKS_KEY}/m{int(membrane_id)}"
 
@@ -446,7 +451,7 @@ def cluster_membrane(
 ) -> int:
     """Stages 4 + 5 for one membrane from the stored scores; writes ``<name>/picks/m<id>``."""
     gkey = geometry_key(name, membrane_id)
-    sattrs = store.node_attrs(root, f"{gkey}/scores")
+    sattrs = store.node_attrs(root, scores_key(name, membrane_id))
     if sattrs is None:
         raise KeyError(f"{root}: membrane {gkey} has no scores yet")
     prov = store.provenance("picks", {"cluster": ccfg.to_dict(), "orientation": ocfg.to_dict()},

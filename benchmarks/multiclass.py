@@ -137,8 +137,7 @@ def predict_timed(store: Path, test: list, model_dir: Path, out_dir: Path,
     run_cfg = pipeline.over_model(cfg, model_dir)
     for e in test:  # scores of an earlier run (--reuse) would be current: score anew
         for mid in pipeline.membrane_ids(store, e.name):
-            shutil.rmtree(store.joinpath(*pipeline.scores_key(e.name, mid).split("/")),
-                          ignore_errors=True)
+            shutil.rmtree(store / pipeline.scores_key(e.name, mid), ignore_errors=True)
     t0 = time.perf_counter()
     for e in test:
         for mid in pipeline.membrane_ids(store, e.name):

@@ -154,6 +154,11 @@ def geometry_membrane(
 
 
 # --------------------------------------------------------------------------- scoring
+def scores_key(name: str, membrane_id: int) -> str:
+    """Store key of one membrane's scores (an array beside its geometry)."""
+    return f"{geometry_key(name, membrane_id)}/scores"
+
+
 def _model_json(model_dir: str | os.PathLike, key: str | None = None) -> dict:
     """A model directory's ``model.json`` (InputError naming it when unreadable, or when
     ``key`` is missing)."""
@@ -433,11 +438,6 @@ def read_class_scores(root: str | os.PathLike, name: str, membrane_id: int
 
 
 # --------------------------------------------------------------------------- clustering
-def scores_key(name: str, membrane_id: int) -> str:
-    """Store key of one membrane's scores (an array beside its geometry)."""
-    return f"{geometry_key(name, membrane_id)}/scores"
-
-
 def picks_key(name: str, membrane_id: int) -> str:
     return f"{name}/{PICKS_KEY}/m{int(membrane_id)}"
 

@@ -105,7 +105,8 @@ class TrainConfig:
     channels : int
         Convolution channels of :class:`~membrain_dist.model.MemBrainCNN`. Default 16: on a
         2-core CPU it trains 5x faster than v1's 32 (1580 vs 330 cubes/s measured); pass 32
-        to reproduce v1 exactly (cheap on a GPU). 8 scores about twice as fast on a CPU;
+        to reproduce v1 exactly (cheap on a GPU). 8 scores about twice as fast on a CPU
+        (end to end on 300 x 1000 x 1000, 2 workers: 0.80x the wall time of 16, README);
         on the hard phantom (one membrane, tuning seed 101, training seeds 0-3) held-out F1
         0.480 / 0.548 / 0.616 / 0.603 (mean 0.562) against 0.511 / 0.588 / 0.649 / 0.570
         (0.580) with 16.

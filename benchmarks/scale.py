@@ -543,8 +543,9 @@ def _cli() -> list[str]:
 
 
 def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep: bool,
-            rotations: int = 1) -> dict:
-    """``membrain-dist predict --scheduler`` against a fresh LocalCluster; wall time and RSS."""
+            rotations: int = 1, refine_margin: str | None = None) -> dict:
+    """``membrain-dist predict --scheduler`` against a fresh LocalCluster; wall time and RSS
+    (``refine_margin``: predict's ``--refine-margin``, None: its default)."""
     import psutil
 
     from flows.runtime import prefect_api
@@ -561,6 +562,8 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
             cmd = [*_cli(), "predict", "--manifest", str(manifest), "--model", str(model_dir),
                    "--out", str(out), "--store", str(root), "--scheduler", addr,
                    "--rotations", str(rotations)]
+            if refine_margin is not None:
+                cmd += ["--refine-margin", str(refine_margin)]
             logf = e2e / "predict.log"
             driver_peak = 0
             with open(logf, "w") as fh:
@@ -789,7 +792,8 @@ def bench_size(shape: tuple[int, int, int], args: argparse.Namespace, model_dir:
         if not args.keep_stores:
             shutil.rmtree(run_dir / "w2", ignore_errors=True)
     log.info("%s: end to end (CLI)", tag)
-    e2e = run_e2e(manifest, model_dir, run_dir, 2, args.keep_stores, cfg.inference.rotations)
+    e2e = run_e2e(manifest, model_dir, run_dir, 2, args.keep_stores, cfg.inference.rotations,
+                  args.refine_margin)
     stage_s = {k: res["stages"][k]["2"]["seconds"] for k in STAGES}
     e2e["stage_share"] = {**{k: v / e2e["seconds"] for k, v in stage_s.items()},
                           "other (start-up, Prefect, scheduling)":
@@ -818,6 +822,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=4,
                     help="inference passes per cube (predict --rotations; default 4, what "
                          "train stores in new models; 1 gives the earlier figures)")
+    ap.add_argument("--refine-margin", default=None, metavar="VOXELS|off",
+                    help="end to end: predict --refine-margin (turn cascade; default: predict's)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the naive references")
     ap.add_argument("--repeats", type=int, default=1, help="stage timings: best of this many passes")
     ap.add_argument("--profile", action="store_true",

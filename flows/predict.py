@@ -107,7 +107,9 @@ def predict_entries(entries: list[TomogramEntry], model_dir: str, out_dir: str, 
                     cfg: PipelineConfig, cpu_address: str, gpu_address: str,
                     gpu_resource: bool, schedule: Schedule = Schedule()) -> PredictResult:
     """The stages of a prediction on already running clusters, streamed per tomogram
-    (:mod:`flows.stream`) or stage by stage (``schedule.mode``)."""
+    (:mod:`flows.stream`) or stage by stage (``schedule.mode``); scoring in a turn cascade
+    about the clustering thresholds (:func:`~membrain_dist.pipeline.with_refinement`)."""
+    cfg = pipeline.with_refinement(cfg)
     with progress.tracking(progress.RunProgress([e.name for e in entries])) as run:
         logger = get_run_logger()
         failures = _validate(entries)

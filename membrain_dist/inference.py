@@ -15,6 +15,12 @@ torch's CPU convolutions are fastest: together 1.8x the cubes/s of the plain mod
 ``DEFAULT_BATCH``) the inference stage of ``benchmarks/scale.py`` ran at 1,805-2,045 cubes/s
 per core (16 channels; two full runs), against ~780 before.
 
+Turn cascade (``refine_below``): averaging 4 quarter turns costs 4 passes per cube, but
+only points that score below the clustering threshold are clustered, and on real-SNR data a
+few percent do. With cutoffs, every cube gets one pass and only cubes whose first pass lies
+below a cutoff (the threshold plus ``InferenceConfig.refine_margin``) get the other turns;
+a refined cube's score is the full mean, bit for bit, the others keep their first pass.
+
 Threads: torch keeps one process-wide intra-op thread pool. Inside a dask worker,
 :func:`configure_threads` sets it to the worker's ``nthreads`` (the cores the worker was started
 with; dask's nanny otherwise sets ``OMP_NUM_THREADS=1`` and torch would use a single core).
@@ -27,6 +33,7 @@ import copy
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +136,10 @@ def check_rotations(rotations: int) -> None:
         raise ValueError(f"rotations must be one of {ROTATIONS}, got {rotations}")
 
 
+#: most cubes read at once for a turn cascade (``refine_below``)
+REFINE_READ = 16384
+
+
 def _read_size_for(cubes: Any, batch_size: int) -> int:
     """Cubes read at once: ``batch_size`` rounded up to whole zarr chunks along axis 0."""
     chunks = getattr(cubes, "chunks", None)
@@ -168,6 +179,7 @@ def predict_distances(
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
     rotations: int = 1,
+    refine_below: Sequence[float] = (),
 ) -> np.ndarray:
     """Predicted distance (voxels) from each cube's centre to the nearest particle centre.
 
@@ -189,6 +201,11 @@ def predict_distances(
         cube axis 0, the membrane normal, or (8) of the four turns of the cube and of its
         mirror image across the cube's y-z plane (``InferenceConfig.rotations``); the
         training augmentation draws the same turns and flips.
+    refine_below : sequence of float
+        Distances (voxels; one for every class, or one per class): with ``rotations > 1``
+        only cubes whose first pass predicts below it get the other turns, the rest keep
+        the first pass (``InferenceConfig.refine_margin``). Empty (default): every cube gets
+        every turn.
 
     Returns
     -------
@@ -201,7 +218,11 @@ def predict_distances(
     model = inference_model(model, dev)
     cuda = dev.type == "cuda"
     layout = memory_layout(dev)
-    step = _read_size_for(cubes, batch_size)
+    cutoffs = _refine_cutoffs(refine_below, dev)
+    # a cascade reads several passes at once, so the refined cubes of a block fill passes
+    read = batch_size if cutoffs is None or rotations == 1 else max(
+        batch_size, min(8 * batch_size, REFINE_READ))
+    step = _read_size_for(cubes, read)
     n_classes = int(getattr(model, "n_classes", 1))
     out = torch.empty((n,) if n_classes == 1 else (n, n_classes), dtype=torch.float32,
                       device=dev)
@@ -211,9 +232,8 @@ def predict_distances(
                 np.ascontiguousarray(cubes[start : start + step], dtype=np.float32))
             if cuda:
                 block = block.pin_memory().to(dev, non_blocking=True)
-            for s in range(0, len(block), batch_size):
-                x = block[s : s + batch_size]
-                out[start + s : start + s + len(x)] = _forward(model, x, rotations, layout)
+            out[start : start + len(block)] = _score(model, block, rotations, layout,
+                                                     batch_size, cutoffs)
     result = out.cpu().numpy()
     log.debug("predicted %d cubes on %s in passes of %d", n, dev, batch_size)
     return result
@@ -231,12 +251,54 @@ def _forward(model: nn.Module, cubes: torch.Tensor, rotations: int,
     """Mean prediction (B,) or (B, C) over ``rotations`` turns (and mirror images) of cubes
     (B, s, s, s)."""
     x = cubes.unsqueeze(1).contiguous(memory_format=layout)
-    pred = model(x).float()
-    for k in range(1, rotations):  # (B, 1, z, y, x): turn in the y-x plane
-        xk = x if k < 4 else torch.flip(x, dims=(4,))  # 4-7: of the mirror image
+    return _add_turns(model, x, range(1, rotations), layout, model(x).float()) / rotations
+
+
+def _add_turns(model: nn.Module, x: torch.Tensor, turns: range,
+               layout: torch.memory_format, acc: torch.Tensor) -> torch.Tensor:
+    """``acc`` plus the predictions for turns ``k`` of ``x`` (B, 1, s, s, s): ``k`` quarter
+    turns in the y-x plane, of the mirror image (across x) for ``k`` 4-7."""
+    for k in turns:
+        xk = x if k < 4 else torch.flip(x, dims=(4,))
         xr = torch.rot90(xk, k % 4, dims=(3, 4)).contiguous(memory_format=layout)
-        pred += model(xr).float()
-    return pred / rotations
+        acc += model(xr).float()
+    return acc
+
+
+def _refine_cutoffs(refine_below: Sequence[float], dev: torch.device) -> torch.Tensor | None:
+    """``refine_below`` as a tensor that broadcasts against predictions (B,) or (B, C), or
+    None when every cube gets every turn."""
+    if not len(refine_below):
+        return None
+    return torch.tensor([float(t) for t in refine_below], dtype=torch.float32, device=dev)
+
+
+def _score(model: nn.Module, cubes: torch.Tensor, rotations: int, layout: torch.memory_format,
+           batch_size: int, cutoffs: torch.Tensor | None) -> torch.Tensor:
+    """Predictions (n,) or (n, C) of cubes (n, s, s, s) in passes of ``batch_size``.
+
+    With ``cutoffs`` (per class, or one for all) the turns are a cascade: every cube gets
+    the first pass, and only a cube whose first pass lies below its cutoff for some class
+    gets the other ``rotations - 1`` turns (in passes of ``batch_size`` over those cubes);
+    the others keep the first pass. A refined cube's prediction is the full mean, bit for
+    bit (the same sum in the same order)."""
+    n = cubes.shape[0]
+    if cutoffs is None or rotations == 1:
+        return torch.cat([_forward(model, cubes[s : s + batch_size], rotations, layout)
+                          for s in range(0, n, batch_size)])
+    first = torch.cat([_forward(model, cubes[s : s + batch_size], 1, layout)
+                       for s in range(0, n, batch_size)])
+    if first.dim() > 1 and cutoffs.numel() not in (1, first.shape[1]):
+        raise ValueError(f"{cutoffs.numel()} refinement cutoffs for {first.shape[1]} classes")
+    low = first < cutoffs
+    low = low.any(dim=1) if low.dim() > 1 else low
+    rows = torch.nonzero(low).squeeze(1)
+    out = first.clone()
+    for s in range(0, rows.numel(), batch_size):
+        r = rows[s : s + batch_size]
+        x = cubes[r].unsqueeze(1).contiguous(memory_format=layout)
+        out[r] = _add_turns(model, x, range(1, rotations), layout, first[r].clone()) / rotations
+    return out
 
 
 def cut_cubes_torch(block: torch.Tensor, points: torch.Tensor, frames: torch.Tensor,
@@ -280,6 +342,7 @@ def predict_points(
     device: str | torch.device = "cpu",
     rotations: int = 1,
     read_points: int = 16384,
+    refine_below: Sequence[float] = (),
 ) -> np.ndarray:
     """Predicted distance (N,) of every point, its cube cut on ``device`` (``cut_cubes_torch``).
 
@@ -287,7 +350,8 @@ def predict_points(
     (:func:`membrain_dist.extraction.batch_blocks`, ``read_points`` points per block,
     normalised with ``intensity``); each block goes to the device once and its cubes are cut
     and scored there in passes of ``batch_size``. Trilinear only (``GeometryConfig.order`` 1).
-    Same predictions as cutting on the host and :func:`predict_distances`, up to round-off."""
+    Same predictions as cutting on the host and :func:`predict_distances` (``refine_below``
+    as there, per pass of ``batch_size``), up to round-off."""
     from membrain_dist.extraction import batch_blocks
 
     check_rotations(rotations)
@@ -295,6 +359,7 @@ def predict_points(
     batch_size = _batch_size(batch_size, dev)
     model = inference_model(model, dev)
     layout = memory_layout(dev)
+    cutoffs = _refine_cutoffs(refine_below, dev)
     n, n_classes = int(np.asarray(points).shape[0]), int(getattr(model, "n_classes", 1))
     out = torch.empty((n,) if n_classes == 1 else (n, n_classes), dtype=torch.float32,
                       device=dev)
@@ -308,6 +373,6 @@ def predict_points(
             for s in range(0, pts.shape[0], batch_size):
                 cubes = cut_cubes_torch(blk, pts[s : s + batch_size], fr[s : s + batch_size],
                                         size)
-                out[start + s : start + s + cubes.shape[0]] = _forward(model, cubes, rotations,
-                                                                       layout)
+                out[start + s : start + s + cubes.shape[0]] = _score(
+                    model, cubes, rotations, layout, batch_size, cutoffs)
     return out.cpu().numpy()

@@ -194,16 +194,17 @@ def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
                        ) -> tuple[dict, dict]:
     """``(geometry attrs, provenance of the scores)`` of one membrane (KeyError: no geometry).
 
-    The scores depend on the model, the passes and the geometry (whose provenance holds the
-    cube parameters), not on whether the cubes were stored or cut in memory."""
+    The scores depend on the model, the passes (and the cutoffs of a turn cascade) and the
+    geometry (whose provenance holds the cube parameters), not on whether the cubes were
+    stored or cut in memory."""
     gkey = geometry_key(name, membrane_id)
     gattrs = store.node_attrs(root, gkey)
     if gattrs is None:
         raise KeyError(f"{root}: no geometry for {gkey}")
-    prov = store.provenance(
-        "scores", {"model": model_fingerprint(model_dir), "rotations": cfg.rotations},
-        {"geometry": gattrs["provenance"]}
-    )
+    params: dict[str, Any] = {"model": model_fingerprint(model_dir), "rotations": cfg.rotations}
+    if cfg.refine_below and cfg.rotations > 1:
+        params["refine_below"] = list(cfg.refine_below)
+    prov = store.provenance("scores", params, {"geometry": gattrs["provenance"]})
     return gattrs, prov
 
 
@@ -256,7 +257,8 @@ def score_cubes(cubes: np.ndarray, root: str | os.PathLike, name: str,
 
     model, device = _scoring_model(root, name, model_dir, cfg)
     return predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
-                             rotations=cfg.rotations).astype(np.float32)
+                             rotations=cfg.rotations,
+                             refine_below=cfg.refine_below).astype(np.float32)
 
 
 def store_scores(root: str | os.PathLike, name: str, membrane_id: int,
@@ -369,7 +371,8 @@ def score_membrane(
         return int(gattrs["n_points"])
     model, device = _scoring_model(root, name, model_dir, cfg)
     gcfg = gcfg or GeometryConfig()
-    kw = dict(batch_size=cfg.batch_size, device=device, rotations=cfg.rotations)
+    kw = dict(batch_size=cfg.batch_size, device=device, rotations=cfg.rotations,
+              refine_below=cfg.refine_below)
     ranges = point_parts(int(gattrs["n_points"]), part_points)
     if stored_cubes(root, name, membrane_id):
         cubes = zarr.open_array(store=str(root), path=f"{gkey}/cubes", mode="r")
@@ -460,6 +463,7 @@ def cluster_membrane(
     attrs = store.node_attrs(root, key)
     if attrs is not None and store.is_current(attrs, prov):
         return int(attrs["n_picks"])
+    _check_refined(sattrs["provenance"], ccfg, gkey)
     geo = read_geometry(root, name, membrane_id)
     scores = read_scores(root, name, membrane_id)
     if scores.size and not float(np.ptp(scores)) > MIN_SCORE_SPREAD:
@@ -478,6 +482,41 @@ def cluster_membrane(
                         CLASSES_ATTR: list(sattrs.get(CLASSES_ATTR, []))})
     log.info("%s: %d particles", key, picks.zyx.shape[0])
     return int(picks.zyx.shape[0])
+
+
+def _check_refined(score_prov: dict, ccfg: ClusterConfig, where: str) -> None:
+    """Refuse to cluster scores of a turn cascade at a threshold above its cutoff: points
+    between the two kept a single pass (ValueError naming the membrane)."""
+    below = score_prov.get("params", {}).get("refine_below")
+    if not below:
+        return
+    thresholds = ccfg.class_score_thresholds or (ccfg.score_threshold,)
+    cut = list(below) * len(thresholds) if len(below) == 1 else list(below)
+    if len(cut) != len(thresholds) or any(
+            t > c for t, c in zip(thresholds, cut, strict=True)):
+        raise ValueError(
+            f"{where}: scores were refined over all turns only below {below} voxels, but the "
+            f"clustering threshold is {list(thresholds)}: score again with this threshold "
+            "(pipeline.with_refinement) or without the cascade (refine_margin None)")
+
+
+def with_refinement(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with the turn cascade's cutoffs (``InferenceConfig.refine_below``, voxels) set
+    from the clustering thresholds (per class where calibrated per class) plus
+    ``refine_margin``; none when the margin is None, at one pass, or when the thresholds are
+    not in voxels. Called where a prediction's settings are final (``flows.predict.
+    predict_entries``, :func:`predict_sequential`), so a ``--threshold`` moves the cutoffs
+    with it."""
+    from dataclasses import replace
+
+    icfg, ccfg = cfg.inference, cfg.cluster
+    below: tuple[float, ...] = ()
+    if icfg.refine_margin is not None and icfg.rotations > 1 and ccfg.units == "voxel":
+        thresholds = ccfg.class_score_thresholds or (ccfg.score_threshold,)
+        below = tuple(float(t) + float(icfg.refine_margin) for t in thresholds)
+    if below == icfg.refine_below:
+        return cfg
+    return replace(cfg, inference=replace(icfg, refine_below=below))
 
 
 #: arrays of a picks group (``klass``: absent in stores written before classes, read as 0)
@@ -1343,6 +1382,7 @@ def predict_sequential(
     cfg: PipelineConfig,
 ) -> list[dict]:
     """The whole predict chain in this process, no dask, no Prefect (reference path)."""
+    cfg = with_refinement(cfg)
     validate_entries(entries)
     ids_of = {entry.name: convert_entry(entry, root, cfg.convert) for entry in entries}
     harmonise_polarity(root, list(ids_of))

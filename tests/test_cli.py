@@ -211,6 +211,22 @@ def test_predict_config_file_overrides_only_what_it_sets(trained_model: Path,
     assert _predict_config(ns).cluster.score_threshold == 3.5
 
 
+def test_predict_refine_margin_option(trained_model: Path) -> None:
+    """``--refine-margin``: voxels or ``off``; anything else is a usage error."""
+    from membrain_dist.cli import _predict_config, build_parser
+
+    parser = build_parser()
+    base = ["predict", "--manifest", "m.csv", "--model", str(trained_model), "--out", "o"]
+    assert _predict_config(parser.parse_args(base)).inference.refine_margin == 1.0
+    args = parser.parse_args([*base, "--refine-margin", "0.5"])
+    assert _predict_config(args).inference.refine_margin == 0.5
+    args = parser.parse_args([*base, "--refine-margin", "off"])
+    assert _predict_config(args).inference.refine_margin is None
+    for bad in ("-1", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--refine-margin", bad])
+
+
 def test_campaign_settings_go_on_top_of_the_model_ones(trained_model: Path,
                                                        tmp_path: Path) -> None:
     """``campaign --model M --config c.toml`` (issue 14, left open there): the model's own

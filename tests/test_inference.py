@@ -16,6 +16,7 @@ from membrain_dist.inference import (
     predict_distances,
     resolve_device,
 )
+from membrain_dist.manifest import read_manifest
 from membrain_dist.model import MemBrainCNN, ModelMeta, save_model
 
 
@@ -188,3 +189,121 @@ def test_scores_from_device_cutting_equal_host_cutting(model):
     dev = predict_points(model, vol.__getitem__, vol.shape, pts, nrm, intensity=inten,
                          batch_size=64, device="cpu", rotations=4, read_points=200)
     np.testing.assert_allclose(dev, host, atol=1e-4)
+
+
+def _split_cutoff(values: np.ndarray) -> float:
+    """A cutoff in the widest gap of the middle half of ``values``: no value sits on it, so
+    round-off between calls cannot move a cube across it."""
+    v = np.sort(values)
+    lo, hi = len(v) // 4, 3 * len(v) // 4
+    k = lo + int(np.argmax(np.diff(v[lo:hi])))
+    return float(v[k] + v[k + 1]) / 2
+
+
+def test_turn_cascade_refines_exactly_the_cubes_below_the_cutoff(model, cubes, tmp_path: Path):
+    """refine_below: cubes whose first pass lies below the cutoff get the mean of all turns
+    (as without the cascade), the others keep the first pass; the same from a zarr array
+    and from cubes cut on the device."""
+    full = predict_distances(model, cubes, 64, rotations=4)
+    first = predict_distances(model, cubes, 64, rotations=1)
+    cut = _split_cutoff(first)
+    low = first < cut
+    assert 20 < low.sum() < len(low) - 20
+    casc = predict_distances(model, cubes, 64, rotations=4, refine_below=[cut])
+    np.testing.assert_allclose(casc[low], full[low], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(casc[~low], first[~low], atol=1e-5, rtol=0)
+    # the turns change the kept cubes' scores, so the comparison above tells them apart
+    assert np.abs(full[~low] - first[~low]).max() > 1e-3
+    z = zarr.create_array(store=str(tmp_path / "c.zarr"), shape=cubes.shape,
+                          chunks=(50, 12, 12, 12), dtype="float32")
+    z[...] = cubes
+    np.testing.assert_allclose(predict_distances(model, z, 16, rotations=4, refine_below=[cut]),
+                               casc, atol=1e-5, rtol=0)
+    # no cutoff, or one pass: no cascade
+    np.testing.assert_allclose(predict_distances(model, cubes, 64, rotations=4,
+                                                 refine_below=()), full, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(predict_distances(model, cubes, 64, rotations=1,
+                                                 refine_below=[cut]), first, atol=1e-6, rtol=0)
+
+
+def test_turn_cascade_per_class_refines_a_cube_below_any_class_cutoff(cubes):
+    torch.manual_seed(3)
+    m = MemBrainCNN(12, 8, n_classes=2).eval()
+    full = predict_distances(m, cubes, 64, rotations=2)
+    first = predict_distances(m, cubes, 64, rotations=1)
+    cuts = [_split_cutoff(first[:, 0]), _split_cutoff(first[:, 1])]
+    low = (first[:, 0] < cuts[0]) | (first[:, 1] < cuts[1])
+    assert 0 < (~low).sum() and (first[:, 0] < cuts[0]).sum() < low.sum()
+    casc = predict_distances(m, cubes, 64, rotations=2, refine_below=cuts)
+    np.testing.assert_allclose(casc[low], full[low], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(casc[~low], first[~low], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="3 refinement cutoffs for 2 classes"):
+        predict_distances(m, cubes, 64, rotations=2, refine_below=[1.0, 2.0, 3.0])
+
+
+def test_turn_cascade_with_cubes_cut_on_the_device(model):
+    from membrain_dist.extraction import extract_cubes
+    from membrain_dist.inference import predict_points
+
+    rng = np.random.default_rng(5)
+    vol = rng.normal(size=(40, 48, 48)).astype(np.float32)
+    pts = (rng.uniform(0.2, 0.8, (300, 3)) * [39, 47, 47]).astype(np.float32)
+    nrm = rng.normal(size=(300, 3)).astype(np.float32)
+    nrm /= np.linalg.norm(nrm, axis=1, keepdims=True)
+    host_cubes = extract_cubes(vol, pts, nrm)
+    cut = _split_cutoff(predict_distances(model, host_cubes, 64, rotations=1))
+    host = predict_distances(model, host_cubes, 64, rotations=4, refine_below=[cut])
+    dev = predict_points(model, vol.__getitem__, vol.shape, pts, nrm, batch_size=64,
+                         device="cpu", rotations=4, read_points=128, refine_below=[cut])
+    np.testing.assert_allclose(dev, host, atol=1e-4)
+
+
+def test_with_refinement_takes_the_cutoffs_from_the_clustering_thresholds():
+    from dataclasses import replace
+
+    from membrain_dist.config import PipelineConfig
+    from membrain_dist.pipeline import with_refinement
+
+    cfg = PipelineConfig().with_overrides("cluster", score_threshold=4.5)
+    assert with_refinement(cfg).inference.refine_below == (5.5,)
+    per_class = cfg.with_overrides("cluster", class_score_thresholds=(3.0, 4.0))
+    assert with_refinement(per_class).inference.refine_below == (4.0, 5.0)
+    assert with_refinement(cfg.with_overrides("inference", refine_margin=0.25)
+                           ).inference.refine_below == (4.75,)
+    # a later threshold moves the cutoff with it; none at one pass or without a margin
+    again = with_refinement(with_refinement(cfg).with_overrides("cluster", score_threshold=3.0))
+    assert again.inference.refine_below == (4.0,)
+    assert with_refinement(cfg.with_overrides("inference", rotations=1)).inference.refine_below == ()
+    off = replace(cfg, inference=replace(cfg.inference, refine_margin=None))
+    assert with_refinement(off).inference.refine_below == ()
+
+
+def test_prediction_with_the_turn_cascade(trained_model: Path, test_manifest: Path,
+                                          tmp_path: Path):
+    """predict_sequential at 4 turns with the cascade: every point of a membrane keeps
+    either the full mean of its turns or a first pass at or above the cutoff; the cutoff is
+    in the scores' provenance, and clustering refuses a threshold above it."""
+    from dataclasses import replace
+
+    from membrain_dist import pipeline
+    from membrain_dist.geometry import membrane_cubes
+    from membrain_dist.model import load_model
+
+    entry = read_manifest(test_manifest)[0]
+    root, name = tmp_path / "store.zarr", entry.name
+    cfg = pipeline.model_pipeline_config(trained_model).with_overrides("inference", rotations=4)
+    pipeline.predict_sequential([entry], root, trained_model, tmp_path / "pred", cfg)
+    cut = cfg.cluster.score_threshold + cfg.inference.refine_margin
+    mids = pipeline.membrane_ids(root, name)
+    mid = min(mids, key=lambda m: pipeline.n_points(root, name, m))
+    got = pipeline.read_scores(root, name, mid)
+    full = predict_distances(load_model(trained_model, "cpu")[0],
+                             membrane_cubes(root, name, mid, cfg.geometry), rotations=4)
+    same = np.isclose(got, full, atol=1e-5, rtol=0)
+    assert np.all(same | (got >= cut - 1e-6))
+    assert same.sum() > 0 and (~same).sum() > 0  # some points refined, some kept
+    attrs = pipeline.store.node_attrs(root, pipeline.scores_key(name, mid))
+    assert attrs["provenance"]["params"]["refine_below"] == [cut]
+    with pytest.raises(ValueError, match="refined over all turns only below"):
+        pipeline.cluster_membrane(root, name, mid, replace(cfg.cluster, score_threshold=cut + 0.5),
+                                  cfg.orientation)

@@ -5,6 +5,7 @@ Usage::
     python benchmarks/campaign.py                       # all three parts
     python benchmarks/campaign.py --tomos 12 --tiny 0   # (a) and (b) only
     python benchmarks/campaign.py --rotations 1         # one scoring pass per cube
+    python benchmarks/campaign.py --refine-margin off   # 4 turns for every cube (no cascade)
 
 In one run, each part on a fresh store:
 
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", type=int, default=200, help="tiny tomograms of part (c); 0: skip")
     ap.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=4)
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--refine-margin", default="1.0", metavar="VOXELS|off",
+                    help="turn cascade margin of the scoring (InferenceConfig.refine_margin; "
+                         "off: every cube at every turn)")
     ap.add_argument("--e2e", type=scale.parse_size, nargs="*", default=[],
                     help="also time `membrain-dist predict` end to end on these sizes (ZxYxX, "
                          "e.g. 300x1000x1000), 2 workers x 1 thread (part d)")
@@ -268,10 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
     t_all = time.perf_counter()
     model_dir, model_info = scale.ensure_model(args.work, args.model, MODEL_EPOCHS)
     cfg = pipeline.model_pipeline_config(model_dir)
-    cfg = replace(cfg, inference=replace(cfg.inference, rotations=args.rotations))
+    margin = None if args.refine_margin.lower() == "off" else float(args.refine_margin)
+    cfg = replace(cfg, inference=replace(cfg.inference, rotations=args.rotations,
+                                         refine_margin=margin))
     doc: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                           "model": model_info, "rotations": args.rotations}
+                           "model": model_info, "rotations": args.rotations,
+                           "refine_margin": margin}
     small = args.work / f"small_{args.tomos}"
     if not args.skip_a and not (small / "manifest.csv").is_file():
         generate_campaign(small, n_tomos=args.tomos, seed=31, cfg=SMALL, n_train=0)
@@ -312,7 +319,10 @@ def report(doc: dict) -> None:
 
 def report_a(doc: dict) -> None:
     a = doc["a_stream_vs_stages"]
-    print(f"\n(a) {doc['rotations']} scoring passes; 1 CPU worker + 1 inference worker")
+    margin = doc.get("refine_margin")
+    cascade = "" if doc["rotations"] == 1 else (
+        "; every turn for every cube" if margin is None else f"; turn cascade, margin {margin}")
+    print(f"\n(a) {doc['rotations']} scoring passes{cascade}; 1 CPU worker + 1 inference worker")
     print(f"{'flow':24s} {'wall s':>8s} {'busy CPU':>9s} {'busy inf':>9s} {'store/arrays':>13s}")
     for name in ("stages", "stream_cut_cpu", "stream_cut_inference"):
         r = a[name]

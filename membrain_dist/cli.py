@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-margin", type=_refine_margin, default=None, metavar="VOXELS|off",
                    help="turn cascade: with several rotations, only points whose first pass "
                         "scores below the threshold plus this margin get the other turns "
-                        "(default 1.0: the same picks at 35-45 %% of the passes on the hard "
+                        "(default 1.0: the same picks at 31-38 %% of the passes on the hard "
                         "phantom); off: every point gets every turn")
     _add_cluster_options(p)
     _add_schedule_options(p)

@@ -116,7 +116,8 @@ class InferenceConfig:
         removes that arbitrariness from the score, at 1x to 8x the inference cost. Saved
         with a model by ``train`` and used by ``predict`` unless given. Measured: F1 0.844
         -> 0.861 (demo) and 0.503 -> 0.547 (hard phantom, one membrane, seed 101) from 1 to
-        4; 8 gave 0.512 there, so 4 is the default (set 1 where CPU inference time counts).
+        4; 8 gave 0.512 there, so 4 is the default; with the turn cascade
+        (``refine_margin``) 4 turns cost ~1.3 passes per cube on the hard phantom.
     cutter
         Where a scoring task cuts the cubes it scores (when they are not stored): ``host``
         (numpy trilinear, :mod:`membrain_dist.extraction`), ``device`` (``grid_sample`` on the
@@ -130,8 +131,8 @@ class InferenceConfig:
         threshold are clustered, so the picks are those of every cube at every turn unless
         a cube's first pass is more than the margin above the mean of its turns. Measured on
         the hard phantom's tuning campaign (seed 101, four one-membrane networks, 4 turns):
-        margin 1.0 the same held-out F1 for all four (0.511 / 0.588 / 0.649 / 0.570) at 35-42 %
-        of the CNN passes; 0.5 moved two of them by 0.003-0.004, 0 by up to 0.05.
+        margin 1.0 the same held-out F1 for all four (0.511 / 0.588 / 0.649 / 0.570) at 33-38 %
+        of the CNN passes; 0.5 moved two of them by 0.003-0.004, 0 by up to 0.02.
     refine_below
         The cascade's cutoffs (voxels; one for every class, or one per class), derived from
         the clustering thresholds and ``refine_margin`` by

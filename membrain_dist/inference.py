@@ -19,7 +19,7 @@ Turn cascade (``refine_below``): averaging 4 quarter turns costs 4 passes per cu
 only points that score below the clustering threshold are clustered, and on real-SNR data a
 few percent do. With cutoffs, every cube gets one pass and only cubes whose first pass lies
 below a cutoff (the threshold plus ``InferenceConfig.refine_margin``) get the other turns;
-a refined cube's score is the full mean, bit for bit, the others keep their first pass.
+a refined cube's score is the full mean (up to round-off), the others keep their first pass.
 
 Threads: torch keeps one process-wide intra-op thread pool. Inside a dask worker,
 :func:`configure_threads` sets it to the worker's ``nthreads`` (the cores the worker was started
@@ -280,8 +280,8 @@ def _score(model: nn.Module, cubes: torch.Tensor, rotations: int, layout: torch.
     With ``cutoffs`` (per class, or one for all) the turns are a cascade: every cube gets
     the first pass, and only a cube whose first pass lies below its cutoff for some class
     gets the other ``rotations - 1`` turns (in passes of ``batch_size`` over those cubes);
-    the others keep the first pass. A refined cube's prediction is the full mean, bit for
-    bit (the same sum in the same order)."""
+    the others keep the first pass. A refined cube's prediction is the full mean: the same
+    sum in the same order, of passes over other batches (equal up to round-off)."""
     n = cubes.shape[0]
     if cutoffs is None or rotations == 1:
         return torch.cat([_forward(model, cubes[s : s + batch_size], rotations, layout)

@@ -59,6 +59,7 @@ import scale  # noqa: E402  (benchmarks/scale.py: the cached model)
 from flows.runtime import ClusterSpec, prefect_api, spawn_environment  # noqa: E402
 from flows.stream import Schedule  # noqa: E402
 from membrain_dist import pipeline  # noqa: E402
+from membrain_dist.cli import _refine_margin  # noqa: E402  (predict's --refine-margin)
 from membrain_dist.manifest import read_manifest, write_manifest  # noqa: E402
 from membrain_dist.star import read_particles  # noqa: E402
 from membrain_dist.synth import SynthConfig, generate_campaign  # noqa: E402
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", type=int, default=200, help="tiny tomograms of part (c); 0: skip")
     ap.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=4)
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--refine-margin", default="1.0", metavar="VOXELS|off",
+    ap.add_argument("--refine-margin", type=_refine_margin, default=1.0, metavar="VOXELS|off",
                     help="turn cascade margin of the scoring (InferenceConfig.refine_margin; "
                          "off: every cube at every turn)")
     ap.add_argument("--e2e", type=scale.parse_size, nargs="*", default=[],
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_all = time.perf_counter()
     model_dir, model_info = scale.ensure_model(args.work, args.model, MODEL_EPOCHS)
     cfg = pipeline.model_pipeline_config(model_dir)
-    margin = None if args.refine_margin.lower() == "off" else float(args.refine_margin)
+    margin = args.refine_margin
     cfg = replace(cfg, inference=replace(cfg.inference, rotations=args.rotations,
                                          refine_margin=margin))
     doc: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),

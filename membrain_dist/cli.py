@@ -327,17 +327,15 @@ def _predict_config(args: argparse.Namespace):
         cfg = cfg.with_overrides("cluster", class_score_thresholds=())
     cfg = cfg.with_overrides("inference", device=args.device, batch_size=args.batch_size,
                              rotations=args.rotations)
-    margin = getattr(args, "refine_margin", None)
-    if margin is not None:  # "off" (-1.0 here): every point gets every turn
-        cfg = replace(cfg, inference=replace(cfg.inference,
-                                             refine_margin=None if margin < 0 else margin))
+    if hasattr(args, "refine_margin"):  # given (None: off, every point gets every turn)
+        cfg = replace(cfg, inference=replace(cfg.inference, refine_margin=args.refine_margin))
     return cfg
 
 
-def _refine_margin(text: str) -> float:
-    """``--refine-margin``: voxels >= 0, or ``off`` (returned as -1)."""
+def _refine_margin(text: str) -> float | None:
+    """``--refine-margin``: voxels >= 0, or ``off`` (None)."""
     if text.strip().lower() in ("off", "none"):
-        return -1.0
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -612,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=None, help="inference batch size")
     _add_rotations_option(p)
-    p.add_argument("--refine-margin", type=_refine_margin, default=None, metavar="VOXELS|off",
+    p.add_argument("--refine-margin", type=_refine_margin, default=argparse.SUPPRESS,
+                   metavar="VOXELS|off",
                    help="turn cascade: with several rotations, only points whose first pass "
                         "scores below the threshold plus this margin get the other turns "
                         "(default 1.0: the same picks at 31-38 %% of the passes on the hard "

@@ -232,8 +232,8 @@ def predict_distances(
                 np.ascontiguousarray(cubes[start : start + step], dtype=np.float32))
             if cuda:
                 block = block.pin_memory().to(dev, non_blocking=True)
-            out[start : start + len(block)] = _score(model, block, rotations, layout,
-                                                     batch_size, cutoffs)
+            _score(model, block, rotations, layout, batch_size, cutoffs,
+                   out[start : start + len(block)])
     result = out.cpu().numpy()
     log.debug("predicted %d cubes on %s in passes of %d", n, dev, batch_size)
     return result
@@ -274,31 +274,29 @@ def _refine_cutoffs(refine_below: Sequence[float], dev: torch.device) -> torch.T
 
 
 def _score(model: nn.Module, cubes: torch.Tensor, rotations: int, layout: torch.memory_format,
-           batch_size: int, cutoffs: torch.Tensor | None) -> torch.Tensor:
-    """Predictions (n,) or (n, C) of cubes (n, s, s, s) in passes of ``batch_size``.
+           batch_size: int, cutoffs: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Write the predictions of cubes (n, s, s, s) into ``out`` ((n,) or (n, C)), in passes
+    of ``batch_size``.
 
     With ``cutoffs`` (per class, or one for all) the turns are a cascade: every cube gets
     the first pass, and only a cube whose first pass lies below its cutoff for some class
     gets the other ``rotations - 1`` turns (in passes of ``batch_size`` over those cubes);
     the others keep the first pass. A refined cube's prediction is the full mean: the same
     sum in the same order, of passes over other batches (equal up to round-off)."""
-    n = cubes.shape[0]
-    if cutoffs is None or rotations == 1:
-        return torch.cat([_forward(model, cubes[s : s + batch_size], rotations, layout)
-                          for s in range(0, n, batch_size)])
-    first = torch.cat([_forward(model, cubes[s : s + batch_size], 1, layout)
-                       for s in range(0, n, batch_size)])
-    if first.dim() > 1 and cutoffs.numel() not in (1, first.shape[1]):
-        raise ValueError(f"{cutoffs.numel()} refinement cutoffs for {first.shape[1]} classes")
-    low = first < cutoffs
-    low = low.any(dim=1) if low.dim() > 1 else low
-    rows = torch.nonzero(low).squeeze(1)
-    out = first.clone()
+    cascade = cutoffs is not None and rotations > 1
+    for s in range(0, cubes.shape[0], batch_size):
+        out[s : s + batch_size] = _forward(model, cubes[s : s + batch_size],
+                                           1 if cascade else rotations, layout)
+    if not cascade:
+        return
+    if out.dim() > 1 and cutoffs.numel() not in (1, out.shape[1]):
+        raise ValueError(f"{cutoffs.numel()} refinement cutoffs for {out.shape[1]} classes")
+    low = out < cutoffs
+    rows = torch.nonzero(low.any(dim=1) if low.dim() > 1 else low).squeeze(1)
     for s in range(0, rows.numel(), batch_size):
         r = rows[s : s + batch_size]
         x = cubes[r].unsqueeze(1).contiguous(memory_format=layout)
-        out[r] = _add_turns(model, x, range(1, rotations), layout, first[r].clone()) / rotations
-    return out
+        out[r] = _add_turns(model, x, range(1, rotations), layout, out[r]) / rotations
 
 
 def cut_cubes_torch(block: torch.Tensor, points: torch.Tensor, frames: torch.Tensor,
@@ -373,6 +371,6 @@ def predict_points(
             for s in range(0, pts.shape[0], batch_size):
                 cubes = cut_cubes_torch(blk, pts[s : s + batch_size], fr[s : s + batch_size],
                                         size)
-                out[start + s : start + s + cubes.shape[0]] = _score(
-                    model, cubes, rotations, layout, batch_size, cutoffs)
+                _score(model, cubes, rotations, layout, batch_size, cutoffs,
+                       out[start + s : start + s + cubes.shape[0]])
     return out.cpu().numpy()

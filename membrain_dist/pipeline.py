@@ -484,13 +484,19 @@ def cluster_membrane(
     return int(picks.zyx.shape[0])
 
 
+def _thresholds(ccfg: ClusterConfig) -> tuple[float, ...]:
+    """The score thresholds clustering applies: one per class where calibrated per class,
+    else the one of every class."""
+    return ccfg.class_score_thresholds or (ccfg.score_threshold,)
+
+
 def _check_refined(score_prov: dict, ccfg: ClusterConfig, where: str) -> None:
     """Refuse to cluster scores of a turn cascade at a threshold above its cutoff: points
     between the two kept a single pass (ValueError naming the membrane)."""
     below = score_prov.get("params", {}).get("refine_below")
     if not below:
         return
-    thresholds = ccfg.class_score_thresholds or (ccfg.score_threshold,)
+    thresholds = _thresholds(ccfg)
     cut = list(below) * len(thresholds) if len(below) == 1 else list(below)
     if len(cut) != len(thresholds) or any(
             t > c for t, c in zip(thresholds, cut, strict=True)):
@@ -512,8 +518,7 @@ def with_refinement(cfg: PipelineConfig) -> PipelineConfig:
     icfg, ccfg = cfg.inference, cfg.cluster
     below: tuple[float, ...] = ()
     if icfg.refine_margin is not None and icfg.rotations > 1 and ccfg.units == "voxel":
-        thresholds = ccfg.class_score_thresholds or (ccfg.score_threshold,)
-        below = tuple(float(t) + float(icfg.refine_margin) for t in thresholds)
+        below = tuple(float(t) + float(icfg.refine_margin) for t in _thresholds(ccfg))
     if below == icfg.refine_below:
         return cfg
     return replace(cfg, inference=replace(icfg, refine_below=below))

@@ -543,9 +543,9 @@ def _cli() -> list[str]:
 
 
 def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep: bool,
-            rotations: int = 1, refine_margin: str | None = None) -> dict:
+            rotations: int = 1, predict_args: Sequence[str] = ()) -> dict:
     """``membrain-dist predict --scheduler`` against a fresh LocalCluster; wall time and RSS
-    (``refine_margin``: predict's ``--refine-margin``, None: its default)."""
+    (``predict_args``: more options of predict, e.g. ``--refine-margin off``)."""
     import psutil
 
     from flows.runtime import prefect_api
@@ -561,9 +561,7 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
             addr = client.scheduler.address
             cmd = [*_cli(), "predict", "--manifest", str(manifest), "--model", str(model_dir),
                    "--out", str(out), "--store", str(root), "--scheduler", addr,
-                   "--rotations", str(rotations)]
-            if refine_margin is not None:
-                cmd += ["--refine-margin", str(refine_margin)]
+                   "--rotations", str(rotations), *predict_args]
             logf = e2e / "predict.log"
             driver_peak = 0
             with open(logf, "w") as fh:
@@ -793,7 +791,7 @@ def bench_size(shape: tuple[int, int, int], args: argparse.Namespace, model_dir:
             shutil.rmtree(run_dir / "w2", ignore_errors=True)
     log.info("%s: end to end (CLI)", tag)
     e2e = run_e2e(manifest, model_dir, run_dir, 2, args.keep_stores, cfg.inference.rotations,
-                  args.refine_margin)
+                  predict_options(args))
     stage_s = {k: res["stages"][k]["2"]["seconds"] for k in STAGES}
     e2e["stage_share"] = {**{k: v / e2e["seconds"] for k, v in stage_s.items()},
                           "other (start-up, Prefect, scheduling)":
@@ -807,6 +805,15 @@ def bench_size(shape: tuple[int, int, int], args: argparse.Namespace, model_dir:
     if not args.keep_stores:
         shutil.rmtree(run_dir, ignore_errors=True)
     return res
+
+
+def predict_options(args: argparse.Namespace) -> list[str]:
+    """predict's options given to this benchmark (``--refine-margin``, ``--screen``)."""
+    out: list[str] = []
+    for opt in ("refine_margin", "screen"):
+        if getattr(args, opt, None) is not None:
+            out += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -824,6 +831,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                          "train stores in new models; 1 gives the earlier figures)")
     ap.add_argument("--refine-margin", default=None, metavar="VOXELS|off",
                     help="end to end: predict --refine-margin (turn cascade; default: predict's)")
+    ap.add_argument("--screen", default=None, metavar="VOXELS|off",
+                    help="end to end: predict --screen (spatial screen; default: predict's)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the naive references")
     ap.add_argument("--repeats", type=int, default=1, help="stage timings: best of this many passes")
     ap.add_argument("--profile", action="store_true",

@@ -138,6 +138,13 @@ class InferenceConfig:
         the clustering thresholds and ``refine_margin`` by
         :func:`membrain_dist.pipeline.with_refinement` when a prediction starts; empty:
         every cube gets every turn. Not set by hand.
+    screen
+        Spatial screen (voxels; None: off, the default): score one point per cube of this
+        size and side first, then only the points within this distance of a screened point
+        below the cutoffs (``refine_below``; so it needs ``refine_margin``); the others are
+        left unscored (NaN, never clustered). :mod:`membrain_dist.screen`. Measured on the
+        hard phantom's held-out campaigns: 3 voxels scored 43-47 % of the points, F1 within
+        0.007 of scoring every point.
     """
 
     batch_size: int | None = None
@@ -146,6 +153,7 @@ class InferenceConfig:
     cutter: str = "auto"
     refine_margin: float | None = 1.0
     refine_below: tuple[float, ...] = ()
+    screen: float | None = None
 
     def __post_init__(self) -> None:
         from .inference import check_rotations
@@ -158,6 +166,13 @@ class InferenceConfig:
         object.__setattr__(self, "refine_below", tuple(float(t) for t in self.refine_below))
         if self.refine_margin is not None and not self.refine_margin >= 0:
             raise ValueError(f"refine_margin must be >= 0 or None, got {self.refine_margin}")
+        if self.screen is not None and not self.screen > 0:
+            raise ValueError(f"screen must be > 0 voxels or None, got {self.screen}")
+
+    @property
+    def screening(self) -> bool:
+        """Whether scoring applies the spatial screen (a cell and the cutoffs it needs)."""
+        return self.screen is not None and bool(self.refine_below)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,8 @@ from membrain_dist.normals import vote_normals
 from membrain_dist.sampling import sample_membrane
 from membrain_dist.sides import SideSpec, assign_sides, enclosed_volume, select_sides
 
-__all__ = ["GeometryConfig", "process_membrane", "read_geometry", "geometry_key", "membrane_cubes"]
+__all__ = ["GeometryConfig", "process_membrane", "read_geometry", "geometry_key", "membrane_cubes",
+           "source_cubes"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,12 @@ class CubeSource:
     normal: np.ndarray
     intensity: Intensity | None
 
+    def rows(self, rows: np.ndarray | None) -> CubeSource:
+        """The same source for the points ``rows`` (indices; None: all of them)."""
+        if rows is None:
+            return self
+        return replace(self, zyx=self.zyx[rows], normal=self.normal[rows])
+
 
 def cube_source(root: Path, name: str, meta: store.TomogramMeta, zyx: np.ndarray,
                 normal: np.ndarray, cfg: GeometryConfig) -> CubeSource:
@@ -247,7 +254,11 @@ def membrane_cubes(root: str | os.PathLike, name: str, membrane_id: int,
     if stored_cubes(root, name, membrane_id):
         g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
         return np.asarray(g["cubes"][start:stop], np.float32)
-    src = membrane_source(root, name, membrane_id, cfg, start, stop)
+    return source_cubes(membrane_source(root, name, membrane_id, cfg, start, stop), cfg)
+
+
+def source_cubes(src: CubeSource, cfg: GeometryConfig) -> np.ndarray:
+    """Cubes ``(n, s, s, s)`` float32 of the points of ``src``, cut now."""
     s = cfg.cube_size
     out = np.empty((src.zyx.shape[0], s, s, s), np.float32)
     if src.zyx.shape[0] == 0:

@@ -53,6 +53,7 @@ from .geometry import (
     membrane_source,
     process_membrane,
     read_geometry,
+    source_cubes,
     stored_cubes,
 )
 from .labels import ellipsoid_covariance, face_labels, template_covariance
@@ -202,8 +203,10 @@ def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
     if gattrs is None:
         raise KeyError(f"{root}: no geometry for {gkey}")
     params: dict[str, Any] = {"model": model_fingerprint(model_dir), "rotations": cfg.rotations}
-    if cfg.refine_below and cfg.rotations > 1:
+    if cfg.refine_below and (cfg.rotations > 1 or cfg.screening):
         params["refine_below"] = list(cfg.refine_below)
+    if cfg.screening:
+        params["screen"] = float(cfg.screen)
     prov = store.provenance("scores", params, {"geometry": gattrs["provenance"]})
     return gattrs, prov
 
@@ -298,7 +301,8 @@ def score_part(cubes: np.ndarray, root: str | os.PathLike, name: str, membrane_i
     if cubes.shape[0] != stop - start:
         raise ValueError(f"{name} m{membrane_id}: {cubes.shape[0]} cubes for rows "
                          f"{start}:{stop}")
-    scores = score_cubes(cubes, root, name, model_dir, cfg)
+    scores = _part_scores(root, name, membrane_id, cfg, start, stop, lambda rows: score_cubes(
+        cubes if rows is None else cubes[rows], root, name, model_dir, cfg))
     store.write_array_atomic(root, _part_key(name, membrane_id, start, stop), scores,
                              chunks=None, attrs={"provenance": prov})
     return int(scores.shape[0])
@@ -374,22 +378,48 @@ def score_membrane(
     kw = dict(batch_size=cfg.batch_size, device=device, rotations=cfg.rotations,
               refine_below=cfg.refine_below)
     ranges = point_parts(int(gattrs["n_points"]), part_points)
-    if stored_cubes(root, name, membrane_id):
+    stored = stored_cubes(root, name, membrane_id)
+    if stored and not cfg.screening:  # read chunk by chunk, in one call
         cubes = zarr.open_array(store=str(root), path=f"{gkey}/cubes", mode="r")
         parts = [predict_distances(model, cubes, **kw)]
-    elif cuts_on_device(cfg, device, gcfg):
+    else:
+        on_device = not stored and cuts_on_device(cfg, device, gcfg)
         parts = []
         for a, b in ranges:
-            src = membrane_source(root, name, membrane_id, gcfg, a, b)
-            parts.append(predict_points(model, src.read_volume, src.shape_zyx, src.zyx,
-                                        src.normal, size=gcfg.cube_size,
-                                        intensity=src.intensity, **kw))
-    else:
-        parts = [predict_distances(model, membrane_cubes(root, name, membrane_id, gcfg, a, b),
-                                   **kw) for a, b in ranges]
+            if stored:
+                part = membrane_cubes(root, name, membrane_id, gcfg, a, b)
+
+                def score(rows, part=part):
+                    return predict_distances(model, part if rows is None else part[rows], **kw)
+            else:
+                src = membrane_source(root, name, membrane_id, gcfg, a, b)
+
+                def score(rows, src=src):
+                    sel = src.rows(rows)
+                    if on_device:
+                        return predict_points(model, sel.read_volume, sel.shape_zyx, sel.zyx,
+                                              sel.normal, size=gcfg.cube_size,
+                                              intensity=sel.intensity, **kw)
+                    return predict_distances(model, source_cubes(sel, gcfg), **kw)
+            parts.append(_part_scores(root, name, membrane_id, cfg, a, b, score))
     n = store_scores(root, name, membrane_id, model_dir, cfg, parts)
     log.info("%s: %d points scored on %s", skey, n, device)
     return n
+
+
+def _part_scores(root: str | os.PathLike, name: str, membrane_id: int, cfg: InferenceConfig,
+                 start: int, stop: int, score: Callable[[np.ndarray | None], np.ndarray]
+                 ) -> np.ndarray:
+    """Scores of the points ``start:stop`` of one membrane: ``score(None)`` (every point), or
+    with ``cfg.screening`` the spatial screen over ``score(rows)`` (rows of the part; NaN for
+    the points it leaves unscored, :func:`membrain_dist.screen.screened_scores`)."""
+    if not cfg.screening:
+        return score(None)
+    from .screen import screened_scores
+
+    g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
+    return screened_scores(score, np.asarray(g["zyx"][start:stop]),
+                           np.asarray(g["side"][start:stop]), cfg.refine_below, cfg.screen)
 
 
 def model_classes(model_dir: str | os.PathLike) -> list[str]:
@@ -466,11 +496,12 @@ def cluster_membrane(
     _check_refined(sattrs["provenance"], ccfg, gkey)
     geo = read_geometry(root, name, membrane_id)
     scores = read_scores(root, name, membrane_id)
-    if scores.size and not float(np.ptp(scores)) > MIN_SCORE_SPREAD:
+    scored = scores[np.isfinite(scores)]  # NaN: left unscored by the spatial screen
+    if scored.size and not float(np.ptp(scored)) > MIN_SCORE_SPREAD:
         # every point scores the same: the network saw nothing to tell them apart (a blank
         # or near-blank tomogram); Mean Shift would turn that into evenly spread "particles"
         log.warning("%s: all %d scores are %.4g (no spread): no particles picked on this "
-                    "membrane", gkey, scores.size, float(scores[0]))
+                    "membrane", gkey, scored.size, float(scored[0]))
         geo = {k: v[:0] for k, v in geo.items() if k in ("zyx", "normal", "side")}
         scores = scores[:0]
     picks = cluster_classes(geo["zyx"], geo["normal"], geo["side"], scores, ccfg, ocfg)
@@ -501,23 +532,24 @@ def _check_refined(score_prov: dict, ccfg: ClusterConfig, where: str) -> None:
     if len(cut) != len(thresholds) or any(
             t > c for t, c in zip(thresholds, cut, strict=True)):
         raise ValueError(
-            f"{where}: scores were refined over all turns only below {below} voxels, but the "
-            f"clustering threshold is {list(thresholds)}: score again with this threshold "
-            "(pipeline.with_refinement) or without the cascade (refine_margin None)")
+            f"{where}: scores were refined only below {below} voxels (turn cascade, screen), "
+            f"but the clustering threshold is {list(thresholds)}: score again with it "
+            "(pipeline.with_refinement) or without the cutoffs (refine_margin None)")
 
 
 def with_refinement(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with the turn cascade's cutoffs (``InferenceConfig.refine_below``, voxels) set
-    from the clustering thresholds (per class where calibrated per class) plus
-    ``refine_margin``; none when the margin is None, at one pass, or when the thresholds are
-    not in voxels. Called where a prediction's settings are final (``flows.predict.
-    predict_entries``, :func:`predict_sequential`), so a ``--threshold`` moves the cutoffs
-    with it."""
+    """``cfg`` with the cutoffs of the turn cascade and the spatial screen
+    (``InferenceConfig.refine_below``, voxels) set from the clustering thresholds (per class
+    where calibrated per class) plus ``refine_margin``; none when the margin is None, at one
+    pass without a screen, or when the thresholds are not in voxels. Called where a
+    prediction's settings are final (``flows.predict.predict_entries``,
+    :func:`predict_sequential`), so a ``--threshold`` moves the cutoffs with it."""
     from dataclasses import replace
 
     icfg, ccfg = cfg.inference, cfg.cluster
     below: tuple[float, ...] = ()
-    if icfg.refine_margin is not None and icfg.rotations > 1 and ccfg.units == "voxel":
+    if (icfg.refine_margin is not None and (icfg.rotations > 1 or icfg.screen is not None)
+            and ccfg.units == "voxel"):
         below = tuple(float(t) + float(icfg.refine_margin) for t in _thresholds(ccfg))
     if below == icfg.refine_below:
         return cfg

@@ -211,8 +211,8 @@ def test_predict_config_file_overrides_only_what_it_sets(trained_model: Path,
     assert _predict_config(ns).cluster.score_threshold == 3.5
 
 
-def test_predict_refine_margin_option(trained_model: Path) -> None:
-    """``--refine-margin``: voxels or ``off``; anything else is a usage error."""
+def test_predict_refine_margin_and_screen_options(trained_model: Path) -> None:
+    """``--refine-margin`` and ``--screen``: voxels or ``off``; anything else is a usage error."""
     from membrain_dist.cli import _predict_config, build_parser
 
     parser = build_parser()
@@ -225,6 +225,14 @@ def test_predict_refine_margin_option(trained_model: Path) -> None:
     for bad in ("-1", "many"):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, "--refine-margin", bad])
+    # --screen: a cell in voxels (> 0) or off; not given: the configuration's (off)
+    assert _predict_config(parser.parse_args(base)).inference.screen is None
+    args = parser.parse_args([*base, "--screen", "3"])
+    assert _predict_config(args).inference.screen == 3.0
+    assert _predict_config(parser.parse_args([*base, "--screen", "off"])).inference.screen is None
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--screen", bad])
 
 
 def test_campaign_settings_go_on_top_of_the_model_ones(trained_model: Path,

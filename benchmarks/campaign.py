@@ -6,6 +6,7 @@ Usage::
     python benchmarks/campaign.py --tomos 12 --tiny 0   # (a) and (b) only
     python benchmarks/campaign.py --rotations 1         # one scoring pass per cube
     python benchmarks/campaign.py --refine-margin off   # 4 turns for every cube (no cascade)
+    python benchmarks/campaign.py --screen 3            # spatial screen (predict --screen)
 
 In one run, each part on a fresh store:
 
@@ -59,7 +60,7 @@ import scale  # noqa: E402  (benchmarks/scale.py: the cached model)
 from flows.runtime import ClusterSpec, prefect_api, spawn_environment  # noqa: E402
 from flows.stream import Schedule  # noqa: E402
 from membrain_dist import pipeline  # noqa: E402
-from membrain_dist.cli import _refine_margin  # noqa: E402  (predict's --refine-margin)
+from membrain_dist.cli import _refine_margin, _screen  # noqa: E402  (predict's options)
 from membrain_dist.manifest import read_manifest, write_manifest  # noqa: E402
 from membrain_dist.star import read_particles  # noqa: E402
 from membrain_dist.synth import SynthConfig, generate_campaign  # noqa: E402
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--refine-margin", type=_refine_margin, default=1.0, metavar="VOXELS|off",
                     help="turn cascade margin of the scoring (InferenceConfig.refine_margin; "
                          "off: every cube at every turn)")
+    ap.add_argument("--screen", type=_screen, default=None, metavar="VOXELS|off",
+                    help="spatial screen cell of the scoring (InferenceConfig.screen; "
+                         "default off)")
     ap.add_argument("--e2e", type=scale.parse_size, nargs="*", default=[],
                     help="also time `membrain-dist predict` end to end on these sizes (ZxYxX, "
                          "e.g. 300x1000x1000), 2 workers x 1 thread (part d)")
@@ -275,11 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = pipeline.model_pipeline_config(model_dir)
     margin = args.refine_margin
     cfg = replace(cfg, inference=replace(cfg.inference, rotations=args.rotations,
-                                         refine_margin=margin))
+                                         refine_margin=margin, screen=args.screen))
     doc: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                            "model": model_info, "rotations": args.rotations,
-                           "refine_margin": margin}
+                           "refine_margin": margin, "screen": args.screen}
     small = args.work / f"small_{args.tomos}"
     if not args.skip_a and not (small / "manifest.csv").is_file():
         generate_campaign(small, n_tomos=args.tomos, seed=31, cfg=SMALL, n_train=0)
@@ -323,6 +327,8 @@ def report_a(doc: dict) -> None:
     margin = doc.get("refine_margin")
     cascade = "" if doc["rotations"] == 1 else (
         "; every turn for every cube" if margin is None else f"; turn cascade, margin {margin}")
+    if doc.get("screen"):
+        cascade += f"; spatial screen, {doc['screen']} voxels"
     print(f"\n(a) {doc['rotations']} scoring passes{cascade}; 1 CPU worker + 1 inference worker")
     print(f"{'flow':24s} {'wall s':>8s} {'busy CPU':>9s} {'busy inf':>9s} {'store/arrays':>13s}")
     for name in ("stages", "stream_cut_cpu", "stream_cut_inference"):

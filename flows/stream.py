@@ -246,7 +246,8 @@ class StreamRun:
                 continue
             cubes = self._submit("cut", name, (mid, a), cut_task,
                                  dict(root=self.root, name=name, membrane_id=mid,
-                                      cfg=self.cfg.geometry, start=a, stop=b))
+                                      cfg=self.cfg.geometry, start=a, stop=b,
+                                      icfg=self.cfg.inference))
             self._submit("score", name, (mid, a, b, cubes), score_part_task,
                          dict(cubes=cubes, root=self.root, name=name, membrane_id=mid,
                               model_dir=self.model_dir, cfg=self.cfg.inference, start=a, stop=b),

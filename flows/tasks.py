@@ -20,7 +20,7 @@ from membrain_dist.clustering import ClusterConfig
 from membrain_dist.config import InferenceConfig
 from membrain_dist.convert import ConvertConfig
 from membrain_dist.errors import InputError
-from membrain_dist.geometry import GeometryConfig, membrane_cubes
+from membrain_dist.geometry import GeometryConfig
 from membrain_dist.manifest import TomogramEntry
 from membrain_dist.orientation import OrientationConfig
 from membrain_dist.picks import PickConfig
@@ -71,8 +71,8 @@ def score_task(root: str, name: str, membrane_id: int, model_dir: str,
 # retry of score_part_task reuses them
 @task(name="cut", task_run_name="cut-{name}-m{membrane_id}-{start}", **_COMMON)
 def cut_task(root: str, name: str, membrane_id: int, cfg: GeometryConfig, start: int,
-             stop: int) -> Any:
-    return membrane_cubes(root, name, membrane_id, cfg, start, stop)
+             stop: int, icfg: InferenceConfig) -> Any:
+    return pipeline.part_cubes(root, name, membrane_id, cfg, icfg, start, stop)
 
 
 @task(name="score-part", task_run_name="score-{name}-m{membrane_id}-{start}", **_COMMON)

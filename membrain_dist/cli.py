@@ -631,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screen", type=_screen, default=argparse.SUPPRESS, metavar="VOXELS|off",
                    help="spatial screen: score one point per cell of this size (and side) "
                         "first, then only points within it of one scoring below the threshold "
-                        "plus the refine margin; the rest stay unscored (default off; 3: "
-                        "43-47 %% of the points scored on the hard phantom, F1 within 0.007)")
+                        "plus the refine margin; the rest stay unscored (default 3: 43-48 %% "
+                        "of the points scored on the hard phantom, the same F1); off: score "
+                        "every point")
     _add_cluster_options(p)
     _add_schedule_options(p)
     p.set_defaults(func=cmd_predict)

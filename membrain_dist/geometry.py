@@ -220,10 +220,21 @@ def stored_cubes(root: str | os.PathLike, name: str, membrane_id: int) -> bool:
     return (path / "cubes" / "zarr.json").is_file()
 
 
+def _rows_of(arr, start: int, stop: int | None, rows: np.ndarray | None) -> np.ndarray:
+    """``arr[start:stop]``, or with ``rows`` (indices, any order) those rows in that order."""
+    if rows is None:
+        return np.asarray(arr[start:stop])
+    rows = np.asarray(rows, np.int64)
+    uniq, inverse = np.unique(rows, return_inverse=True)  # zarr reads sorted selections
+    data = np.asarray(arr.oindex[uniq]) if hasattr(arr, "oindex") else np.asarray(arr)[uniq]
+    return data[inverse]
+
+
 def membrane_source(root: str | os.PathLike, name: str, membrane_id: int,
                     cfg: GeometryConfig | None = None, start: int = 0,
-                    stop: int | None = None) -> CubeSource:
-    """:class:`CubeSource` of the points ``start:stop`` of one membrane's stored geometry."""
+                    stop: int | None = None, rows: np.ndarray | None = None) -> CubeSource:
+    """:class:`CubeSource` of the points ``start:stop`` (or of the points ``rows``, indices in
+    that order) of one membrane's stored geometry."""
     import zarr
 
     cfg = cfg or GeometryConfig()
@@ -232,8 +243,8 @@ def membrane_source(root: str | os.PathLike, name: str, membrane_id: int,
     if store.node_attrs(root, key) is None:
         raise KeyError(f"{root}: no geometry group {key}")
     g = zarr.open_group(store=str(root), path=key, mode="r")
-    zyx = np.asarray(g["zyx"][start:stop], np.float32)
-    normal = np.asarray(g["normal"][start:stop], np.float32)
+    zyx = _rows_of(g["zyx"], start, stop, rows).astype(np.float32, copy=False)
+    normal = _rows_of(g["normal"], start, stop, rows).astype(np.float32, copy=False)
     meta = store.read_meta(root, name)
     if meta is None:
         raise KeyError(f"{root}: no complete tomogram group {name!r}")
@@ -242,8 +253,9 @@ def membrane_source(root: str | os.PathLike, name: str, membrane_id: int,
 
 def membrane_cubes(root: str | os.PathLike, name: str, membrane_id: int,
                    cfg: GeometryConfig | None = None, start: int = 0,
-                   stop: int | None = None) -> np.ndarray:
-    """Cubes ``(n, s, s, s)`` float32 of the points ``start:stop`` of one membrane.
+                   stop: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """Cubes ``(n, s, s, s)`` float32 of the points ``start:stop`` (or ``rows``, indices in
+    that order) of one membrane.
 
     Read from the geometry group when it kept them (``keep_cubes``), otherwise cut now from
     the tomogram (the same cubes: extraction is deterministic). Only the region the points
@@ -253,8 +265,8 @@ def membrane_cubes(root: str | os.PathLike, name: str, membrane_id: int,
     cfg = cfg or GeometryConfig()
     if stored_cubes(root, name, membrane_id):
         g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
-        return np.asarray(g["cubes"][start:stop], np.float32)
-    return source_cubes(membrane_source(root, name, membrane_id, cfg, start, stop), cfg)
+        return _rows_of(g["cubes"], start, stop, rows).astype(np.float32, copy=False)
+    return source_cubes(membrane_source(root, name, membrane_id, cfg, start, stop, rows), cfg)
 
 
 def source_cubes(src: CubeSource, cfg: GeometryConfig) -> np.ndarray:

@@ -294,18 +294,30 @@ def part_current(root: str | os.PathLike, name: str, membrane_id: int,
 
 def score_part(cubes: np.ndarray, root: str | os.PathLike, name: str, membrane_id: int,
                model_dir: str | os.PathLike, cfg: InferenceConfig, start: int, stop: int) -> int:
-    """Score the cubes of points ``start:stop`` of one membrane (cut elsewhere, handed over in
-    memory) and store them as a part of its scores (joined by :func:`assemble_scores`).
-    Parts outlive an interrupted run: a rerun scores only the missing ones."""
+    """Score the cubes of points ``start:stop`` of one membrane (cut elsewhere by
+    :func:`part_cubes`, handed over in memory) and store them as a part of its scores (joined
+    by :func:`assemble_scores`). Parts outlive an interrupted run: a rerun scores only the
+    missing ones."""
     _, prov = _scores_provenance(root, name, membrane_id, model_dir, cfg)
-    if cubes.shape[0] != stop - start:
-        raise ValueError(f"{name} m{membrane_id}: {cubes.shape[0]} cubes for rows "
-                         f"{start}:{stop}")
-    scores = _part_scores(root, name, membrane_id, cfg, start, stop, lambda rows: score_cubes(
+    plan = _part_plan(root, name, membrane_id, cfg, start, stop)
+    if cubes.shape[0] != plan.rows.size:
+        raise ValueError(f"{name} m{membrane_id}: {cubes.shape[0]} cubes for the "
+                         f"{plan.rows.size} rows that scoring points {start}:{stop} needs")
+    scores = _part_scores(cfg, plan, lambda rows: score_cubes(
         cubes if rows is None else cubes[rows], root, name, model_dir, cfg))
     store.write_array_atomic(root, _part_key(name, membrane_id, start, stop), scores,
                              chunks=None, attrs={"provenance": prov})
     return int(scores.shape[0])
+
+
+def part_cubes(root: str | os.PathLike, name: str, membrane_id: int, gcfg: GeometryConfig,
+               cfg: InferenceConfig, start: int, stop: int) -> np.ndarray:
+    """The cubes :func:`score_part` needs for the points ``start:stop``: theirs, then (with
+    the spatial screen) those of the screened points of other parts within reach."""
+    rows = _part_plan(root, name, membrane_id, cfg, start, stop).rows
+    if rows.size == stop - start:
+        return membrane_cubes(root, name, membrane_id, gcfg, start, stop)
+    return membrane_cubes(root, name, membrane_id, gcfg, rows=rows)
 
 
 def assemble_scores(root: str | os.PathLike, name: str, membrane_id: int,
@@ -386,40 +398,73 @@ def score_membrane(
         on_device = not stored and cuts_on_device(cfg, device, gcfg)
         parts = []
         for a, b in ranges:
+            plan = _part_plan(root, name, membrane_id, cfg, a, b)
+            rows = None if plan.rows.size == b - a else plan.rows
             if stored:
-                part = membrane_cubes(root, name, membrane_id, gcfg, a, b)
+                part = membrane_cubes(root, name, membrane_id, gcfg, a, b, rows)
 
-                def score(rows, part=part):
-                    return predict_distances(model, part if rows is None else part[rows], **kw)
+                def score(local, part=part):
+                    return predict_distances(model, part if local is None else part[local], **kw)
             else:
-                src = membrane_source(root, name, membrane_id, gcfg, a, b)
+                src = membrane_source(root, name, membrane_id, gcfg, a, b, rows)
 
-                def score(rows, src=src):
-                    sel = src.rows(rows)
+                def score(local, src=src):
+                    sel = src.rows(local)
                     if on_device:
                         return predict_points(model, sel.read_volume, sel.shape_zyx, sel.zyx,
                                               sel.normal, size=gcfg.cube_size,
                                               intensity=sel.intensity, **kw)
                     return predict_distances(model, source_cubes(sel, gcfg), **kw)
-            parts.append(_part_scores(root, name, membrane_id, cfg, a, b, score))
+            parts.append(_part_scores(cfg, plan, score))
     n = store_scores(root, name, membrane_id, model_dir, cfg, parts)
     log.info("%s: %d points scored on %s", skey, n, device)
     return n
 
 
-def _part_scores(root: str | os.PathLike, name: str, membrane_id: int, cfg: InferenceConfig,
-                 start: int, stop: int, score: Callable[[np.ndarray | None], np.ndarray]
-                 ) -> np.ndarray:
-    """Scores of the points ``start:stop`` of one membrane: ``score(None)`` (every point), or
-    with ``cfg.screening`` the spatial screen over ``score(rows)`` (rows of the part; NaN for
-    the points it leaves unscored, :func:`membrain_dist.screen.screened_scores`)."""
+@dataclass(frozen=True)
+class _PartPlan:
+    """What scoring the points ``start:stop`` of a membrane needs: ``rows``, the membrane rows
+    whose cubes are scored (the part's, then with the spatial screen the screened points of
+    other parts within reach); for the screen, the points (zyx, side) of those rows and the
+    screened ones among them (indices into ``rows``)."""
+
+    start: int
+    stop: int
+    rows: np.ndarray
+    zyx: np.ndarray | None = None
+    side: np.ndarray | None = None
+    screen: np.ndarray | None = None
+
+
+def _part_plan(root: str | os.PathLike, name: str, membrane_id: int, cfg: InferenceConfig,
+               start: int, stop: int) -> _PartPlan:
+    own = np.arange(start, stop, dtype=np.int64)
+    if not cfg.screening:
+        return _PartPlan(start, stop, own)
+    from .screen import reach_rows, screen_rows
+
+    g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
+    zyx, side = np.asarray(g["zyx"][...]), np.asarray(g["side"][...])
+    extra = reach_rows(zyx, side, start, stop, cfg.screen)
+    rows = np.concatenate([own, extra])
+    inside = screen_rows(zyx, side, cfg.screen)
+    inside = inside[(inside >= start) & (inside < stop)] - start
+    screen = np.concatenate([inside, own.size + np.arange(extra.size)])
+    return _PartPlan(start, stop, rows, zyx[rows], side[rows], screen)
+
+
+def _part_scores(cfg: InferenceConfig, plan: _PartPlan,
+                 score: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray:
+    """Scores of the points ``plan.start:plan.stop``: ``score(None)`` (every point), or with
+    ``cfg.screening`` the spatial screen over ``score(local)`` (``local``: indices into
+    ``plan.rows``; NaN for the points it leaves unscored,
+    :func:`membrain_dist.screen.screened_scores`)."""
     if not cfg.screening:
         return score(None)
     from .screen import screened_scores
 
-    g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
-    return screened_scores(score, np.asarray(g["zyx"][start:stop]),
-                           np.asarray(g["side"][start:stop]), cfg.refine_below, cfg.screen)
+    return screened_scores(score, plan.zyx, plan.side, cfg.refine_below, cfg.screen,
+                           screen=plan.screen, n=plan.stop - plan.start)
 
 
 def model_classes(model_dir: str | os.PathLike) -> list[str]:

@@ -11,8 +11,11 @@ point is left unscored (NaN: never clustered, since clustering keeps finite scor
 the threshold). On the hard phantom's held-out campaigns (seeds 102 / 103) a 3-voxel screen
 scored 43-47 % of the points with held-out F1 within 0.007 of scoring every point (README).
 
-Pure functions; the scoring itself is a callable, so the same screen serves cubes cut on the
-host, cut on the device, read from the store or handed over in memory.
+A membrane is scored in parts (row ranges); a part also scores the screened points of
+other parts within reach of its own (:func:`reach_rows`), so which points get scored does not
+depend on how the membrane is split. Pure functions; the scoring itself is a callable, so the
+same screen serves cubes cut on the host, cut on the device, read from the store or handed
+over in memory.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["screen_rows", "near_rows", "screened_scores"]
+__all__ = ["screen_rows", "near_rows", "reach_rows", "screened_scores"]
 
 
 def screen_rows(zyx: np.ndarray, side: np.ndarray, cell: float) -> np.ndarray:
@@ -48,14 +51,38 @@ def near_rows(zyx: np.ndarray, side: np.ndarray, seeds: np.ndarray, radius: floa
     zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
     side = np.asarray(side).reshape(-1)
     seeds = np.asarray(seeds, np.int64).reshape(-1)
-    near = np.zeros(zyx.shape[0], bool)
-    for s in np.unique(side[seeds]):
+    return _within(zyx, side, zyx[seeds], side[seeds], radius)
+
+
+def _within(zyx: np.ndarray, side: np.ndarray, near_zyx: np.ndarray, near_side: np.ndarray,
+            radius: float) -> np.ndarray:
+    """Mask of ``zyx`` (N, 3): within ``radius`` of a point of ``near_zyx`` on the same side."""
+    out = np.zeros(zyx.shape[0], bool)
+    for s in np.unique(near_side):
         rows = np.flatnonzero(side == s)
-        tree = cKDTree(zyx[seeds[side[seeds] == s]])
+        if not rows.size:
+            continue
+        tree = cKDTree(near_zyx[near_side == s])
         # the bound is exclusive: the next float up keeps points at exactly ``radius``
         d, _ = tree.query(zyx[rows], k=1, distance_upper_bound=np.nextafter(radius, np.inf))
-        near[rows[np.isfinite(d)]] = True
-    return near
+        out[rows[np.isfinite(d)]] = True
+    return out
+
+
+def reach_rows(zyx: np.ndarray, side: np.ndarray, start: int, stop: int, cell: float
+               ) -> np.ndarray:
+    """Screen rows of a membrane (:func:`screen_rows`, sorted) outside ``start:stop`` that lie
+    within ``cell`` voxels of one of the points ``start:stop`` on its side: with the screen
+    rows inside, every screened point whose score can decide a point of that part. Scoring
+    them with the part makes the screen's outcome independent of how the membrane is split
+    into parts."""
+    zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
+    side = np.asarray(side).reshape(-1)
+    rows = screen_rows(zyx, side, cell)
+    rows = rows[(rows < start) | (rows >= stop)]
+    if not rows.size or stop <= start:
+        return rows[:0]
+    return rows[_within(zyx[rows], side[rows], zyx[start:stop], side[start:stop], cell)]
 
 
 def screened_scores(
@@ -64,22 +91,29 @@ def screened_scores(
     side: np.ndarray,
     cutoffs: Sequence[float],
     cell: float,
+    screen: np.ndarray | None = None,
+    n: int | None = None,
 ) -> np.ndarray:
-    """Scores (N,) or (N, C) of points ``zyx`` (N, 3, voxels) with the screen; NaN where a
-    point was not scored.
+    """Scores (n,) or (n, C) of the first ``n`` points of ``zyx`` (N, 3, voxels) with the
+    screen; NaN where a point was not scored.
 
-    ``score(rows)`` returns the predictions of the given rows ((n,) or (n, C), voxels).
+    ``score(rows)`` returns the predictions of the given rows ((k,) or (k, C), voxels).
     ``cutoffs``: one distance for every class or one per class; a screened point is low when
-    it lies below the cutoff of some class. Its neighbours within ``cell`` voxels (same
-    side) are scored next.
+    it lies below the cutoff of some class, and its neighbours within ``cell`` voxels (same
+    side) are scored next. ``screen``: the screened rows (default :func:`screen_rows` of all
+    points); ``n``: the points wanted (default all; the rows after them only take part in
+    the screen, as :func:`reach_rows` gives them).
     """
-    n = int(np.asarray(zyx).reshape(-1, 3).shape[0])
+    zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
+    side = np.asarray(side).reshape(-1)
+    n = zyx.shape[0] if n is None else int(n)
     if not len(cutoffs):
         raise ValueError("the screen needs the clustering cutoffs (pipeline.with_refinement)")
-    first = screen_rows(zyx, side, cell)
+    first = screen_rows(zyx, side, cell) if screen is None else np.asarray(screen, np.int64)
     s_first = np.asarray(score(first), np.float32)
     out = np.full((n, *s_first.shape[1:]), np.nan, np.float32)
-    out[first] = s_first
+    own = first < n
+    out[first[own]] = s_first[own]
     if first.size == 0:
         return out
     cut = np.asarray(cutoffs, np.float32)
@@ -89,8 +123,8 @@ def screened_scores(
     low = low.any(axis=1) if low.ndim > 1 else low
     if not low.any():
         return out
-    todo = near_rows(zyx, side, first[low], cell)
-    todo[first] = False
+    todo = _within(zyx[:n], side[:n], zyx[first[low]], side[first[low]], cell)
+    todo[first[own]] = False
     rows = np.flatnonzero(todo)
     if rows.size:
         out[rows] = np.asarray(score(rows), np.float32)

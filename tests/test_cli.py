@@ -225,10 +225,10 @@ def test_predict_refine_margin_and_screen_options(trained_model: Path) -> None:
     for bad in ("-1", "many"):
         with pytest.raises(SystemExit):
             parser.parse_args([*base, "--refine-margin", bad])
-    # --screen: a cell in voxels (> 0) or off; not given: the configuration's (off)
-    assert _predict_config(parser.parse_args(base)).inference.screen is None
-    args = parser.parse_args([*base, "--screen", "3"])
-    assert _predict_config(args).inference.screen == 3.0
+    # --screen: a cell in voxels (> 0) or off; not given: the configuration's (3)
+    assert _predict_config(parser.parse_args(base)).inference.screen == 3.0
+    args = parser.parse_args([*base, "--screen", "2.5"])
+    assert _predict_config(args).inference.screen == 2.5
     assert _predict_config(parser.parse_args([*base, "--screen", "off"])).inference.screen is None
     for bad in ("0", "x"):
         with pytest.raises(SystemExit):

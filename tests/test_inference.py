@@ -273,7 +273,10 @@ def test_with_refinement_takes_the_cutoffs_from_the_clustering_thresholds():
     # a later threshold moves the cutoff with it; none at one pass or without a margin
     again = with_refinement(with_refinement(cfg).with_overrides("cluster", score_threshold=3.0))
     assert again.inference.refine_below == (4.0,)
-    assert with_refinement(cfg.with_overrides("inference", rotations=1)).inference.refine_below == ()
+    one = cfg.with_overrides("inference", rotations=1)  # one pass: cutoffs for the screen only
+    assert with_refinement(one).inference.refine_below == (5.5,)
+    unscreened = replace(one, inference=replace(one.inference, screen=None))
+    assert with_refinement(unscreened).inference.refine_below == ()
     off = replace(cfg, inference=replace(cfg.inference, refine_margin=None))
     assert with_refinement(off).inference.refine_below == ()
 
@@ -292,6 +295,7 @@ def test_prediction_with_the_turn_cascade(trained_model: Path, test_manifest: Pa
     entry = read_manifest(test_manifest)[0]
     root, name = tmp_path / "store.zarr", entry.name
     cfg = pipeline.model_pipeline_config(trained_model).with_overrides("inference", rotations=4)
+    cfg = replace(cfg, inference=replace(cfg.inference, screen=None))  # every point scored
     pipeline.predict_sequential([entry], root, trained_model, tmp_path / "pred", cfg)
     cut = cfg.cluster.score_threshold + cfg.inference.refine_margin
     mids = pipeline.membrane_ids(root, name)

@@ -87,10 +87,13 @@ def test_with_refinement_gives_the_screen_its_cutoffs_at_one_pass():
 
     cfg = PipelineConfig().with_overrides("cluster", score_threshold=4.0)
     one = cfg.with_overrides("inference", rotations=1)
-    assert with_refinement(one).inference.refine_below == ()
-    screened = with_refinement(one.with_overrides("inference", screen=3.0)).inference
-    assert screened.refine_below == (5.0,) and screened.screening
+    off = replace(one, inference=replace(one.inference, screen=None))
+    assert with_refinement(off).inference.refine_below == ()
+    screened = with_refinement(one).inference  # the default screen, 3 voxels
+    assert screened.refine_below == (5.0,) and screened.screening and screened.screen == 3.0
     assert not InferenceConfig(screen=3.0).screening  # no cutoffs yet: off
+    margin_off = replace(one, inference=replace(one.inference, refine_margin=None))
+    assert not with_refinement(margin_off).inference.screening
     with pytest.raises(ValueError, match="screen"):
         InferenceConfig(screen=0.0)
 
@@ -99,8 +102,8 @@ def test_screen_in_every_scoring_path(trained_model: Path, test_manifest: Path,
                                       tmp_path: Path):
     """With the screen, host cutting, device cutting (``grid_sample``, on the CPU here),
     stored cubes and cubes handed over in memory give the same scores (NaN where unscored),
-    equal to scoring every point where scored; the provenance names the screen, and
-    clustering refuses a threshold above its cutoff."""
+    in three parts as in one, equal to scoring every point where scored; the provenance
+    names the screen, and clustering refuses a threshold above its cutoff."""
     from membrain_dist import pipeline
     from membrain_dist.geometry import membrane_cubes
     from membrain_dist.inference import predict_distances
@@ -121,9 +124,9 @@ def test_screen_in_every_scoring_path(trained_model: Path, test_manifest: Path,
     def drop(r: Path) -> None:  # the cutter is not in the provenance: score again
         shutil.rmtree(r.joinpath(*pipeline.scores_key(name, mid).split("/")), ignore_errors=True)
 
-    def scores(icfg, r=root) -> np.ndarray:
+    def scores(icfg, r=root, parts=part_points) -> np.ndarray:
         drop(r)
-        pipeline.score_membrane(r, name, mid, trained_model, icfg, cfg.geometry, part_points)
+        pipeline.score_membrane(r, name, mid, trained_model, icfg, cfg.geometry, parts)
         return pipeline.read_scores(r, name, mid)
 
     host = scores(replace(cfg.inference, cutter="host"))
@@ -136,6 +139,9 @@ def test_screen_in_every_scoring_path(trained_model: Path, test_manifest: Path,
     assert prov["params"]["screen"] == 3.0
     assert prov["params"]["refine_below"] == list(cfg.inference.refine_below)
 
+    # the parts score the screened points of their neighbours: the same outcome in one part
+    one = scores(replace(cfg.inference, cutter="host"), parts=n)
+    np.testing.assert_allclose(one, host, atol=1e-4, rtol=0)  # other batches: round-off
     dev = scores(replace(cfg.inference, cutter="device"))
     np.testing.assert_allclose(dev, host, atol=1e-4, rtol=0)
 
@@ -146,8 +152,9 @@ def test_screen_in_every_scoring_path(trained_model: Path, test_manifest: Path,
     np.testing.assert_allclose(scores(cfg.inference, kept), host, atol=1e-5, rtol=0)
 
     for a, b in pipeline.point_parts(n, part_points):  # handed over in memory
-        pipeline.score_part(membrane_cubes(root, name, mid, cfg.geometry, a, b), root, name,
-                            mid, trained_model, cfg.inference, a, b)
+        cubes = pipeline.part_cubes(root, name, mid, cfg.geometry, cfg.inference, a, b)
+        assert cubes.shape[0] >= b - a
+        pipeline.score_part(cubes, root, name, mid, trained_model, cfg.inference, a, b)
     drop(root)
     pipeline.assemble_scores(root, name, mid, trained_model, cfg.inference, part_points)
     np.testing.assert_allclose(pipeline.read_scores(root, name, mid), host, atol=1e-5, rtol=0)
@@ -156,3 +163,27 @@ def test_screen_in_every_scoring_path(trained_model: Path, test_manifest: Path,
     with pytest.raises(ValueError, match="refined only below"):
         pipeline.cluster_membrane(root, name, mid, replace(
             cfg.cluster, score_threshold=cfg.inference.refine_below[0] + 0.5), cfg.orientation)
+
+
+def test_reach_rows_make_the_screen_independent_of_the_parts():
+    """Scoring a plane in parts, each with the screened points of other parts within reach,
+    scores the same points, with the same values, as scoring it in one piece."""
+    from membrain_dist.screen import reach_rows
+
+    zyx, side = _plane(40)
+    centres = np.array([[10.0, 19.6, 9.5], [10.0, 30.2, 25.0]], np.float32)
+    truth = np.linalg.norm(zyx[:, None] - centres[None], axis=2).min(axis=1)
+    whole = screened_scores(lambda rows: truth[rows], zyx, side, [4.0], 3.0)
+    first = screen_rows(zyx, side, 3.0)
+    for size in (700, 1000, 1601):
+        got = []
+        for a in range(0, len(zyx), size):
+            b = min(a + size, len(zyx))
+            extra = reach_rows(zyx, side, a, b, 3.0)
+            assert not np.any((extra >= a) & (extra < b)) and np.isin(extra, first).all()
+            rows = np.concatenate([np.arange(a, b), extra])
+            own = first[(first >= a) & (first < b)] - a
+            screen = np.concatenate([own, (b - a) + np.arange(extra.size)])
+            got.append(screened_scores(lambda local, rows=rows: truth[rows[local]], zyx[rows],
+                                       side[rows], [4.0], 3.0, screen=screen, n=b - a))
+        np.testing.assert_array_equal(np.concatenate(got), whole)

@@ -50,7 +50,7 @@ import dask
 from prefect import get_run_logger
 from pydantic import ConfigDict
 
-from membrain_dist import pipeline
+from membrain_dist import pipeline, store
 from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import TomogramEntry
 
@@ -205,7 +205,7 @@ class StreamRun:
         t.to_cluster = len(t.mids)
         if not t.mids:
             self._outputs(name)
-        for mid in t.mids:
+        for mid in self._largest_first(name, t.mids):
             if not self.gpu_resource:  # no inference workers apart: one task per membrane
                 self._submit("membrane", name, mid, membrane_task,
                              dict(root=self.root, name=name, membrane_id=mid,
@@ -217,6 +217,13 @@ class StreamRun:
             self._submit("geometry", name, mid, geometry_task,
                          dict(root=self.root, name=name, membrane_id=mid, cfg=self.cfg.geometry,
                               side=sides[mid], keep_cubes=self.schedule.keep_cubes))
+
+    def _largest_first(self, name: str, mids: list[int]) -> list[int]:
+        """Membranes by size (labelled voxels), largest first: the workers take them in
+        that order, so a large membrane does not start last and leave the others idle."""
+        meta = store.read_meta(self.root, name)
+        size = {int(m["id"]): int(m.get("voxels", 0)) for m in (meta.membranes if meta else [])}
+        return sorted(mids, key=lambda m: -size.get(int(m), 0))
 
     def _score(self, name: str, mid: int, n: int) -> None:
         inf = self.cfg.inference

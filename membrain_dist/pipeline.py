@@ -396,9 +396,10 @@ def score_membrane(
         parts = [predict_distances(model, cubes, **kw)]
     else:
         on_device = not stored and cuts_on_device(cfg, device, gcfg)
+        membrane = _membrane_screen(root, name, membrane_id, cfg) if cfg.screening else None
         parts = []
         for a, b in ranges:
-            plan = _part_plan(root, name, membrane_id, cfg, a, b)
+            plan = _part_plan(root, name, membrane_id, cfg, a, b, membrane)
             rows = None if plan.rows.size == b - a else plan.rows
             if stored:
                 part = membrane_cubes(root, name, membrane_id, gcfg, a, b, rows)
@@ -437,20 +438,31 @@ class _PartPlan:
 
 
 def _part_plan(root: str | os.PathLike, name: str, membrane_id: int, cfg: InferenceConfig,
-               start: int, stop: int) -> _PartPlan:
+               start: int, stop: int,
+               membrane: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> _PartPlan:
+    """``membrane``: the membrane's (zyx, side, screen rows) when already read (one membrane
+    scored in several parts reads and screens it once)."""
     own = np.arange(start, stop, dtype=np.int64)
     if not cfg.screening:
         return _PartPlan(start, stop, own)
-    from .screen import reach_rows, screen_rows
+    zyx, side, screened = membrane or _membrane_screen(root, name, membrane_id, cfg)
+    from .screen import reach_rows
+
+    extra = reach_rows(zyx, side, start, stop, cfg.screen, screen=screened)
+    rows = np.concatenate([own, extra])
+    inside = screened[(screened >= start) & (screened < stop)] - start
+    screen = np.concatenate([inside, own.size + np.arange(extra.size)])
+    return _PartPlan(start, stop, rows, zyx[rows], side[rows], screen)
+
+
+def _membrane_screen(root: str | os.PathLike, name: str, membrane_id: int, cfg: InferenceConfig
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(zyx, side, screened rows) of one membrane's stored geometry."""
+    from .screen import screen_rows
 
     g = zarr.open_group(store=str(root), path=geometry_key(name, membrane_id), mode="r")
     zyx, side = np.asarray(g["zyx"][...]), np.asarray(g["side"][...])
-    extra = reach_rows(zyx, side, start, stop, cfg.screen)
-    rows = np.concatenate([own, extra])
-    inside = screen_rows(zyx, side, cfg.screen)
-    inside = inside[(inside >= start) & (inside < stop)] - start
-    screen = np.concatenate([inside, own.size + np.arange(extra.size)])
-    return _PartPlan(start, stop, rows, zyx[rows], side[rows], screen)
+    return zyx, side, screen_rows(zyx, side, cfg.screen)
 
 
 def _part_scores(cfg: InferenceConfig, plan: _PartPlan,

@@ -39,9 +39,12 @@ def screen_rows(zyx: np.ndarray, side: np.ndarray, cell: float) -> np.ndarray:
     zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
     if zyx.shape[0] == 0:
         return np.zeros(0, np.int64)
-    key = np.concatenate([np.floor(zyx / cell).astype(np.int64),
-                          np.asarray(side, np.int64).reshape(-1, 1)], axis=1)
-    _, first = np.unique(key, axis=0, return_index=True)
+    cells = np.floor(zyx / cell).astype(np.int64)
+    cells -= cells.min(axis=0)
+    _, sides = np.unique(np.asarray(side).reshape(-1), return_inverse=True)
+    dims = (*(int(d) + 1 for d in cells.max(axis=0)), int(sides.max()) + 1)
+    key = np.ravel_multi_index((*cells.T, sides.reshape(-1)), dims)  # one int64 per cell, side
+    _, first = np.unique(key, return_index=True)
     return np.sort(first)
 
 
@@ -69,16 +72,16 @@ def _within(zyx: np.ndarray, side: np.ndarray, near_zyx: np.ndarray, near_side: 
     return out
 
 
-def reach_rows(zyx: np.ndarray, side: np.ndarray, start: int, stop: int, cell: float
-               ) -> np.ndarray:
+def reach_rows(zyx: np.ndarray, side: np.ndarray, start: int, stop: int, cell: float,
+               screen: np.ndarray | None = None) -> np.ndarray:
     """Screen rows of a membrane (:func:`screen_rows`, sorted) outside ``start:stop`` that lie
     within ``cell`` voxels of one of the points ``start:stop`` on its side: with the screen
     rows inside, every screened point whose score can decide a point of that part. Scoring
     them with the part makes the screen's outcome independent of how the membrane is split
-    into parts."""
+    into parts. ``screen``: :func:`screen_rows` of the membrane when already known."""
     zyx = np.asarray(zyx, np.float64).reshape(-1, 3)
     side = np.asarray(side).reshape(-1)
-    rows = screen_rows(zyx, side, cell)
+    rows = screen_rows(zyx, side, cell) if screen is None else np.asarray(screen, np.int64)
     rows = rows[(rows < start) | (rows >= stop)]
     if not rows.size or stop <= start:
         return rows[:0]

@@ -373,7 +373,9 @@ def score_membrane(
     (``part_points`` at a time, :func:`~membrain_dist.geometry.membrane_cubes`, with ``gcfg``
     the geometry's configuration): one task cuts and scores. Runs on whichever worker gets
     it: CUDA when the worker has a GPU and ``cfg.device`` is ``auto``; the model is loaded once
-    per worker process (``inference.get_model``). Returns the number of points scored.
+    per worker process (``inference.get_model``). With the spatial screen
+    (``cfg.screening``) only some points are scored, the rest stored as NaN
+    (:mod:`membrain_dist.screen`). Returns the number of points of the membrane.
     Skipped when the stored scores were made by the same model from the same geometry.
     """
     from .inference import predict_distances, predict_points
@@ -512,7 +514,8 @@ def write_scores(root: str | os.PathLike, key: str, scores: np.ndarray, prov: di
 
 
 def read_scores(root: str | os.PathLike, name: str, membrane_id: int) -> np.ndarray:
-    """One membrane's stored scores as written: (N,) one class, (N, C) several."""
+    """One membrane's stored scores as written: (N,) one class, (N, C) several; NaN for the
+    points the spatial screen left unscored."""
     key = scores_key(name, membrane_id)
     return np.asarray(zarr.open_array(store=str(root), path=key, mode="r")[...])
 

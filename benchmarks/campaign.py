@@ -6,7 +6,7 @@ Usage::
     python benchmarks/campaign.py --tomos 12 --tiny 0   # (a) and (b) only
     python benchmarks/campaign.py --rotations 1         # one scoring pass per cube
     python benchmarks/campaign.py --refine-margin off   # 4 turns for every cube (no cascade)
-    python benchmarks/campaign.py --screen 3            # spatial screen (predict --screen)
+    python benchmarks/campaign.py --screen off          # every point scored (no spatial screen)
 
 In one run, each part on a fresh store:
 
@@ -61,6 +61,7 @@ from flows.runtime import ClusterSpec, prefect_api, spawn_environment  # noqa: E
 from flows.stream import Schedule  # noqa: E402
 from membrain_dist import pipeline  # noqa: E402
 from membrain_dist.cli import _refine_margin, _screen  # noqa: E402  (predict's options)
+from membrain_dist.config import InferenceConfig  # noqa: E402
 from membrain_dist.manifest import read_manifest, write_manifest  # noqa: E402
 from membrain_dist.star import read_particles  # noqa: E402
 from membrain_dist.synth import SynthConfig, generate_campaign  # noqa: E402
@@ -258,9 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--refine-margin", type=_refine_margin, default=1.0, metavar="VOXELS|off",
                     help="turn cascade margin of the scoring (InferenceConfig.refine_margin; "
                          "off: every cube at every turn)")
-    ap.add_argument("--screen", type=_screen, default=None, metavar="VOXELS|off",
+    ap.add_argument("--screen", type=_screen, default=InferenceConfig().screen,
+                    metavar="VOXELS|off",
                     help="spatial screen cell of the scoring (InferenceConfig.screen; "
-                         "default off)")
+                         f"default {InferenceConfig().screen}; off: every point scored)")
     ap.add_argument("--e2e", type=scale.parse_size, nargs="*", default=[],
                     help="also time `membrain-dist predict` end to end on these sizes (ZxYxX, "
                          "e.g. 300x1000x1000), 2 workers x 1 thread (part d)")

@@ -221,13 +221,13 @@ def stored_cubes(root: str | os.PathLike, name: str, membrane_id: int) -> bool:
 
 
 def _rows_of(arr, start: int, stop: int | None, rows: np.ndarray | None) -> np.ndarray:
-    """``arr[start:stop]``, or with ``rows`` (indices, any order) those rows in that order."""
+    """``arr[start:stop]`` of a ``zarr.Array``, or with ``rows`` (indices, any order) those
+    rows in that order."""
     if rows is None:
         return np.asarray(arr[start:stop])
     rows = np.asarray(rows, np.int64)
     uniq, inverse = np.unique(rows, return_inverse=True)  # zarr reads sorted selections
-    data = np.asarray(arr.oindex[uniq]) if hasattr(arr, "oindex") else np.asarray(arr)[uniq]
-    return data[inverse]
+    return np.asarray(arr.oindex[uniq])[inverse]
 
 
 def membrane_source(root: str | os.PathLike, name: str, membrane_id: int,

@@ -126,7 +126,7 @@ def screened_scores(
     low = low.any(axis=1) if low.ndim > 1 else low
     if not low.any():
         return out
-    todo = _within(zyx[:n], side[:n], zyx[first[low]], side[first[low]], cell)
+    todo = near_rows(zyx, side, first[low], cell)[:n]
     todo[first[own]] = False
     rows = np.flatnonzero(todo)
     if rows.size:

@@ -146,7 +146,7 @@ class InferenceConfig:
         phantom's held-out campaigns (seeds 102 / 103, four stored models, 1 and 4 turns) it
         scored 43-48 % of the points, left 0.2-0.4 % of the points below the threshold
         unscored and gave the same F1 (+0.002 on one); ``predict`` end to end on
-        300 x 1000 x 1000 took 0.74x the time at one pass and 0.62x at 4 turns.
+        300 x 1000 x 1000 took 0.71-0.74x the time at one pass and 0.62x at 4 turns.
     """
 
     batch_size: int | None = None

@@ -314,10 +314,8 @@ def part_cubes(root: str | os.PathLike, name: str, membrane_id: int, gcfg: Geome
                cfg: InferenceConfig, start: int, stop: int) -> np.ndarray:
     """The cubes :func:`score_part` needs for the points ``start:stop``: theirs, then (with
     the spatial screen) those of the screened points of other parts within reach."""
-    rows = _part_plan(root, name, membrane_id, cfg, start, stop).rows
-    if rows.size == stop - start:
-        return membrane_cubes(root, name, membrane_id, gcfg, start, stop)
-    return membrane_cubes(root, name, membrane_id, gcfg, rows=rows)
+    plan = _part_plan(root, name, membrane_id, cfg, start, stop)
+    return membrane_cubes(root, name, membrane_id, gcfg, start, stop, plan.extra_rows)
 
 
 def assemble_scores(root: str | os.PathLike, name: str, membrane_id: int,
@@ -402,14 +400,13 @@ def score_membrane(
         parts = []
         for a, b in ranges:
             plan = _part_plan(root, name, membrane_id, cfg, a, b, membrane)
-            rows = None if plan.rows.size == b - a else plan.rows
             if stored:
-                part = membrane_cubes(root, name, membrane_id, gcfg, a, b, rows)
+                part = membrane_cubes(root, name, membrane_id, gcfg, a, b, plan.extra_rows)
 
                 def score(local, part=part):
                     return predict_distances(model, part if local is None else part[local], **kw)
             else:
-                src = membrane_source(root, name, membrane_id, gcfg, a, b, rows)
+                src = membrane_source(root, name, membrane_id, gcfg, a, b, plan.extra_rows)
 
                 def score(local, src=src):
                     sel = src.rows(local)
@@ -437,6 +434,12 @@ class _PartPlan:
     zyx: np.ndarray | None = None
     side: np.ndarray | None = None
     screen: np.ndarray | None = None
+
+    @property
+    def extra_rows(self) -> np.ndarray | None:
+        """``rows`` when they reach beyond the part (what ``membrane_cubes(rows=...)`` reads),
+        None when they are just ``start:stop`` (read as a slice)."""
+        return None if self.rows.size == self.stop - self.start else self.rows
 
 
 def _part_plan(root: str | os.PathLike, name: str, membrane_id: int, cfg: InferenceConfig,

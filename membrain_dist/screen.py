@@ -8,8 +8,8 @@ side tell much the same. The screen scores one point per cell and side (the firs
 order), then every point within ``cell`` voxels of a screened point of its side whose
 prediction lies below the cutoff (the clustering threshold plus ``refine_margin``); every other
 point is left unscored (NaN: never clustered, since clustering keeps finite scores below
-the threshold). On the hard phantom's held-out campaigns (seeds 102 / 103) a 3-voxel screen
-scored 43-47 % of the points with held-out F1 within 0.007 of scoring every point (README).
+the threshold). On the hard phantom's held-out campaigns (seeds 102 / 103, four models, 1 and
+4 turns) a 3-voxel screen scored 43-48 % of the points with the same held-out F1 (README).
 
 A membrane is scored in parts (row ranges); a part also scores the screened points of
 other parts within reach of its own (:func:`reach_rows`), so which points get scored does not

@@ -66,7 +66,7 @@ class ConvertConfig:
     chunk
         Zarr chunk edge (voxels), chunks are ``chunk**3``.
     compression_level
-        Blosc/zstd level.
+        Blosc level (:func:`membrain_dist.store.default_compressor`: lz4, bit shuffle).
     slab
         z-slab thickness for streaming (sections); ``None`` = ``chunk``; rounded up to a
         multiple of ``chunk``.
@@ -84,7 +84,7 @@ class ConvertConfig:
     """
 
     chunk: int = 128
-    compression_level: int = 3
+    compression_level: int = 5
     slab: int | None = None
     min_membrane_voxels: int = 100
     connectivity: int = 26
@@ -256,6 +256,17 @@ def pyramid_shapes(shape: tuple[int, int, int], min_size: int) -> list[tuple[int
     return out  # type: ignore[return-value]
 
 
+def bin2_mean(block: np.ndarray) -> np.ndarray:
+    """float32 mean of each 2x2x2 voxel block of ``block`` (even shape), summed in float64
+    axis by axis (contiguous slices: ~3x faster than a mean over a 6-D reshape)."""
+    s = block[0::2].astype(np.float64)
+    s += block[1::2]
+    s = s[:, 0::2] + s[:, 1::2]
+    s = s[:, :, 0::2] + s[:, :, 1::2]
+    s *= 0.125
+    return s.astype(np.float32)
+
+
 def _write_level(src, dst, mean: bool, step: int) -> None:
     """``dst`` = ``src`` binned 2x on z, y, x (mean of each 2x2x2 block, or its first voxel),
     computed in blocks of ``step`` output voxels per axis (bounded memory)."""
@@ -265,11 +276,8 @@ def _write_level(src, dst, mean: bool, step: int) -> None:
             for x0 in range(0, nx, step):
                 z1, y1, x1 = min(z0 + step, nz), min(y0 + step, ny), min(x0 + step, nx)
                 if mean:
-                    b = np.asarray(src[2 * z0:2 * z1, 2 * y0:2 * y1, 2 * x0:2 * x1],
-                                   dtype=np.float32)
-                    b = b.reshape(z1 - z0, 2, y1 - y0, 2, x1 - x0, 2).mean(axis=(1, 3, 5),
-                                                                           dtype=np.float64)
-                    dst[z0:z1, y0:y1, x0:x1] = b.astype(np.float32)
+                    dst[z0:z1, y0:y1, x0:x1] = bin2_mean(
+                        np.asarray(src[2 * z0:2 * z1, 2 * y0:2 * y1, 2 * x0:2 * x1]))
                 else:
                     dst[z0:z1, y0:y1, x0:x1] = src[2 * z0:2 * z1:2, 2 * y0:2 * y1:2,
                                                    2 * x0:2 * x1:2]
@@ -328,7 +336,7 @@ def convert_tomogram(
     """Convert one manifest row into the store group ``<root>/<entry.name>``.
 
     Writes the float32 tomogram at ``<name>/0`` and int32 labels at
-    ``<name>/labels/membranes/0`` (chunks ``cfg.chunk**3``, Blosc/zstd), with
+    ``<name>/labels/membranes/0`` (chunks ``cfg.chunk**3``, Blosc/lz4), with
     :class:`~membrain_dist.store.TomogramMeta`, provenance and OME-NGFF 0.5 attributes.
     Skips (returns the stored meta) when a complete group with the same source fingerprint
     and config exists. Everything is built in a temporary group renamed into place at the

@@ -349,9 +349,15 @@ def write_rows(array: zarr.Array, start: int, rows: np.ndarray) -> None:
         a = b
 
 
-def default_compressor(level: int = 3) -> BloscCodec:
-    """Blosc + zstd, byte shuffle."""
-    return BloscCodec(cname="zstd", clevel=int(level), shuffle="shuffle")
+def default_compressor(level: int = 5) -> BloscCodec:
+    """Blosc + lz4, bit shuffle.
+
+    On float32 tomograms (noise in the low mantissa bits) this compresses better than zstd
+    with byte shuffle and far faster: on a 128^3 chunk of the scale phantom, ratio 1.17 against
+    1.11, encoding ~1,400 against ~120-270 MB/s, decoding ~1,900 against ~250-940 MB/s (one
+    thread, numcodecs Blosc; a chunk of the hard phantom alike). Every read of a cube region
+    pays the decoding."""
+    return BloscCodec(cname="lz4", clevel=int(level), shuffle="bitshuffle")
 
 
 def write_array_atomic(
@@ -363,7 +369,7 @@ def write_array_atomic(
 ) -> None:
     """Write one array (with optional attributes) to ``key`` via a temporary key + rename.
 
-    ``chunks`` ``None`` means one chunk. Compressed with Blosc/zstd.
+    ``chunks`` ``None`` means one chunk. Compressed as :func:`default_compressor`.
     """
     key = key.strip("/")
     parent = _ensure_parent(root, key)

@@ -95,13 +95,14 @@ def _child(mode: str, tpath: Path, spath: Path, out: Path, chunk: int) -> None:
     else:
         import mrcfile
         import zarr
-        from zarr.codecs import BloscCodec
+
+        from membrain_dist.store import default_compressor
 
         with mrcfile.open(tpath, permissive=True) as mrc:
             data = np.asarray(mrc.data, dtype=np.float32)
         g = zarr.open_group(out, mode="w")
         a = g.create_array("0", shape=data.shape, dtype="float32", chunks=(chunk,) * 3,
-                           compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+                           compressors=default_compressor())
         a[:] = data
         extra = {}
     seconds = time.perf_counter() - t0

@@ -40,11 +40,11 @@ generator reproduces the same augmentation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from membrain_dist.train_config import AugmentConfig
 
 __all__ = [
     "AugmentConfig",
@@ -55,57 +55,6 @@ __all__ = [
     "random_wedge",
     "wedge_mask",
 ]
-
-Rotation = Literal["any", "quarter", "none"]
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Augmentation settings (paper: random rotations about z, flips along x and y, noise).
-
-    Attributes
-    ----------
-    rotation : {"any", "quarter", "none"}
-        Rotation about the normal: any angle (interpolated), 90-degree multiples (exact), or none.
-    flip : bool
-        Random flips along each in-plane axis, independently with probability 1/2.
-    noise_std : float
-        Standard deviation of additive Gaussian noise, in normalised intensity units (the
-        cubes are z-scores clipped at +-3, so 0.1 is 10 % of the tomogram's standard deviation).
-    noise_sigma : float
-        Correlation length of that noise (voxels, Gaussian sigma); 0 = white. The noise is
-        rescaled to ``noise_std`` after smoothing.
-    wedge_prob : float
-        Share of cubes filtered by a missing wedge with a random beam axis (see the module
-        docstring); 0 disables it.
-    wedge_deg : float
-        Tilt range of that wedge (+- degrees; the data's own acquisition range, 60 typically).
-    wedge_cone_deg : float
-        The wedge's beam axis is drawn within this angle of the normal: 90 = any direction,
-        30 = membranes seen face-on (their normal inside the missing wedge of a +-60 tilt).
-    """
-
-    rotation: Rotation = "quarter"
-    flip: bool = True
-    noise_std: float = 0.1
-    noise_sigma: float = 0.0
-    wedge_prob: float = 0.0
-    wedge_deg: float = 60.0
-    wedge_cone_deg: float = 90.0
-
-    def __post_init__(self) -> None:
-        if self.rotation not in ("any", "quarter", "none"):
-            raise ValueError(f"rotation must be 'any', 'quarter' or 'none', got {self.rotation!r}")
-        if not self.noise_std >= 0 or not self.noise_sigma >= 0:
-            raise ValueError(
-                f"noise_std and noise_sigma must be >= 0, got {self.noise_std}, {self.noise_sigma}")
-        if not 0 <= self.wedge_prob <= 1:
-            raise ValueError(f"wedge_prob must be in [0, 1], got {self.wedge_prob}")
-        if not 0 < self.wedge_deg <= 90:
-            raise ValueError(f"wedge_deg must be in (0, 90], got {self.wedge_deg}")
-        if not 0 <= self.wedge_cone_deg <= 90:
-            raise ValueError(f"wedge_cone_deg must be in [0, 90], got {self.wedge_cone_deg}")
-
 
 def _check(cubes: torch.Tensor) -> None:
     if cubes.dim() != 4 or cubes.shape[2] != cubes.shape[3]:

@@ -29,7 +29,7 @@ from .errors import InputError
 from .geometry import GeometryConfig
 from .orientation import OrientationConfig
 from .picks import PickConfig
-from .training import TrainConfig
+from .train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,16 @@ class LabelConfig:
         return max(1, len(self.classes))
 
 
+#: allowed numbers of quarter turns averaged per cube (``InferenceConfig.rotations``)
+ROTATIONS = (1, 2, 4, 8)
+
+
+def check_rotations(rotations: int) -> None:
+    """ValueError unless ``rotations`` is one of :data:`ROTATIONS`."""
+    if rotations not in ROTATIONS:
+        raise ValueError(f"rotations must be one of {ROTATIONS}, got {rotations}")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """Batched CNN inference.
@@ -158,8 +168,6 @@ class InferenceConfig:
     screen: float | None = 3.0
 
     def __post_init__(self) -> None:
-        from .inference import check_rotations
-
         check_rotations(self.rotations)
         if self.cutter not in ("auto", "host", "device"):
             raise ValueError(f"cutter must be auto, host or device, got {self.cutter!r}")

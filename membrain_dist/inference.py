@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from membrain_dist.config import check_rotations
 from membrain_dist.model import META_FILE, WEIGHTS_FILE, MemBrainCNN, ModelMeta, load_model
 
 __all__ = [
@@ -116,9 +117,6 @@ def get_model(
     return _cached_model(str(path), stamp, resolve_device(device))
 
 
-#: allowed numbers of quarter turns averaged per cube (``rotations``)
-ROTATIONS = (1, 2, 4, 8)
-
 #: cubes per forward pass when none is given. CPU: 256 keeps a pass's activations (16 channels
 #: x 10^3 voxels x 4 B per cube: 16 MB) under the dask workers' 32 MiB mmap threshold
 #: (``flows.runtime.MALLOC_ENV``); at 1024 every pass maps and faults in fresh pages (1,231 vs
@@ -129,11 +127,6 @@ DEFAULT_BATCH = {"cpu": 256, "cuda": 4096}
 def default_batch_size(device: str | torch.device) -> int:
     """Cubes per forward pass on ``device`` when the configuration leaves it open."""
     return DEFAULT_BATCH.get(torch.device(device).type, DEFAULT_BATCH["cpu"])
-
-
-def check_rotations(rotations: int) -> None:
-    if rotations not in ROTATIONS:
-        raise ValueError(f"rotations must be one of {ROTATIONS}, got {rotations}")
 
 
 #: most cubes read at once for a turn cascade (``refine_below``)

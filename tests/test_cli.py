@@ -277,3 +277,12 @@ def test_predict_settings_go_on_top_of_the_model_ones(trained_model: Path, tmp_p
     assert pipeline.predict_config(model) == pipeline.model_pipeline_config(model)
     with pytest.raises(InputError, match="min_pointz"):
         pipeline.predict_config(model, settings={"cluster": {"min_pointz": 6}})
+
+
+def test_scheduling_processes_do_not_import_torch():
+    """The predict driver and the CLI read configurations and schedule work; torch (~3 s to
+    import) is for the workers that train and score."""
+    code = ("import sys, flows.predict, flows.stream, membrain_dist.cli, membrain_dist.config; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, "importing the driver's modules imported torch"

@@ -67,6 +67,12 @@ class OrientationConfig:
         Edge (voxels) of the average's cube (default 16: a PSII dimer, ~200 Å, at 13.7 Å).
     angle_step : float
         In-plane search step (degrees; refined between steps by a parabola).
+    search_shift : int
+        The search also moves the cut centre by whole-voxel offsets up to this many voxels along
+        both in-plane axes (default 2: a pick lies a few voxels off the particle's centre; on
+        the hard phantom's tuning campaign the mean in-plane error at the picks fell from
+        19.1° to 12.8° over four one-membrane models, see
+        :func:`membrain_dist.average.search_in_plane`); 0 searches at the pick only.
     min_average_particles : int
         ``train`` keeps an average of at least this many annotated particles (default 5).
     """
@@ -77,6 +83,7 @@ class OrientationConfig:
     in_plane: Literal["average", "pca"] = "average"
     average_size: int = 16
     angle_step: float = 5.0
+    search_shift: int = 2
     min_average_particles: int = 5
 
     def __post_init__(self) -> None:
@@ -88,6 +95,8 @@ class OrientationConfig:
             raise ValueError(f"in_plane must be 'average' or 'pca', got {self.in_plane!r}")
         if self.average_size < 4 or not 0 < self.angle_step <= 90:
             raise ValueError("need average_size >= 4 and 0 < angle_step <= 90")
+        if not 0 <= self.search_shift <= 8:
+            raise ValueError(f"search_shift must be in 0..8 voxels, got {self.search_shift}")
 
     def to_dict(self) -> dict[str, object]:
         """JSON-serialisable parameters (for provenance)."""

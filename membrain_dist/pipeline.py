@@ -1179,11 +1179,14 @@ def _write_average(root: str | os.PathLike, sets: Sequence[TrainingSet], cfg: Pi
 class InPlaneSearch:
     """How a tomogram's picks get their in-plane angles from a model's average (small and
     picklable: what an outputs task receives). ``average_paths``: one per class (None: that
-    class keeps its PCA angles); a single-class model has one."""
+    class keeps its PCA angles); a single-class model has one. ``angle_step`` (degrees) and
+    ``shift`` (in-plane offsets searched, voxels) as :func:`membrain_dist.average.search_in_plane`
+    takes them."""
 
     average_paths: tuple[str | None, ...]
     geometry: GeometryConfig
     angle_step: float = 5.0
+    shift: int = 0
 
 
 def in_plane_search(model_dir: str | os.PathLike, cfg: PipelineConfig) -> InPlaneSearch | None:
@@ -1194,7 +1197,8 @@ def in_plane_search(model_dir: str | os.PathLike, cfg: PipelineConfig) -> InPlan
     found = tuple(str(p) if p.is_file() else None for p in paths)
     if not any(found):
         return None
-    return InPlaneSearch(found, cfg.geometry, cfg.orientation.angle_step)
+    return InPlaneSearch(found, cfg.geometry, cfg.orientation.angle_step,
+                         cfg.orientation.search_shift)
 
 
 def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices: np.ndarray,
@@ -1216,7 +1220,7 @@ def align_in_plane(root: str | os.PathLike, name: str, zyx: np.ndarray, matrices
             continue
         out[sel], corr[sel] = search_in_plane(
             read, tuple(meta.shape_zyx), zyx[sel], out[sel][:, :, 2], read_average(path),
-            cube_intensity(meta.intensity, search.geometry), search.angle_step)
+            cube_intensity(meta.intensity, search.geometry), search.angle_step, search.shift)
         done[sel] = True
     return out, corr, done
 

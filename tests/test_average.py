@@ -79,6 +79,29 @@ def test_search_recovers_known_in_plane_angles():
     assert (_angle_error(mats_w[:, :, 0].astype(np.float64), frames) > 80).all()
 
 
+def test_search_over_in_plane_offsets_finds_off_centre_particles():
+    """Picks 2 voxels off their particles (along u and v): the offset search finds the centre
+    (the correlation of the true centre, the right angle); without it the peak is lower."""
+    rng = np.random.default_rng(3)
+    shape = (56, 76, 76)
+    centres, frames, _ = _particles(rng, 12, shape)
+    vol = _blob_volume(shape, centres, frames)
+    vol += rng.normal(scale=0.05, size=shape).astype(np.float32)
+    ref = _blob_cube(16)
+    _, peak_true = search_in_plane(vol.__getitem__, shape, centres, frames[:, :, 2], ref, None,
+                                   angle_step=10.0)
+    # off by (+2, -1) voxels along the frame's (u, v) at angle 0 of the search: on the grid
+    f0 = in_plane_frames(frames[:, :, 2], np.zeros(1))[:, 0]
+    picks = centres + 2.0 * f0[:, :, 0] - 1.0 * f0[:, :, 1]
+    _, peak_off = search_in_plane(vol.__getitem__, shape, picks, frames[:, :, 2], ref, None,
+                                  angle_step=10.0)
+    mats, peak = search_in_plane(vol.__getitem__, shape, picks, frames[:, :, 2], ref, None,
+                                 angle_step=10.0, shift=2)
+    np.testing.assert_allclose(peak, peak_true, atol=0.01)
+    assert (peak > peak_off + 0.02).all(), (peak, peak_off)
+    assert _angle_error(mats[:, :, 0].astype(np.float64), frames).max() < 3.0
+
+
 def test_average_of_particles_in_their_frames_is_the_particle():
     rng = np.random.default_rng(1)
     shape = (56, 76, 76)

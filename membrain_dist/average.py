@@ -211,7 +211,7 @@ def turned_references(average: np.ndarray, angles: np.ndarray, mask: np.ndarray)
 def search_in_plane(
     read_volume: ReadVolume, shape: tuple[int, int, int], centres: np.ndarray,
     normals: np.ndarray, average: np.ndarray, intensity: Intensity | None,
-    angle_step: float = 5.0, shift: int = 0, chunk: int = 64,
+    angle_step: float = 5.0, shift: int = 0, chunk: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:
     """In-plane angle of each centre by correlation with ``average`` (its frame's cube).
 
@@ -220,7 +220,8 @@ def search_in_plane(
     interpolation, at one cut per position. With ``shift`` the cut centre also moves over the
     whole-voxel offsets ``-shift..shift`` along both in-plane axes (a pick is a few voxels off
     the particle's centre; off-centre the correlation is blurred), and each angle keeps its
-    best correlation over the offsets.
+    best correlation over the offsets. The offsets' cubes are windows of one cube of edge
+    ``s + 2 shift`` per centre (the same samples as cutting each: one cut per centre).
 
     Parameters
     ----------
@@ -234,7 +235,7 @@ def search_in_plane(
         In-plane offsets searched (voxels, each way; 0: at the centre only).
     chunk
         Centres cut per pass, in spatial order (memory ~ ``chunk x (2 shift + 1)^2 x s^3 x 4``
-        bytes).
+        bytes for the offsets' windows).
 
     Returns
     -------
@@ -260,27 +261,25 @@ def search_in_plane(
     step = 2 * np.pi / j
     mask = _mask(size)
     refs = turned_references(average, np.arange(j) * step, mask)  # (J, M)
-    flat_mask = mask.ravel()
     frames0 = in_plane_frames(n, np.zeros(1))  # (K, 1, 3, 3)
-    off = np.arange(-shift, shift + 1, dtype=np.float64)
-    grid = np.stack(np.meshgrid(off, off, indexing="ij"), -1).reshape(-1, 2)  # (S, 2)
-    nshift = grid.shape[0]
-    margin = _margin(size, 1, intensity.lowpass if intensity is not None else 0.0)
-    order = (np.concatenate(_compact_groups(c, margin + shift, REGION_VOXELS)) if c.shape[0]
+    # one cube of edge size + 2 shift per centre: the cube at in-plane offset (a, b) voxels
+    # along (u, v) is its window starting at (shift, shift + b, shift + a) (the same samples)
+    big = size + 2 * shift
+    windows = [(slice(shift, shift + size), slice(shift + b, shift + b + size),
+                slice(shift + a, shift + a + size))
+               for a in range(-shift, shift + 1) for b in range(-shift, shift + 1)]
+    margin = _margin(big, 1, intensity.lowpass if intensity is not None else 0.0)
+    order = (np.concatenate(_compact_groups(c, margin, REGION_VOXELS)) if c.shape[0]
              else np.zeros(0, np.int64))
     best = np.zeros(c.shape[0])
     peak = np.zeros(c.shape[0], np.float32)
     for k0 in range(0, c.shape[0], chunk):
         idx = order[k0:k0 + chunk]
-        f = frames0[idx, 0]  # (k, 3, 3)
-        moved = (c[idx, None, :] + grid[None, :, :1] * f[:, None, :, 0]
-                 + grid[None, :, 1:] * f[:, None, :, 1])  # (k, S, 3)
-        cubes = _cubes(read_volume, shape, moved.reshape(-1, 3),
-                       np.repeat(frames0[idx], nshift, axis=0), size, intensity)
-        v = cubes.reshape(idx.size * nshift, -1)[:, flat_mask]
-        v -= v.mean(axis=1, keepdims=True)
-        ncc = (v @ refs.T) / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        ncc = ncc.reshape(idx.size, nshift, j).max(axis=1)  # (k, J): best offset per angle
+        cubes = _cubes(read_volume, shape, c[idx], frames0[idx], big, intensity)[:, 0]
+        v = np.stack([cubes[(slice(None), *w)][:, mask] for w in windows], axis=1)  # (k, S, M)
+        v -= v.mean(axis=2, keepdims=True)
+        ncc = (v @ refs.T) / np.maximum(np.linalg.norm(v, axis=2, keepdims=True), 1e-12)
+        ncc = ncc.max(axis=1)  # (k, J): the best offset at each angle
         i = np.argmax(ncc, axis=1)
         best[idx] = (i + _refine_peak(ncc, i)) * step
         peak[idx] = ncc[np.arange(idx.size), i]

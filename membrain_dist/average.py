@@ -8,8 +8,9 @@ projected into the membrane plane, ``v``, ``n`` = the membrane normal at the par
 pointing to its side) and stores it with the model (``average.mrc``). At prediction each pick's
 in-plane angle is the one whose rotated cube correlates best with that average
 (:func:`search_in_plane`): a 2D template search about the pick's membrane normal, in
-``angle_step`` steps over the full turn (the average carries the particle's own symmetry),
-refined by a parabola through the best step and its neighbours.
+``angle_step`` steps over the full turn (the average carries the particle's own symmetry) and
+over whole-voxel in-plane offsets of the pick, refined by a parabola through the best step and
+its neighbours. The average is turned, not the tomogram: one cube is cut per pick.
 
 Cubes are cut by :func:`membrain_dist.extraction.extract_batches` from the normalised (and
 low-passed) tomogram with explicit frames. All positions are voxels ``(z, y, x)``; frames and
@@ -28,8 +29,8 @@ import numpy as np
 from .extraction import Intensity, ReadVolume, _margin, cube_offsets, extract_batches
 from .orientation import frame_from_axes, reference_axis
 
-__all__ = ["AverageSum", "accumulate_average", "in_plane_frames", "search_in_plane", "turned_references",
-           "write_average", "read_average", "AVERAGE_FILE", "AVERAGE_GLOB",
+__all__ = ["AverageSum", "accumulate_average", "in_plane_frames", "search_in_plane",
+           "turned_references", "write_average", "read_average", "AVERAGE_FILE", "AVERAGE_GLOB",
            "average_file", "model_averages"]
 
 log = logging.getLogger(__name__)

@@ -84,7 +84,7 @@ class ConvertConfig:
     """
 
     chunk: int = 128
-    compression_level: int = 5
+    compression_level: int = 3
     slab: int | None = None
     min_membrane_voxels: int = 100
     connectivity: int = 26

@@ -1186,7 +1186,7 @@ class InPlaneSearch:
     average_paths: tuple[str | None, ...]
     geometry: GeometryConfig
     angle_step: float = 5.0
-    shift: int = 0
+    shift: int = 2
 
 
 def in_plane_search(model_dir: str | os.PathLike, cfg: PipelineConfig) -> InPlaneSearch | None:

@@ -1,7 +1,8 @@
 """Settings of training and its augmentation (no torch: a process that only schedules work,
 such as the ``predict`` driver, reads configurations without importing torch).
 
-:mod:`membrain_dist.training` and :mod:`membrain_dist.augment` use them (and re-export them).
+:mod:`membrain_dist.training` and :mod:`membrain_dist.augment` use them; ``training.TrainConfig``
+and ``augment.AugmentConfig`` stay importable from there.
 """
 
 from __future__ import annotations

@@ -1181,12 +1181,12 @@ class InPlaneSearch:
     picklable: what an outputs task receives). ``average_paths``: one per class (None: that
     class keeps its PCA angles); a single-class model has one. ``angle_step`` (degrees) and
     ``shift`` (in-plane offsets searched, voxels) as :func:`membrain_dist.average.search_in_plane`
-    takes them."""
+    takes them; their defaults are :class:`OrientationConfig`'s (one place)."""
 
     average_paths: tuple[str | None, ...]
     geometry: GeometryConfig
-    angle_step: float = 5.0
-    shift: int = 2
+    angle_step: float = OrientationConfig.angle_step
+    shift: int = OrientationConfig.search_shift
 
 
 def in_plane_search(model_dir: str | os.PathLike, cfg: PipelineConfig) -> InPlaneSearch | None:

@@ -506,11 +506,12 @@ def spawn_environment(threads: int) -> Iterator[dict[str, str]]:
         yield env
 
 
-def task_runner(address: str):  # -> DaskTaskRunner
-    """A DaskTaskRunner on an already running scheduler."""
-    from prefect_dask import DaskTaskRunner
+def task_runner(address: str):  # -> CampaignTaskRunner
+    """A DaskTaskRunner on an already running scheduler (:mod:`flows.runner`: less CPU per
+    submitted task)."""
+    from .runner import CampaignTaskRunner
 
-    return DaskTaskRunner(address=address)
+    return CampaignTaskRunner(address=address)
 
 
 def manifest_run_name() -> str:

@@ -7,13 +7,16 @@ goes through pinned host memory with a non-blocking copy, so reading/decoding th
 overlaps the GPU's work on the current one, and predictions stay on the GPU until the end (one
 synchronisation per call).
 
-The model is prepared for inference once per call (:func:`inference_model`): every
-Conv3d + BatchNorm3d pair is folded into one convolution (eval-mode BatchNorm is an affine map
-per channel), and on the CPU weights and inputs use the channels-last (NDHWC) layout, for which
-torch's CPU convolutions are fastest: together 1.8x the cubes/s of the plain model at batch
-1024 on one core of this project's 2-core machine. With passes of 256 cubes (see
-``DEFAULT_BATCH``) the inference stage of ``benchmarks/scale.py`` ran at 1,805-2,045 cubes/s
-per core (16 channels; two full runs), against ~780 before.
+The model is prepared for inference once per process, model and device while its weights
+stay the same (:func:`prepared_model`, :func:`inference_model`): every Conv3d + BatchNorm3d
+pair is folded into one convolution (eval-mode BatchNorm is an affine map per channel), and on
+the CPU weights and inputs use the channels-last (NDHWC) layout, for which torch's CPU
+convolutions are fastest: together 1.8x the cubes/s of the plain model at batch 1024 on one
+core of this project's 2-core machine. With passes of 256 cubes (see ``DEFAULT_BATCH``) the
+inference stage of ``benchmarks/scale.py`` ran at 1,805-2,045 cubes/s per core (16 channels;
+two full runs), against ~780 before. On the CPU the folded feature stack is then compiled by
+TorchScript for inference (:func:`scripted_features`: oneDNN convolutions with their ReLUs
+fused, activations in oneDNN's layout between layers), 1.3-1.4x again.
 
 Turn cascade (``refine_below``): averaging 4 quarter turns costs 4 passes per cube, but
 only points that score below the clustering threshold are clustered, and on real-SNR data a
@@ -31,8 +34,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,8 @@ __all__ = [
     "get_model",
     "default_batch_size",
     "inference_model",
+    "prepared_model",
+    "scripted_features",
     "predict_distances",
     "predict_points",
     "cut_cubes_torch",
@@ -149,10 +156,13 @@ def memory_layout(device: str | torch.device) -> torch.memory_format:
     return torch.contiguous_format if torch.device(device).type == "cuda" else torch.channels_last_3d
 
 
-def inference_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+def inference_model(model: nn.Module, device: str | torch.device = "cpu",
+                    script: bool | None = None) -> nn.Module:
     """An eval-mode copy of ``model`` on ``device`` with each Conv3d + BatchNorm3d folded into
-    one Conv3d, channels-last on the CPU. Same outputs up to float32 round-off; ``model`` is
-    left untouched. Modules other than Conv3d -> BatchNorm3d pairs are kept as they are.
+    one Conv3d, channels-last on the CPU, and (``script``, default: on the CPU) the feature
+    stack of each :class:`MemBrainCNN` in it compiled by TorchScript for inference
+    (:func:`scripted_features`). Same outputs up to float32 round-off; ``model`` is left
+    untouched. Modules other than Conv3d -> BatchNorm3d pairs are kept as they are.
     """
     dev = torch.device(device)
     m = copy.deepcopy(model).eval()
@@ -163,7 +173,57 @@ def inference_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.
             if isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d):
                 parent._modules[a] = fuse_conv_bn_eval(conv, bn)
                 parent._modules[b] = nn.Identity()
-    return m.to(dev).to(memory_format=memory_layout(dev))
+    m = m.to(dev).to(memory_format=memory_layout(dev))
+    if dev.type == "cpu" if script is None else script:
+        for net in [x for x in m.modules() if isinstance(x, MemBrainCNN)]:
+            net.features = scripted_features(net.features, net.cube_size, dev)
+    return m
+
+
+def scripted_features(features: nn.Module, cube_size: int,
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """``features`` (eval mode, folded) traced, frozen and optimised for inference by
+    TorchScript (``torch.jit.optimize_for_inference``): on the CPU oneDNN runs each
+    convolution with its ReLU fused and keeps the activations in its own blocked layout
+    between layers, instead of a separate pass over each 16 MB activation. 1.3-1.4x the
+    cubes/s of the eager folded stack on one core (16 channels; ``benchmarks/inference.py``),
+    the same outputs up to round-off, any batch size. Tracing takes ~0.6 s, so prepared
+    models are kept (:func:`prepared_model`). The module as it was where tracing fails."""
+    dev = torch.device(device)
+    example = torch.zeros((2, 1, cube_size, cube_size, cube_size), device=dev)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(features, example.contiguous(memory_format=memory_layout(dev)))
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    except Exception as exc:  # noqa: BLE001 - an optimisation: fall back to eager
+        log.debug("TorchScript inference optimisation failed (%s): eager features", exc)
+        return features
+
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_digest(model: nn.Module) -> bytes:
+    """Digest of every parameter and buffer of ``model`` (a changed weight: a new digest)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def prepared_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """:func:`inference_model` of ``model``, kept per model object and device while its weights
+    stay the same (a worker scores many parts with one model: it is prepared once)."""
+    dev = str(torch.device(device))
+    digest = _weights_digest(model)
+    per_device = _PREPARED.setdefault(model, {})
+    hit = per_device.get(dev)
+    if hit is not None and hit[0] == digest:
+        return hit[1]
+    prepared = inference_model(model, dev)
+    per_device[dev] = (digest, prepared)
+    return prepared
 
 
 def predict_distances(
@@ -208,7 +268,7 @@ def predict_distances(
     dev = torch.device(resolve_device(device))
     batch_size = _batch_size(batch_size, dev)
     n = int(cubes.shape[0])
-    model = inference_model(model, dev)
+    model = prepared_model(model, dev)
     cuda = dev.type == "cuda"
     layout = memory_layout(dev)
     cutoffs = _refine_cutoffs(refine_below, dev)
@@ -348,7 +408,7 @@ def predict_points(
     check_rotations(rotations)
     dev = torch.device(resolve_device(device))
     batch_size = _batch_size(batch_size, dev)
-    model = inference_model(model, dev)
+    model = prepared_model(model, dev)
     layout = memory_layout(dev)
     cutoffs = _refine_cutoffs(refine_below, dev)
     n, n_classes = int(np.asarray(points).shape[0]), int(getattr(model, "n_classes", 1))

@@ -265,7 +265,7 @@ def _evaluate(model: MemBrainCNN, x: torch.Tensor, y: torch.Tensor, bs: int, bet
     ``balance : 1 - balance`` (the same mix the training epochs see). Runs an eval-mode copy
     with BatchNorm folded into the convolutions (:func:`~membrain_dist.inference.
     inference_model`, 1.5-1.8x faster on the CPU); ``model`` keeps its mode."""
-    folded = inference_model(model, x.device)
+    folded = inference_model(model, x.device, script=False)  # weights change every epoch
     layout = memory_layout(x.device)
     losses = []
     with torch.inference_mode(), _autocast(x.device, amp):

@@ -311,3 +311,36 @@ def test_prediction_with_the_turn_cascade(trained_model: Path, test_manifest: Pa
     with pytest.raises(ValueError, match="refined only below"):
         pipeline.cluster_membrane(root, name, mid, replace(cfg.cluster, score_threshold=cut + 0.5),
                                   cfg.orientation)
+
+
+def test_scripted_features_give_the_eager_outputs(model, cubes):
+    """The TorchScript feature stack (CPU default) runs compiled, for any batch size and for
+    turned (non-contiguous) cubes, with the eager folded stack's outputs."""
+    from membrain_dist.inference import inference_model
+
+    scripted = inference_model(model, "cpu")
+    eager = inference_model(model, "cpu", script=False)
+    assert isinstance(scripted.features, torch.jit.ScriptModule)  # no silent fallback
+    assert not isinstance(eager.features, torch.jit.ScriptModule)
+    x = torch.from_numpy(cubes).unsqueeze(1)
+    with torch.inference_mode():
+        for batch in (x[:1], x[:7], x, torch.rot90(x, 1, (3, 4))):
+            b = batch.contiguous(memory_format=torch.channels_last_3d)
+            np.testing.assert_allclose(scripted(b).numpy(), eager(b).numpy(), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(scripted(b).numpy(), model(batch).numpy(), atol=1e-5,
+                                       rtol=0)
+
+
+def test_prepared_model_is_kept_until_the_weights_change(cubes):
+    from membrain_dist.inference import prepared_model
+
+    torch.manual_seed(1)
+    net = MemBrainCNN(12, 8).eval()
+    first = prepared_model(net, "cpu")
+    assert prepared_model(net, "cpu") is first
+    before = predict_distances(net, cubes[:20])
+    with torch.no_grad():
+        net.head.bias.add_(1.0)  # in place: the same object, other weights
+    second = prepared_model(net, "cpu")
+    assert second is not first
+    np.testing.assert_allclose(predict_distances(net, cubes[:20]), before + 1.0, atol=1e-5)

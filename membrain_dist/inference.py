@@ -16,7 +16,7 @@ core of this project's 2-core machine. With passes of 256 cubes (see ``DEFAULT_B
 inference stage of ``benchmarks/scale.py`` ran at 1,805-2,045 cubes/s per core (16 channels;
 two full runs), against ~780 before. On the CPU the folded feature stack is then compiled by
 TorchScript for inference (:func:`scripted_features`: oneDNN convolutions with their ReLUs
-fused, activations in oneDNN's layout between layers), 1.3-1.4x again.
+fused, activations in oneDNN's layout between layers), 1.15-1.3x again.
 
 Turn cascade (``refine_below``): averaging 4 quarter turns costs 4 passes per cube, but
 only points that score below the clustering threshold are clustered, and on real-SNR data a
@@ -185,10 +185,11 @@ def scripted_features(features: nn.Module, cube_size: int,
     """``features`` (eval mode, folded) traced, frozen and optimised for inference by
     TorchScript (``torch.jit.optimize_for_inference``): on the CPU oneDNN runs each
     convolution with its ReLU fused and keeps the activations in its own blocked layout
-    between layers, instead of a separate pass over each 16 MB activation. 1.3-1.4x the
-    cubes/s of the eager folded stack on one core (16 channels; ``benchmarks/inference.py``),
-    the same outputs up to round-off, any batch size. Tracing takes ~0.6 s, so prepared
-    models are kept (:func:`prepared_model`). The module as it was where tracing fails."""
+    between layers, instead of a separate pass over each 16 MB activation. 1.15-1.3x the
+    cubes/s of the eager folded stack through :func:`predict_distances` (16 channels, 1 or 2
+    threads; 1.30x in a dask worker), the same outputs up to round-off, any batch size.
+    Tracing takes ~0.6 s, so prepared models are kept (:func:`prepared_model`). The module
+    as it was where tracing fails."""
     dev = torch.device(device)
     example = torch.zeros((2, 1, cube_size, cube_size, cube_size), device=dev)
     try:

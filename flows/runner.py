@@ -58,7 +58,8 @@ class SettingsSnapshot(SettingsContext):
 
 class CampaignTaskRunner(DaskTaskRunner):
     """``DaskTaskRunner`` that submits each synchronous Prefect task as
-    :func:`run_on_worker` (see the module doc); asynchronous ones as prefect-dask does."""
+    :func:`run_on_worker` (see the module doc); asynchronous ones (the flows have none) as
+    prefect-dask does."""
 
     _snapshot: SettingsSnapshot | None = None
 
@@ -76,23 +77,19 @@ class CampaignTaskRunner(DaskTaskRunner):
     def submit(self, task: Any, parameters: dict[str, Any],
                wait_for: Iterable[Any] | None = None,
                dependencies: dict[str, Set[Any]] | None = None) -> PrefectDaskFuture:
+        if task.isasync:  # not one of ours: prefect-dask's own path
+            return super().submit(task, parameters, wait_for, dependencies)
         if not self._started:
             raise RuntimeError("The task runner must be started before submitting work.")
         parameters = self._optimize_futures(parameters)
         wait_for = self._optimize_futures(wait_for) if wait_for else None
         snap = self._settings()
-        if task.isasync:  # not one of ours: prefect-dask's path, without the hashing
-            with snap.model_copy():  # a copy per call: submit may run in several threads
-                future = self.client.submit(task, parameters=parameters, wait_for=wait_for,
-                                            dependencies=dependencies, return_type="state",
-                                            pure=False)
-            return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
         task_run_id = uuid.uuid4()
         inputs = {k: collect_task_run_inputs_sync(v, future_cls=distributed.Future)
                   for k, v in parameters.items()}
         if dependencies:
             inputs = {k: v.union(dependencies.get(k, set())) for k, v in inputs.items()}
-        with snap.model_copy():
+        with snap.model_copy():  # a copy per call: submit may run in several threads
             context = serialize_context(asset_ctx_kwargs={
                 "task": task, "task_run_id": task_run_id, "task_inputs": inputs,
                 "copy_to_child_ctx": True})

@@ -492,8 +492,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     manifest = out / "data" / "manifest.csv"
     if not manifest.is_file():
-        print(f"synthetic campaign: {args.n_tomos} tomograms (1 for training) in {out / 'data'}")
-        generate_campaign(out / "data", n_tomos=args.n_tomos, seed=args.seed or 0, n_train=1)
+        if args.n_val < 0 or args.n_tomos < args.n_val + 2:
+            from .errors import InputError
+
+            raise InputError(out, f"--n-tomos {args.n_tomos} --n-val {args.n_val}: need one "
+                                  "training tomogram, n-val >= 0 validation tomograms and at "
+                                  "least one to test")
+        print(f"synthetic campaign: {args.n_tomos} tomograms (1 for training, {args.n_val} for "
+              f"validation) in {out / 'data'}")
+        generate_campaign(out / "data", n_tomos=args.n_tomos, seed=args.seed or 0, n_train=1,
+                          n_val=args.n_val)
     ns = argparse.Namespace(**vars(args))
     ns.template = str(out / "data" / "template.mrc")
     ns.manifest = str(manifest)
@@ -575,7 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic campaign: train, predict, evaluate (F1, angles)")
     p.add_argument("--out", default="membrain-demo", help="working folder (default ./membrain-demo)")
-    p.add_argument("--n-tomos", type=int, default=6, help="tomograms (1 trains, rest are tested)")
+    p.add_argument("--n-tomos", type=int, default=7,
+                   help="tomograms (default 7: 1 trains, --n-val validate, the rest are tested)")
+    p.add_argument("--n-val", type=int, default=1,
+                   help="annotated validation tomograms (default 1): the training stops on their "
+                        "loss and the score threshold is chosen on their picking F1; 0 = a part "
+                        "of the training tomogram's membranes instead")
     _add_train_options(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_demo, config=None, store=None, model=None, particle_diameter=None)

@@ -55,8 +55,8 @@ class PickConfig:
         ``train`` sets ``height`` from the annotations; False keeps the configured one.
     min_calibration_particles : int
         Calibrate only when the validation rows hold at least this many annotated particles
-        (default 10). Fewer make the F1 curve a coin toss: on the demo campaign the one
-        held-out membrane holds 3 and chose 3.25 where the test rows peak at 4.0 (F1 0.75
+        (default 10). Fewer make the F1 curve a coin toss: on the demo campaign without a
+        ``val`` row (``--n-val 0``) the one held-out membrane holds 3 and chose 3.25 where the test rows peak at 4.0 (F1 0.75
         against 0.83); the training rows are no substitute (the fitted model scores them
         lower: they chose 3.5). Give a ``val`` row to calibrate.
     class_heights : tuple of float

@@ -147,7 +147,7 @@ class TrainConfig:
         ============================  ===================  ===================
 
         Half of the cubes would give the sheets more, but on the demo campaign (easy phantom,
-        no validation row, so the threshold stays at 4.0) it scored F1 0.725 (P 0.607) where a
+        then without a validation row, so the threshold stayed at 4.0) it scored F1 0.725 (P 0.607) where a
         quarter scored 0.839 (P 0.925, R 0.767), as without (0.834). ``wedge_prob`` 0 turns it
         off; set ``wedge_deg`` to the data's tilt range.
     balance : float

@@ -27,6 +27,16 @@ def test_help(command: str) -> None:
     assert "--manifest" in res.stdout or "--out" in res.stdout or "--pred" in res.stdout
 
 
+def test_demo_refuses_a_campaign_without_test_tomograms(tmp_path: Path) -> None:
+    """One training and one validation tomogram leave nothing to pick: a usage error naming
+    the folder, before any tomogram is written."""
+    out = tmp_path / "demo"
+    res = run("demo", "--out", str(out), "--n-tomos", "2", "--n-val", "1", timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert str(out) in res.stderr and "--n-val 1" in res.stderr
+    assert not (out / "data").exists()
+
+
 def test_predict_refuses_missing_tomogram_before_any_work(campaign: Path, trained_model: Path,
                                                           tmp_path: Path) -> None:
     entries = read_manifest(campaign)

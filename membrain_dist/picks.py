@@ -56,9 +56,10 @@ class PickConfig:
     min_calibration_particles : int
         Calibrate only when the validation rows hold at least this many annotated particles
         (default 10). Fewer make the F1 curve a coin toss: on the demo campaign without a
-        ``val`` row (``--n-val 0``) the one held-out membrane holds 3 and chose 3.25 where the test rows peak at 4.0 (F1 0.75
-        against 0.83); the training rows are no substitute (the fitted model scores them
-        lower: they chose 3.5). Give a ``val`` row to calibrate.
+        ``val`` row (``--n-val 0``) the one held-out membrane holds 3 and chose 3.25 where
+        the test rows peak at 4.0 (F1 0.75 against 0.83); the training rows are no substitute
+        (the fitted model scores them lower: they chose 3.5). Give a ``val`` row to
+        calibrate.
     class_heights : tuple of float
         Per particle class (a model with several outputs): the height of each class (set by
         ``train``); empty: ``height`` for every class.

@@ -246,7 +246,8 @@ def part_d(shape: tuple[int, int, int], work: Path, model_dir: Path, rotations: 
     return {"shape_zyx": list(shape), "rotations": rotations, "seconds": round(e2e["seconds"], 1),
             "peak_rss_mb_per_worker": e2e["peak_rss_mb_per_worker"],
             "driver_peak_rss_mb": round(e2e["driverpeak_rss_mb_polled"]),
-            "particles": e2e["particles"], "command": e2e["command"], "generation": gen}
+            "particles": e2e["particles"], "command": e2e["command"], "generation": gen,
+            "task_seconds": e2e["task_seconds"]}
 
 
 # --------------------------------------------------------------------------- main
@@ -322,6 +323,9 @@ def report(doc: dict) -> None:
               f"scoring pass(es), 2 workers: {d['seconds']:.1f} s, peak RSS per worker "
               f"{'/'.join(f'{x:.0f}' for x in d['peak_rss_mb_per_worker'])} MB, "
               f"{d['particles']} particles")
+        print("    task time by kind: " + ", ".join(
+            f"{k} {v['seconds']:.1f} s ({v['tasks']} tasks)"
+            for k, v in sorted(d.get("task_seconds", {}).items())))
 
 
 def report_a(doc: dict) -> None:

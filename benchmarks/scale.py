@@ -542,6 +542,20 @@ def _cli() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "membrain_dist.cli"]
 
 
+def task_seconds(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Compute seconds and count of the tasks of each kind in dask task-stream ``records``;
+    a task's kind is its key without the trailing ``-<id>`` (``membrane_task-3f2a...``)."""
+    out: dict[str, dict[str, float]] = {}
+    for rec in records:
+        kind = str(rec["key"]).rsplit("-", 1)[0]
+        secs = sum(ss["stop"] - ss["start"] for ss in rec.get("startstops", ())
+                   if ss.get("action") == "compute")
+        row = out.setdefault(kind, {"seconds": 0.0, "tasks": 0})
+        row["seconds"] = round(row["seconds"] + secs, 2)
+        row["tasks"] += 1
+    return out
+
+
 def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep: bool,
             rotations: int = 1, predict_args: Sequence[str] = ()) -> dict:
     """``membrain-dist predict --scheduler`` against a fresh LocalCluster; wall time and RSS
@@ -564,6 +578,8 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
                    "--rotations", str(rotations), *predict_args]
             logf = e2e / "predict.log"
             driver_peak = 0
+            client.get_task_stream(start=time.time())  # the scheduler records from here on
+            t_stream = time.time()
             with open(logf, "w") as fh:
                 t0 = time.perf_counter()
                 proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
@@ -575,6 +591,7 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
                     time.sleep(0.2)
                 wall = time.perf_counter() - t0
             rss = client.run(peak_rss_mb)
+            tasks = task_seconds(client.get_task_stream(start=t_stream, count=None))
     text = logf.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"predict failed ({proc.returncode}): {' '.join(cmd)}\n{text[-3000:]}")
@@ -587,7 +604,8 @@ def run_e2e(manifest: Path, model_dir: Path, run_dir: Path, n_workers: int, keep
            "under_600_s": wall < E2E_TARGET_S, "particles": particles,
            "peak_rss_mb_per_worker": sorted(float(v) for v in rss.values()),
            "driverpeak_rss_mb_polled": driver_peak / MB,
-           "command": " ".join(cmd), "cli_last_line": text.strip().splitlines()[-1] if text.strip() else ""}
+           "command": " ".join(cmd), "cli_last_line": text.strip().splitlines()[-1] if text.strip() else "",
+           "task_seconds": tasks}
     if not keep:
         shutil.rmtree(e2e, ignore_errors=True)
     return res

@@ -116,9 +116,7 @@ def busy_fractions(client: Any, t0: float, wall: float) -> dict[str, float]:
     """Compute seconds of each worker since ``t0`` (epoch seconds) over ``wall``."""
     busy: dict[str, float] = {a: 0.0 for a in client.scheduler_info()["workers"]}
     for rec in client.get_task_stream(start=t0, count=None):
-        for ss in rec.get("startstops", ()):
-            if ss.get("action") == "compute":
-                busy[rec["worker"]] = busy.get(rec["worker"], 0.0) + ss["stop"] - ss["start"]
+        busy[rec["worker"]] = busy.get(rec["worker"], 0.0) + scale.compute_seconds(rec)
     return {a: round(b / wall, 3) for a, b in busy.items()}
 
 

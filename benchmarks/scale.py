@@ -542,16 +542,19 @@ def _cli() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "membrain_dist.cli"]
 
 
+def compute_seconds(record: dict) -> float:
+    """Seconds one dask task-stream record spent computing (not transferring or waiting)."""
+    return sum(ss["stop"] - ss["start"] for ss in record.get("startstops", ())
+               if ss.get("action") == "compute")
+
+
 def task_seconds(records: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Compute seconds and count of the tasks of each kind in dask task-stream ``records``;
     a task's kind is its key without the trailing ``-<id>`` (``membrane_task-3f2a...``)."""
     out: dict[str, dict[str, float]] = {}
     for rec in records:
-        kind = str(rec["key"]).rsplit("-", 1)[0]
-        secs = sum(ss["stop"] - ss["start"] for ss in rec.get("startstops", ())
-                   if ss.get("action") == "compute")
-        row = out.setdefault(kind, {"seconds": 0.0, "tasks": 0})
-        row["seconds"] = round(row["seconds"] + secs, 2)
+        row = out.setdefault(str(rec["key"]).rsplit("-", 1)[0], {"seconds": 0.0, "tasks": 0})
+        row["seconds"] = round(row["seconds"] + compute_seconds(rec), 2)
         row["tasks"] += 1
     return out
 

@@ -70,6 +70,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -548,12 +549,18 @@ def compute_seconds(record: dict) -> float:
                if ss.get("action") == "compute")
 
 
+#: the id dask or the runner appends to a task's key: a uuid (with dashes) or hex digits
+_TASK_ID = re.compile(r"-(?:[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}|[0-9a-f]+)$")
+
+
 def task_seconds(records: Sequence[dict]) -> dict[str, dict[str, float]]:
     """Compute seconds and count of the tasks of each kind in dask task-stream ``records``;
-    a task's kind is its key without the trailing ``-<id>`` (``membrane_task-3f2a...``)."""
+    a task's kind is its key without the trailing id (``membrane_task-3f2a...``, or a mapped
+    task's ``_pass1_block-<uuid>``)."""
     out: dict[str, dict[str, float]] = {}
     for rec in records:
-        row = out.setdefault(str(rec["key"]).rsplit("-", 1)[0], {"seconds": 0.0, "tasks": 0})
+        kind = _TASK_ID.sub("", str(rec["key"]))
+        row = out.setdefault(kind, {"seconds": 0.0, "tasks": 0})
         row["seconds"] = round(row["seconds"] + compute_seconds(rec), 2)
         row["tasks"] += 1
     return out

@@ -57,6 +57,7 @@ from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import TomogramEntry
 
 from . import progress
+from .fanout import cpu_workers_of
 from .runtime import task_runner
 from .tasks import (
     cluster_task,
@@ -434,10 +435,8 @@ def stream_entries(entries: Sequence[TomogramEntry], model_dir: str, out_dir: st
             if not (same and gpu_resource):
                 return []
             if time.monotonic() - asked[0] >= WORKERS_REFRESH_S:
-                info = cpu.client.scheduler_info()["workers"]
-                plain = [a for a, w in info.items()
-                         if not (w.get("resources") or {}).get("GPU")]
-                asked[:] = [time.monotonic(), plain if len(plain) < len(info) else []]
+                asked[:] = [time.monotonic(),
+                            cpu_workers_of(cpu.client.scheduler_info()["workers"])]
             return asked[1]
 
         get_run_logger().info(

@@ -26,6 +26,7 @@ from membrain_dist.orientation import OrientationConfig
 from membrain_dist.picks import PickConfig
 from membrain_dist.sides import SideSpec
 
+from .fanout import cluster_block_map
 from .logs import forward_library_logs
 
 # this module is imported in every dask worker that runs one of its tasks: the library's log
@@ -50,7 +51,8 @@ _COMMON = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unles
 
 @task(name="convert", task_run_name="convert-{entry.name}", **_COMMON)
 def convert_task(entry: TomogramEntry, root: str, cfg: ConvertConfig) -> list[int]:
-    return pipeline.convert_entry(entry, root, cfg)
+    """Convert one tomogram; a large one's blocks spread over the cluster (flows.fanout)."""
+    return pipeline.convert_entry(entry, root, cfg, cluster_block_map())
 
 
 @task(name="geometry", task_run_name="geometry-{name}-m{membrane_id}", **_COMMON)

@@ -16,6 +16,16 @@ faces, read back from the provisional label array) and a second streaming pass w
 final labels ``1..K`` (ordered by first appearance in z, y, x raster order of blocks).
 A segmentation holding several non-zero values keeps them as labels. Components (or
 labels) with fewer than ``min_membrane_voxels`` voxels are dropped (logged).
+
+The per-block passes (copy + provisional labels, final labels, each pyramid level) are pure
+functions of their block, mapped by a :data:`BlockMap`: ``serial_map`` here, or a dask map
+over a cluster's CPU workers (``flows.fanout``) for a tomogram of at least
+``fan_out_min_voxels``, so one large tomogram converts on many workers. Blocks write whole
+Zarr chunks only (blocks align with chunks), so they never race; the results (block
+statistics, label counts) come back small and in block order, and the stored arrays are the
+same whichever map ran them. Provisional labels are block-local in the store (``1..n`` per
+block); a block's offset (the labels of the blocks before it, in raster order) makes them
+campaign-unique where the faces are merged and in the final pass.
 """
 
 from __future__ import annotations
@@ -24,9 +34,10 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -44,6 +55,9 @@ from .store import TomogramMeta
 VolumeInfo = MrcInfo | ZarrInfo
 
 __all__ = [
+    "BlockMap",
+    "serial_map",
+    "FAN_OUT_MIN_VOXELS",
     "ConvertConfig",
     "validate_entry",
     "resolve_voxel_size",
@@ -55,6 +69,20 @@ log = logging.getLogger(__name__)
 
 _FINGERPRINT_BYTES = 1024 + 1024 * 1024  # header + first MiB
 _MAX_LABEL_VALUES = 65536
+
+_T = TypeVar("_T")
+#: ``map(fn, items) -> [fn(item) for item in items]``, in order; ``fn`` and the items pickle
+BlockMap = Callable[[Callable[[Any], _T], Sequence[Any]], list[_T]]
+
+
+def serial_map(fn: Callable[[Any], _T], items: Sequence[Any]) -> list[_T]:
+    """The :data:`BlockMap` of one process: each block in turn."""
+    return [fn(item) for item in items]
+
+
+#: a tomogram of at least this many voxels (256 MiB of float32) is converted by the given
+#: ``fan_out`` map; a smaller one in its own task (campaigns convert tomograms side by side)
+FAN_OUT_MIN_VOXELS = 2**26
 
 
 @dataclass(frozen=True)
@@ -267,20 +295,34 @@ def bin2_mean(block: np.ndarray) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def _write_level(src, dst, mean: bool, step: int) -> None:
-    """``dst`` = ``src`` binned 2x on z, y, x (mean of each 2x2x2 block, or its first voxel),
-    computed in blocks of ``step`` output voxels per axis (bounded memory)."""
-    nz, ny, nx = dst.shape
-    for z0 in range(0, nz, step):
-        for y0 in range(0, ny, step):
-            for x0 in range(0, nx, step):
-                z1, y1, x1 = min(z0 + step, nz), min(y0 + step, ny), min(x0 + step, nx)
-                if mean:
-                    dst[z0:z1, y0:y1, x0:x1] = bin2_mean(
-                        np.asarray(src[2 * z0:2 * z1, 2 * y0:2 * y1, 2 * x0:2 * x1]))
-                else:
-                    dst[z0:z1, y0:y1, x0:x1] = src[2 * z0:2 * z1:2, 2 * y0:2 * y1:2,
-                                                   2 * x0:2 * x1:2]
+@dataclass(frozen=True)
+class _LevelJob:
+    """One z x y block (all x) of pyramid level ``k`` from level ``k - 1`` (keys of the group
+    at ``root``): ``step`` output voxels per axis, whole chunks of the level."""
+
+    root: str
+    src_t: str
+    dst_t: str
+    src_l: str
+    dst_l: str
+    z0: int
+    y0: int
+    step: int
+
+
+def _level_block(job: _LevelJob) -> None:
+    """Write one block of a pyramid level: the mean of each 2x2x2 tomogram block, the first
+    voxel of each 2x2x2 label block."""
+    src_t, dst_t = store.writable_array(job.root, job.src_t), store.writable_array(job.root, job.dst_t)
+    src_l, dst_l = store.writable_array(job.root, job.src_l), store.writable_array(job.root, job.dst_l)
+    nz, ny, nx = dst_t.shape
+    z0, y0, step = job.z0, job.y0, job.step
+    z1, y1 = min(z0 + step, nz), min(y0 + step, ny)
+    for x0 in range(0, nx, step):
+        x1 = min(x0 + step, nx)
+        dst_t[z0:z1, y0:y1, x0:x1] = bin2_mean(
+            np.asarray(src_t[2 * z0:2 * z1, 2 * y0:2 * y1, 2 * x0:2 * x1]))
+        dst_l[z0:z1, y0:y1, x0:x1] = src_l[2 * z0:2 * z1:2, 2 * y0:2 * y1:2, 2 * x0:2 * x1:2]
 
 
 def _omero(name: str, center: float, scale: float, lo: float, hi: float, nz: int) -> dict:
@@ -330,8 +372,107 @@ def decide_polarity(membrane_mean: float, center: float, scale: float, forced: i
             "polarity_from": "manifest" if forced is not None else "data"}
 
 
+@dataclass(frozen=True)
+class _Pass1Job:
+    """One block of pass 1: sections ``z0:z1``, rows ``y0:y1``, all columns."""
+
+    root: str
+    tomo_key: str
+    labels_key: str
+    tinfo: VolumeInfo
+    sinfo: VolumeInfo
+    z0: int
+    z1: int
+    y0: int
+    y1: int
+    stride: int
+    full: bool
+
+
+@dataclass(frozen=True)
+class _Pass1:
+    """What pass 1 learnt of a block (small): data range, the strided intensity sample,
+    segmentation values (at most ``_MAX_LABEL_VALUES + 1``), membrane intensity sum and
+    count, and per block-local label its voxel count and bbox ``(z0, z1, y0, y1, x0, x1)``."""
+
+    lo: float
+    hi: float
+    sample: np.ndarray
+    values: np.ndarray
+    mem_sum: float
+    mem_n: int
+    counts: np.ndarray
+    bboxes: np.ndarray
+
+
+def _pass1_block(job: _Pass1Job) -> _Pass1:
+    """Copy a tomogram block to the store (NaN check, range, intensity sample) and write its
+    segmentation's connected components as block-local labels ``1..n``."""
+    z0, z1, y0, y1 = job.z0, job.z1, job.y0, job.y1
+    t = read_slab(job.tinfo, z0, z1, y0, y1).astype(np.float32, copy=False)
+    finite = np.isfinite(t)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0] + (z0, y0, 0)
+        kind = "NaN" if np.isnan(t).any() else "infinite"
+        raise InputError(job.tinfo.path, f"{kind} values in the tomogram (first at "
+                                         f"z, y, x = {tuple(int(v) for v in bad)})")
+    del finite
+    lo, hi = (float(t.min()), float(t.max())) if t.size else (math.inf, -math.inf)
+    store.writable_array(job.root, job.tomo_key)[z0:z1, y0:y1, :] = t
+    st = job.stride
+    sample = t[(-z0) % st::st, (-y0) % st::st, ::st].ravel()
+
+    s = read_slab(job.sinfo, z0, z1, y0, y1)
+    _check_segmentation_block(job.sinfo, s, z0)
+    mask = s != 0
+    values = np.zeros(0, np.int64)
+    mem_sum, mem_n = 0.0, 0
+    if mask.any():
+        values = np.unique(s[mask]).astype(np.int64)[:_MAX_LABEL_VALUES + 1]
+        mem_sum, mem_n = float(t[mask].sum(dtype=np.float64)), int(mask.sum())
+    del t, s
+    structure = ndimage.generate_binary_structure(3, 3 if job.full else 1)
+    lab, n = ndimage.label(mask, structure=structure, output=np.int32)
+    counts, bboxes = np.zeros(0, np.int64), np.zeros((0, 6), np.int64)
+    if n:
+        # bincount casts to intp: count the membrane voxels only, not the block
+        counts = np.bincount(lab[mask], minlength=n + 1)[1:].astype(np.int64)
+        bboxes = np.array([[o[0].start + z0, o[0].stop + z0, o[1].start + y0, o[1].stop + y0,
+                            o[2].start, o[2].stop] for o in ndimage.find_objects(lab)],
+                          dtype=np.int64)
+    store.writable_array(job.root, job.labels_key)[z0:z1, y0:y1, :] = lab
+    return _Pass1(lo, hi, sample, values, mem_sum, mem_n, counts, bboxes)
+
+
+@dataclass(frozen=True)
+class _Pass2Job:
+    """One block of pass 2: its final labels, ``lut[block-local label]``, or (an already
+    labelled segmentation) ``lut[index of the segmentation's value in values]``."""
+
+    root: str
+    labels_key: str
+    z0: int
+    z1: int
+    y0: int
+    y1: int
+    lut: np.ndarray
+    sinfo: VolumeInfo | None = None
+    values: np.ndarray | None = None
+
+
+def _pass2_block(job: _Pass2Job) -> None:
+    larr = store.writable_array(job.root, job.labels_key)
+    box = (slice(job.z0, job.z1), slice(job.y0, job.y1), slice(None))
+    if job.sinfo is not None:
+        idx = _value_index(read_slab(job.sinfo, job.z0, job.z1, job.y0, job.y1), job.values)
+    else:
+        idx = larr[box]
+    larr[box] = job.lut[idx]
+
+
 def convert_tomogram(
-    entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertConfig = ConvertConfig()
+    entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertConfig = ConvertConfig(),
+    fan_out: BlockMap | None = None, fan_out_min_voxels: int = FAN_OUT_MIN_VOXELS,
 ) -> TomogramMeta:
     """Convert one manifest row into the store group ``<root>/<entry.name>``.
 
@@ -341,6 +482,8 @@ def convert_tomogram(
     Skips (returns the stored meta) when a complete group with the same source fingerprint
     and config exists. Everything is built in a temporary group renamed into place at the
     end, so a failure leaves nothing behind (and an older finished group intact).
+    A tomogram of at least ``fan_out_min_voxels`` voxels maps its blocks with ``fan_out``
+    (e.g. over a dask cluster's workers) when given; the arrays written are the same.
 
     Raises
     ------
@@ -367,8 +510,10 @@ def convert_tomogram(
     slab, rows = cfg.slab_z, c
     comp = store.default_compressor(cfg.compression_level)
     full = cfg.connectivity == 26
-    structure = ndimage.generate_binary_structure(3, 3 if full else 1)
     stride = max(1, math.ceil((nz * ny * nx / max(cfg.intensity_samples, 1)) ** (1 / 3)))
+    block_map: BlockMap = (fan_out if fan_out is not None and nz * ny * nx >= fan_out_min_voxels
+                           else serial_map)
+    blocks = list(_blocks(shape, slab, rows))
 
     with store.atomic_group(root, entry.name) as g:
         tarr = g.create_array(store.TOMOGRAM_KEY, shape=shape, dtype="float32", chunks=chunks,
@@ -378,53 +523,24 @@ def convert_tomogram(
         larr = mem_grp.create_array("0", shape=shape, dtype="int32", chunks=chunks,
                                     compressors=comp, fill_value=0,
                                     dimension_names=("z", "y", "x"))
+        sroot, tkey, lkey = str(root), tarr.path, larr.path
 
-        # pass 1: tomogram copy + NaN check + intensity sample; provisional block labels
-        samples: list[np.ndarray] = []
-        mem_sum, mem_n = 0.0, 0
-        offset = 0
-        counts: list[np.ndarray] = []
-        bboxes: list[np.ndarray] = []
+        # pass 1: tomogram copy + NaN check + intensity sample; block-local labels
+        res = block_map(_pass1_block, [_Pass1Job(sroot, tkey, lkey, tinfo, sinfo, *b, stride,
+                                                 full) for b in blocks])
+        n_local = np.array([len(r.counts) for r in res], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(n_local)[:-1]]).astype(np.int64)
+        n_prov = int(n_local.sum())
+        lo = min((r.lo for r in res), default=math.inf)
+        hi = max((r.hi for r in res), default=-math.inf)
         values: set[int] = set()
-        lo, hi = math.inf, -math.inf
-        for z0, z1, y0, y1 in _blocks(shape, slab, rows):
-            t = read_slab(tinfo, z0, z1, y0, y1).astype(np.float32, copy=False)
-            finite = np.isfinite(t)
-            if not finite.all():
-                bad = np.argwhere(~finite)[0] + (z0, y0, 0)
-                kind = "NaN" if np.isnan(t).any() else "infinite"
-                raise InputError(tinfo.path, f"{kind} values in the tomogram (first at "
-                                             f"z, y, x = {tuple(int(v) for v in bad)})")
-            del finite
-            if t.size:
-                lo, hi = min(lo, float(t.min())), max(hi, float(t.max()))
-            tarr[z0:z1, y0:y1, :] = t
-            samples.append(t[(-z0) % stride::stride, (-y0) % stride::stride, ::stride].ravel())
+        for r in res:
+            if len(values) <= _MAX_LABEL_VALUES:
+                values.update(r.values.tolist())
+        mem_sum = sum(r.mem_sum for r in res)  # in block order, as one process would
+        mem_n = sum(r.mem_n for r in res)
 
-            s = read_slab(sinfo, z0, z1, y0, y1)
-            _check_segmentation_block(sinfo, s, z0)
-            mask = s != 0
-            if mask.any():
-                if len(values) <= _MAX_LABEL_VALUES:
-                    values.update(np.unique(s[mask]).astype(np.int64).tolist())
-                mem_sum += float(t[mask].sum(dtype=np.float64))
-                mem_n += int(mask.sum())
-            del t, s
-            lab, n = ndimage.label(mask, structure=structure, output=np.int32)
-            if n:
-                # bincount casts to intp: count the membrane voxels only, not the block
-                counts.append(np.bincount(lab[mask], minlength=n + 1)[1:])
-                objs = ndimage.find_objects(lab)
-                bb = np.array([[o[0].start + z0, o[0].stop + z0, o[1].start + y0,
-                                o[1].stop + y0, o[2].start, o[2].stop] for o in objs],
-                              dtype=np.int64)
-                bboxes.append(bb)
-                lab[mask] += offset
-                offset += n
-            larr[z0:z1, y0:y1, :] = lab
-            del lab, mask
-
-        if offset == 0:
+        if n_prov == 0:
             raise InputError(sinfo.path, "empty segmentation: no membrane voxel (all values 0)")
         if is_blank(lo, hi):
             raise InputError(tinfo.path, f"blank tomogram: every voxel is {lo:.6g}"
@@ -432,8 +548,7 @@ def convert_tomogram(
                              + " (no contrast); nothing can be picked in it")
 
         # intensity statistics
-        sample = np.concatenate(samples)
-        del samples
+        sample = np.concatenate([r.sample for r in res])
         center = float(np.median(sample))
         scale = float(np.median(np.abs(sample - center)) * 1.4826)
         if not scale > 0:
@@ -446,28 +561,31 @@ def convert_tomogram(
                      **decide_polarity(mem_mean, center, scale, entry.polarity, entry.name)}
         polarity = intensity["polarity"]
 
-        if len(values) > 1:
-            lut, membranes, read_from_seg, vals = _multilabel_tables(
-                sinfo, shape, slab, rows, values, cfg, entry.name)
-        else:
-            lut, membranes = _component_tables(
-                larr, shape, slab, rows, offset, np.concatenate(counts),
-                np.concatenate(bboxes), full, cfg, entry.name, sinfo.path)
-            read_from_seg, vals = False, None
-
         # pass 2: final labels
-        for z0, z1, y0, y1 in _blocks(shape, slab, rows):
-            if read_from_seg:
-                idx = _value_index(read_slab(sinfo, z0, z1, y0, y1), vals)  # type: ignore[arg-type]
-                larr[z0:z1, y0:y1, :] = lut[idx]
-            else:
-                larr[z0:z1, y0:y1, :] = lut[larr[z0:z1, y0:y1, :]]
+        if len(values) > 1:
+            lut, membranes, vals = _multilabel_tables(sinfo, shape, slab, rows, values, cfg,
+                                                      entry.name)
+            jobs = [_Pass2Job(sroot, lkey, *b, lut, sinfo, vals) for b in blocks]
+        else:
+            counts = np.concatenate([r.counts for r in res])
+            bboxes = np.concatenate([r.bboxes for r in res])
+            lut, membranes = _component_tables(
+                larr, shape, slab, rows, offsets.reshape(-1, math.ceil(ny / rows)), n_prov,
+                counts, bboxes, full, cfg, entry.name, sinfo.path)
+            jobs = []
+            for b, off, n in zip(blocks, offsets, n_local, strict=True):
+                if n:  # a block without membrane keeps its zeros
+                    lut_b = lut[off:off + n + 1].copy()
+                    lut_b[0] = 0
+                    jobs.append(_Pass2Job(sroot, lkey, *b, lut_b))
+        del res
+        block_map(_pass2_block, jobs)
 
         meta = TomogramMeta(name=entry.name, voxel_size_A=vs, shape_zyx=shape,
                                   chunks=chunks, source=source, intensity=intensity,
                                   membranes=membranes)
         levels = pyramid_shapes(shape, cfg.pyramid_min)
-        src_t, src_l = tarr, larr
+        src_t, src_l = tarr.path, larr.path
         for k, lshape in enumerate(levels, start=1):
             lchunks = tuple(min(c, s) for s in lshape)
             dst_t = g.create_array(str(k), shape=lshape, dtype="float32", chunks=lchunks,
@@ -476,9 +594,10 @@ def convert_tomogram(
             dst_l = mem_grp.create_array(str(k), shape=lshape, dtype="int32", chunks=lchunks,
                                          compressors=comp, fill_value=0,
                                          dimension_names=("z", "y", "x"))
-            _write_level(src_t, dst_t, True, c)
-            _write_level(src_l, dst_l, False, c)
-            src_t, src_l = dst_t, dst_l
+            block_map(_level_block, [
+                _LevelJob(sroot, src_t, dst_t.path, src_l, dst_l.path, z0, y0, c)
+                for z0 in range(0, lshape[0], c) for y0 in range(0, lshape[1], c)])
+            src_t, src_l = dst_t.path, dst_l.path
         n_levels = 1 + len(levels)
         ms = _ome_multiscales(entry.name, vs, n_levels)
         labels_grp.attrs.update({"ome": {"version": "0.5", "labels": ["membranes"]}})
@@ -494,17 +613,32 @@ def convert_tomogram(
     return meta
 
 
-def _component_tables(larr, shape, slab, rows, n_prov, counts, bboxes, full, cfg, name,
-                      seg_path) -> tuple[np.ndarray, list[dict]]:
-    """Merge provisional labels across block faces; lookup table + membrane records."""
+def _global_labels(plane: np.ndarray, offsets: np.ndarray, step: int) -> np.ndarray:
+    """A 2D plane of block-local labels made unique: segment ``j`` of ``step`` rows (axis 0)
+    belongs to the block whose label offset is ``offsets[j]``."""
+    out = plane.astype(np.int64)
+    for j, off in enumerate(offsets):
+        seg = out[j * step:(j + 1) * step]
+        seg[seg > 0] += off
+    return out
+
+
+def _component_tables(larr, shape, slab, rows, offsets, n_prov, counts, bboxes, full, cfg,
+                      name, seg_path) -> tuple[np.ndarray, list[dict]]:
+    """Merge provisional labels across block faces; lookup table + membrane records.
+    ``offsets[i, j]``: the label offset of the block of z slab ``i`` and row band ``j``."""
     nz, ny, _ = shape
     pairs = []
     for zb in range(slab, nz, slab):
         f = np.asarray(larr[zb - 1:zb + 1, :, :])
-        pairs.append(_face_pairs(f[0], f[1], full))
+        i = zb // slab
+        pairs.append(_face_pairs(_global_labels(f[0], offsets[i - 1], rows),
+                                 _global_labels(f[1], offsets[i], rows), full))
     for yb in range(rows, ny, rows):
         f = np.asarray(larr[:, yb - 1:yb + 1, :])
-        pairs.append(_face_pairs(f[:, 0, :], f[:, 1, :], full))
+        j = yb // rows
+        pairs.append(_face_pairs(_global_labels(f[:, 0, :], offsets[:, j - 1], slab),
+                                 _global_labels(f[:, 1, :], offsets[:, j], slab), full))
     pairs_arr = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     n = n_prov + 1
     graph = coo_matrix((np.ones(len(pairs_arr), dtype=np.int8),
@@ -587,5 +721,5 @@ def _multilabel_tables(sinfo, shape, slab, rows, values, cfg, name):
                            int(lo[i, 2]), int(hi[i, 2])]}
                  for i in range(1, nv + 1) if keep[i]]
     log.info("%s: segmentation already labelled (%d values): labels kept", name, nv)
-    return lut, membranes, True, vals
+    return lut, membranes, vals
 

@@ -43,7 +43,7 @@ from .config import (
     check_types,
     config_from_dict,
 )
-from .convert import ConvertConfig, convert_tomogram, validate_entry
+from .convert import BlockMap, ConvertConfig, convert_tomogram, validate_entry
 from .errors import InputError
 from .geometry import (
     GeometryConfig,
@@ -96,9 +96,11 @@ def validate_entries(entries: Sequence[TomogramEntry]) -> None:
         validate_entry(entry)
 
 
-def convert_entry(entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertConfig) -> list[int]:
-    """Convert one tomogram (skipped when current); return its membrane ids."""
-    meta = convert_tomogram(entry, root, cfg)
+def convert_entry(entry: TomogramEntry, root: str | os.PathLike, cfg: ConvertConfig,
+                  fan_out: BlockMap | None = None) -> list[int]:
+    """Convert one tomogram (skipped when current); return its membrane ids. ``fan_out``:
+    how a large tomogram's blocks are mapped (:func:`~membrain_dist.convert.convert_tomogram`)."""
+    meta = convert_tomogram(entry, root, cfg, fan_out)
     return [int(m["id"]) for m in meta.membranes]
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "TomogramMeta",
     "open_store",
     "read_meta",
+    "writable_array",
     "tomogram_array",
     "labels_array",
     "tomogram_dataarray",
@@ -216,6 +217,11 @@ def read_meta(root: str | os.PathLike, name: str) -> TomogramMeta | None:
 
 def _array(root: str | os.PathLike, key: str) -> zarr.Array:
     return zarr.open_array(LocalStore(Path(root), read_only=True), path=key, mode="r")
+
+
+def writable_array(root: str | os.PathLike, key: str) -> zarr.Array:
+    """The existing array at ``key``, open for writing (e.g. a block of it, by a worker)."""
+    return zarr.open_array(LocalStore(Path(root)), path=key, mode="r+")
 
 
 def tomogram_array(root: str | os.PathLike, name: str) -> zarr.Array:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 from test_convert import _entry, _spanning_segmentation
-from test_stream import _start_gpu_worker
+from test_stream import _join_gpu_worker, _start_gpu_worker
 
 from membrain_dist.convert import ConvertConfig, convert_tomogram
 from membrain_dist.errors import InputError
@@ -55,15 +55,7 @@ def cluster_with_gpu_worker(tmp_path_factory):
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         gpu = _start_gpu_worker(cluster.scheduler_address, logs / "gpu-worker.log")
         try:
-            deadline = time.monotonic() + 120
-            while len(client.scheduler_info()["workers"]) < 3:
-                assert time.monotonic() < deadline and gpu.poll() is None, \
-                    (logs / "gpu-worker.log").read_text()[-2000:]
-                time.sleep(0.2)
-            gpu_addr = next(a for a, w in client.scheduler_info()["workers"].items()
-                            if w["resources"].get("GPU"))
-            client.get_task_stream()  # the scheduler records tasks from its first call on
-            yield client, gpu_addr
+            yield client, _join_gpu_worker(client, gpu, logs / "gpu-worker.log", 3)
         finally:
             gpu.terminate()
             gpu.wait(30)

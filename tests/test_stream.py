@@ -63,6 +63,18 @@ def _start_gpu_worker(address: str, log: Path) -> subprocess.Popen:
          "--no-dashboard"], stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+def _join_gpu_worker(client, gpu: subprocess.Popen, log: Path, n_workers: int) -> str:
+    """Wait (at most 2 min) until the scheduler has ``n_workers`` workers, the GPU worker
+    among them; start the task stream; return the GPU worker's address."""
+    deadline = time.monotonic() + 120
+    while len(client.scheduler_info()["workers"]) < n_workers:
+        assert time.monotonic() < deadline and gpu.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.2)
+    client.get_task_stream()  # the scheduler records tasks from its first call on
+    return next(a for a, w in client.scheduler_info()["workers"].items()
+                if w["resources"].get("GPU"))
+
+
 def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
         test_manifest, trained_model, stage_prediction, tmp_path):
     """cut_on=cpu: cut tasks on the plain worker, scoring parts only on the GPU worker, cubes
@@ -79,14 +91,7 @@ def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         gpu = _start_gpu_worker(cluster.scheduler_address, tmp_path / "gpu-worker.log")
         try:
-            deadline = time.monotonic() + 120
-            while len(client.scheduler_info()["workers"]) < 2:
-                assert time.monotonic() < deadline and gpu.poll() is None, \
-                    (tmp_path / "gpu-worker.log").read_text()[-2000:]
-                time.sleep(0.2)
-            gpu_addr = next(a for a, w in client.scheduler_info()["workers"].items()
-                            if w["resources"].get("GPU"))
-            client.get_task_stream()  # the scheduler records tasks from its first call on
+            gpu_addr = _join_gpu_worker(client, gpu, tmp_path / "gpu-worker.log", 2)
             with prefect_api():
                 result = predict_campaign(
                     str(test_manifest), str(trained_model), str(tmp_path / "pred"),

@@ -392,13 +392,16 @@ class _Pass1Job:
 @dataclass(frozen=True)
 class _Pass1:
     """What pass 1 learnt of a block (small): data range, the strided intensity sample,
-    segmentation values (at most ``_MAX_LABEL_VALUES + 1``), membrane intensity sum and
-    count, and per block-local label its voxel count and bbox ``(z0, z1, y0, y1, x0, x1)``."""
+    the segmentation's non-zero values (sorted; at most ``_MAX_LABEL_VALUES + 1``) with their
+    voxel counts and bboxes, membrane intensity sum and count, and per block-local label its
+    voxel count and bbox. Bboxes are ``(z0, z1, y0, y1, x0, x1)``, tomogram voxels."""
 
     lo: float
     hi: float
     sample: np.ndarray
     values: np.ndarray
+    value_counts: np.ndarray
+    value_bboxes: np.ndarray
     mem_sum: float
     mem_n: int
     counts: np.ndarray
@@ -425,23 +428,40 @@ def _pass1_block(job: _Pass1Job) -> _Pass1:
     s = read_slab(job.sinfo, z0, z1, y0, y1)
     _check_segmentation_block(job.sinfo, s, z0)
     mask = s != 0
-    values = np.zeros(0, np.int64)
+    values, value_counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
     mem_sum, mem_n = 0.0, 0
     if mask.any():
-        values = np.unique(s[mask]).astype(np.int64)[:_MAX_LABEL_VALUES + 1]
+        values, value_counts = np.unique(s[mask].astype(np.int64), return_counts=True)
         mem_sum, mem_n = float(t[mask].sum(dtype=np.float64)), int(mask.sum())
-    del t, s
+    del t
     structure = ndimage.generate_binary_structure(3, 3 if job.full else 1)
     lab, n = ndimage.label(mask, structure=structure, output=np.int32)
     counts, bboxes = np.zeros(0, np.int64), np.zeros((0, 6), np.int64)
     if n:
         # bincount casts to intp: count the membrane voxels only, not the block
         counts = np.bincount(lab[mask], minlength=n + 1)[1:].astype(np.int64)
-        bboxes = np.array([[o[0].start + z0, o[0].stop + z0, o[1].start + y0, o[1].stop + y0,
-                            o[2].start, o[2].stop] for o in ndimage.find_objects(lab)],
-                          dtype=np.int64)
+        bboxes = _bboxes(ndimage.find_objects(lab), z0, y0)
+    if len(values) > _MAX_LABEL_VALUES:  # refused by the caller: no statistics needed
+        value_bboxes = np.zeros((0, 6), np.int64)
+        values, value_counts = values[:_MAX_LABEL_VALUES + 1], value_counts[:0]
+    elif len(values) > 1:
+        value_bboxes = _bboxes(ndimage.find_objects(_value_index(s, values)), z0, y0)
+    else:  # one value (or none): the union of its components' boxes
+        value_bboxes = np.zeros((len(values), 6), np.int64)
+        if len(values):
+            value_bboxes[0, 0::2] = bboxes[:, 0::2].min(axis=0)
+            value_bboxes[0, 1::2] = bboxes[:, 1::2].max(axis=0)
+    del s
     store.writable_array(job.root, job.labels_key)[z0:z1, y0:y1, :] = lab
-    return _Pass1(lo, hi, sample, values, mem_sum, mem_n, counts, bboxes)
+    return _Pass1(lo, hi, sample, values, value_counts, value_bboxes, mem_sum, mem_n, counts,
+                  bboxes)
+
+
+def _bboxes(objects: list, z0: int, y0: int) -> np.ndarray:
+    """``(n, 6)`` int64 tomogram bboxes ``(z0, z1, y0, y1, x0, x1)`` of ``find_objects``' slices
+    in a block that starts at section ``z0``, row ``y0`` (every object present)."""
+    return np.array([[o[0].start + z0, o[0].stop + z0, o[1].start + y0, o[1].stop + y0,
+                      o[2].start, o[2].stop] for o in objects], dtype=np.int64).reshape(-1, 6)
 
 
 @dataclass(frozen=True)
@@ -563,8 +583,7 @@ def convert_tomogram(
 
         # pass 2: final labels
         if len(values) > 1:
-            lut, membranes, vals = _multilabel_tables(sinfo, shape, slab, rows, values, cfg,
-                                                      entry.name)
+            lut, membranes, vals = _multilabel_tables(sinfo, res, cfg, entry.name)
             jobs = [_Pass2Job(sroot, lkey, *b, lut, sinfo, vals) for b in blocks]
         else:
             counts = np.concatenate([r.counts for r in res])
@@ -683,24 +702,22 @@ def _value_index(seg: np.ndarray, vals: np.ndarray) -> np.ndarray:
     return out
 
 
-def _multilabel_tables(sinfo, shape, slab, rows, values, cfg, name):
-    """Statistics of an already-labelled segmentation (one streaming pass)."""
-    if len(values) > _MAX_LABEL_VALUES:
+def _multilabel_tables(sinfo, blocks: Sequence[_Pass1], cfg, name):
+    """Statistics of an already-labelled segmentation, from each block's value statistics."""
+    allv = np.concatenate([b.values for b in blocks])
+    if len(np.unique(allv)) > _MAX_LABEL_VALUES:
         raise InputError(sinfo.path, f"segmentation holds more than {_MAX_LABEL_VALUES} "
                                      "distinct values: expected a mask or membrane labels")
-    vals = np.array(sorted(values), dtype=np.int64)
+    vals = np.unique(allv)
     nv = len(vals)
     size = np.zeros(nv + 1, dtype=np.int64)
     lo = np.full((nv + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
     hi = np.full((nv + 1, 3), -1, dtype=np.int64)
-    for z0, z1, y0, y1 in _blocks(shape, slab, rows):
-        idx = _value_index(read_slab(sinfo, z0, z1, y0, y1), vals)
-        size += np.bincount(idx[idx > 0], minlength=nv + 1)
-        for i, o in enumerate(ndimage.find_objects(idx), start=1):
-            if o is None:
-                continue
-            lo[i] = np.minimum(lo[i], (o[0].start + z0, o[1].start + y0, o[2].start))
-            hi[i] = np.maximum(hi[i], (o[0].stop + z0, o[1].stop + y0, o[2].stop))
+    for b in blocks:
+        i = np.searchsorted(vals, b.values) + 1
+        size[i] += b.value_counts
+        lo[i] = np.minimum(lo[i], b.value_bboxes[:, 0::2])
+        hi[i] = np.maximum(hi[i], b.value_bboxes[:, 1::2])
     keep = size >= cfg.min_membrane_voxels
     keep[0] = False
     if (~keep[1:]).any():

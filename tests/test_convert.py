@@ -109,6 +109,28 @@ def test_multilabel_segmentation_keeps_values(tmp_path):
         (3, 27, [1, 4, 1, 4, 1, 4]), (7, 27, [4, 7, 1, 4, 1, 4])]
 
 
+def test_multilabel_statistics_across_blocks(tmp_path):
+    """Labels spanning 8-voxel blocks, blocks holding one label or several: each label's voxel
+    count and bbox are those of the whole volume; the labels are stored as they are."""
+    seg = np.zeros((20, 19, 11), dtype=np.int16)
+    seg[2:18, 3, 5] = 5  # through three z slabs, alone in most blocks
+    seg[10, 6, 1:3] = 5  # a second piece of 5 in a block of 5 alone
+    seg[1:17, 12:18, 8] = 9  # through z slabs and row bands
+    seg[9:12, 9:11, 1:4] = 2  # beside 9 in the middle blocks
+    seg[0, 0, 0:3] = 4  # too small: dropped (min_membrane_voxels 4)
+    e = _entry(tmp_path, np.zeros(seg.shape, np.float32), seg)
+    meta = convert_tomogram(e, tmp_path / "c.zarr", ConvertConfig(chunk=8, min_membrane_voxels=4))
+    expect = []
+    for v in (2, 5, 9):
+        idx = np.argwhere(seg == v)
+        lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+        expect.append((v, len(idx), [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]),
+                                     int(lo[2]), int(hi[2])]))
+    assert [(m["id"], m["voxels"], m["bbox"]) for m in meta.membranes] == expect
+    np.testing.assert_array_equal(store.labels_array(tmp_path / "c.zarr", "tomo1")[:],
+                                  np.where(seg == 4, 0, seg))
+
+
 def test_axis_convention_bright_voxel(tmp_path):
     z, y, x = 3, 5, 9
     tomo = np.zeros((6, 7, 12), dtype=np.float32)

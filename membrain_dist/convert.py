@@ -313,8 +313,8 @@ class _LevelJob:
 def _level_block(job: _LevelJob) -> None:
     """Write one block of a pyramid level: the mean of each 2x2x2 tomogram block, the first
     voxel of each 2x2x2 label block."""
-    src_t, dst_t = store.writable_array(job.root, job.src_t), store.writable_array(job.root, job.dst_t)
-    src_l, dst_l = store.writable_array(job.root, job.src_l), store.writable_array(job.root, job.dst_l)
+    src_t, dst_t, src_l, dst_l = (store.writable_array(job.root, k)
+                                  for k in (job.src_t, job.dst_t, job.src_l, job.dst_l))
     nz, ny, nx = dst_t.shape
     z0, y0, step = job.z0, job.y0, job.step
     z1, y1 = min(z0 + step, nz), min(y0 + step, ny)

@@ -553,10 +553,7 @@ def convert_tomogram(
         n_prov = int(n_local.sum())
         lo = min((r.lo for r in res), default=math.inf)
         hi = max((r.hi for r in res), default=-math.inf)
-        values: set[int] = set()
-        for r in res:
-            if len(values) <= _MAX_LABEL_VALUES:
-                values.update(r.values.tolist())
+        values = np.unique(np.concatenate([r.values for r in res]))  # non-zero, sorted
         mem_sum = sum(r.mem_sum for r in res)  # in block order, as one process would
         mem_n = sum(r.mem_n for r in res)
 
@@ -583,8 +580,8 @@ def convert_tomogram(
 
         # pass 2: final labels
         if len(values) > 1:
-            lut, membranes, vals = _multilabel_tables(sinfo, res, cfg, entry.name)
-            jobs = [_Pass2Job(sroot, lkey, *b, lut, sinfo, vals) for b in blocks]
+            lut, membranes = _multilabel_tables(sinfo, values, res, cfg, entry.name)
+            jobs = [_Pass2Job(sroot, lkey, *b, lut, sinfo, values) for b in blocks]
         else:
             counts = np.concatenate([r.counts for r in res])
             bboxes = np.concatenate([r.bboxes for r in res])
@@ -702,13 +699,12 @@ def _value_index(seg: np.ndarray, vals: np.ndarray) -> np.ndarray:
     return out
 
 
-def _multilabel_tables(sinfo, blocks: Sequence[_Pass1], cfg, name):
-    """Statistics of an already-labelled segmentation, from each block's value statistics."""
-    allv = np.concatenate([b.values for b in blocks])
-    if len(np.unique(allv)) > _MAX_LABEL_VALUES:
+def _multilabel_tables(sinfo, vals: np.ndarray, blocks: Sequence[_Pass1], cfg, name):
+    """Statistics of an already-labelled segmentation (its sorted non-zero values ``vals``),
+    from each block's value statistics; lookup table (value index -> label) and records."""
+    if len(vals) > _MAX_LABEL_VALUES:
         raise InputError(sinfo.path, f"segmentation holds more than {_MAX_LABEL_VALUES} "
                                      "distinct values: expected a mask or membrane labels")
-    vals = np.unique(allv)
     nv = len(vals)
     size = np.zeros(nv + 1, dtype=np.int64)
     lo = np.full((nv + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
@@ -738,5 +734,5 @@ def _multilabel_tables(sinfo, blocks: Sequence[_Pass1], cfg, name):
                            int(lo[i, 2]), int(hi[i, 2])]}
                  for i in range(1, nv + 1) if keep[i]]
     log.info("%s: segmentation already labelled (%d values): labels kept", name, nv)
-    return lut, membranes, vals
+    return lut, membranes
 

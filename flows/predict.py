@@ -138,7 +138,8 @@ def _stage_by_stage(good, model_dir, out_dir, store, cfg, cpu_address, gpu_addre
     failures.update(bad)
     run.tomograms_failed(failures)
     geo, bad = geometry_flow.with_options(task_runner=cpu)(good, membranes, store, cfg,
-                                                           schedule.keep_cubes)
+                                                           schedule.keep_cubes,
+                                                           schedule.group_voxels)
     failures.update(bad)
     run.tomograms_failed(failures)
     keys = [k for k in geo if k[0] not in failures]

@@ -1,4 +1,6 @@
-"""Stage subflows: each maps one stage over (tomogram, membrane) pairs on a dask cluster.
+"""Stage subflows: each maps one stage over (tomogram, membrane group) pairs on a dask cluster
+(a group: one membrane, or several small ones of a tomogram,
+:func:`membrain_dist.pipeline.membrane_groups`).
 
 Each subflow gets its ``DaskTaskRunner`` from the caller (``.with_options(task_runner=...)``),
 so the CPU stages and the inference stage can run on different clusters (SLURM CPU and GPU
@@ -76,33 +78,39 @@ def convert_flow(entries: Sequence[TomogramEntry], root: str,
     return ok, _fail_by_tomogram(bad)
 
 
+Key = tuple[str, tuple[int, ...]]  # (tomogram, membrane group)
+
+
 @flow(name="geometry")
 def geometry_flow(entries: Sequence[TomogramEntry], membranes: Mapping[str, list[int]],
-                  root: str, cfg: PipelineConfig, keep_cubes: bool = False
-                  ) -> tuple[dict[tuple[str, int], int], Failures]:
+                  root: str, cfg: PipelineConfig, keep_cubes: bool = False,
+                  group_voxels: int = pipeline.GROUP_VOXELS
+                  ) -> tuple[dict[Key, dict[int, int]], Failures]:
     """Sampling, normal voting and sides for every membrane (and the cubes, with
-    ``keep_cubes``)."""
+    ``keep_cubes``), one task per membrane group; the points of each membrane by group."""
     logger = get_run_logger()
     futs = {}
     for e in entries:
         if e.name not in membranes:
             continue
         sides = pipeline.side_specs(e, membranes[e.name])
-        for mid in membranes[e.name]:
-            futs[(e.name, mid)] = geometry_task.submit(root, e.name, mid, cfg.geometry,
-                                                       sides[mid], keep_cubes)
+        for g in pipeline.membrane_groups(root, e.name, membranes[e.name], group_voxels):
+            futs[(e.name, g)] = geometry_task.submit(root, e.name, g, cfg.geometry,
+                                                     {m: sides[m] for m in g}, keep_cubes)
     _begin("geometry", len(futs))
     ok, bad = gather(futs, "geometry")
-    logger.info("geometry: %d membranes, %d points", len(ok), sum(ok.values()))
+    logger.info("geometry: %d membranes in %d tasks, %d points",
+                sum(len(v) for v in ok.values()), len(ok),
+                sum(n for v in ok.values() for n in v.values()))
     return ok, _fail_by_tomogram(bad)
 
 
 @flow(name="inference")
-def inference_flow(keys: Sequence[tuple[str, int]], root: str, model_dir: str,
+def inference_flow(keys: Sequence[Key], root: str, model_dir: str,
                    cfg: PipelineConfig, gpu_resource: bool = False
-                   ) -> tuple[dict[tuple[str, int], int], Failures]:
-    """CNN scores for every membrane (its stored cubes, or cut by the scoring task); on GPU
-    workers when the cluster has them."""
+                   ) -> tuple[dict[Key, dict[int, int]], Failures]:
+    """CNN scores for every membrane group (its stored cubes, or cut by the scoring task); on
+    GPU workers when the cluster has them."""
     logger = get_run_logger()
     ctx = dask.annotate(resources={"GPU": 1}) if gpu_resource else contextlib.nullcontext()
     _begin("inference", len(keys))
@@ -110,20 +118,21 @@ def inference_flow(keys: Sequence[tuple[str, int]], root: str, model_dir: str,
         futs = {k: score_task.submit(root, k[0], k[1], model_dir, cfg.inference, cfg.geometry)
                 for k in keys}
     ok, bad = gather(futs, "inference")
-    logger.info("inference: %d membranes, %d cubes scored", len(ok), sum(ok.values()))
+    logger.info("inference: %d membranes, %d points scored", sum(len(v) for v in ok.values()),
+                sum(n for v in ok.values() for n in v.values()))
     return ok, _fail_by_tomogram(bad)
 
 
 @flow(name="particles")
-def particles_flow(keys: Sequence[tuple[str, int]], entries: Sequence[TomogramEntry], root: str,
+def particles_flow(keys: Sequence[Key], entries: Sequence[TomogramEntry], root: str,
                    out_dir: str, cfg: PipelineConfig,
                    in_plane: pipeline.InPlaneSearch | None = None
                    ) -> tuple[dict[str, dict], Failures]:
-    """Mean Shift + orientation per membrane, then STAR and QC per tomogram (in-plane angles
+    """Mean Shift + orientation per membrane group, then STAR and QC per tomogram (in-plane angles
     from the model's average when ``in_plane`` is given)."""
     logger = get_run_logger()
     candidates = {k[0] for k in keys}
-    _begin("particles", len(keys) + len(candidates))  # membranes clustered + STARs written
+    _begin("particles", len(keys) + len(candidates))  # groups clustered + STARs written
     futs = {k: cluster_task.submit(root, k[0], k[1], cfg.cluster, cfg.orientation) for k in keys}
     ok, bad = gather(futs, "particles")
     failed = _fail_by_tomogram(bad)

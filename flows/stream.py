@@ -18,12 +18,16 @@ Bounded in flight:
   cut them to the one that scores them through dask, in memory, never through the store or
   this process.
 
-Without workers set apart for inference (no ``GPU`` resource: a local or CPU-only cluster) a
-membrane's geometry, scoring (cubes cut in memory) and clustering are one task: fewer, larger
-tasks, and no cube ever leaves the worker that cut it. With them:
+The unit of work is a membrane group (:func:`membrain_dist.pipeline.membrane_groups`): a large
+membrane alone, small ones of a tomogram together up to ``Schedule.group_voxels`` labelled
+voxels, so a campaign of many small membranes is not thousands of sub-second tasks, each with
+its Prefect task run (API calls, events) and dask round trips. Without workers set apart for
+inference (no ``GPU`` resource: a local or CPU-only cluster) a group's geometry, scoring
+(cubes cut in memory) and clustering are one task: fewer, larger tasks, and no cube ever
+leaves the worker that cut it. With them:
 
 Where the cubes are cut (``Schedule.cut_on``): ``inference`` — the scoring task cuts its own
-cubes part by part (one task per membrane; the only choice when the inference workers are on
+cubes part by part (one task per group; the only choice when the inference workers are on
 another scheduler, e.g. the SLURM GPU cluster, since dask moves data only between workers of one
 scheduler); ``cpu`` — cut tasks on the CPU workers, scored on the inference workers (same
 scheduler, GPU workers marked with the ``GPU`` resource); ``auto`` — ``cpu`` when that is
@@ -52,7 +56,7 @@ import dask
 from prefect import get_run_logger
 from pydantic import ConfigDict
 
-from membrain_dist import pipeline, store
+from membrain_dist import pipeline
 from membrain_dist.config import PipelineConfig
 from membrain_dist.manifest import TomogramEntry
 
@@ -78,8 +82,8 @@ Failures = dict[str, str]
 WORKERS_REFRESH_S = 5.0
 
 #: dask priorities: a later stage runs before an earlier one when both wait for a worker
-PRIORITY = {"convert": 0, "geometry": 1, "membrane": 1, "cut": 2, "score": 3, "cluster": 4,
-            "outputs": 5}
+PRIORITY = {"convert": 0, "geometry": 1, "membrane": 1, "cut": 2, "score": 3, "part": 3,
+            "cluster": 4, "outputs": 5}
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,10 @@ class Schedule:
         Points per part (one cut task and one scoring pass; 16,384 cubes = 113 MB at s = 12).
     keep_cubes
         Also write every point's cube to the store (debugging, training sets).
+    group_voxels
+        Membranes smaller than this (labelled voxels) share their geometry, scoring and
+        clustering tasks, up to this many voxels a group (:func:`~membrain_dist.pipeline.
+        group_membranes`); 0: one task per membrane and stage.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -112,10 +120,13 @@ class Schedule:
     parts_in_flight: int = 4
     part_points: int = pipeline.PART_POINTS
     keep_cubes: bool = False
+    group_voxels: int = pipeline.GROUP_VOXELS
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.parts_in_flight < 1 or self.part_points < 1:
             raise ValueError("window, parts_in_flight and part_points must be >= 1")
+        if self.group_voxels < 0:
+            raise ValueError("group_voxels must be >= 0")
 
     def cuts_on_cpu(self, same_scheduler: bool, gpu_resource: bool,
                     screening: bool = False) -> bool:
@@ -127,21 +138,24 @@ class Schedule:
         return self.cut_on == "cpu" or (gpu_resource and not screening)
 
 
+Group = tuple[int, ...]  # membrane ids that share their tasks (pipeline.membrane_groups)
+
+
 @dataclass
 class _Tomogram:
     """Bookkeeping of one tomogram in flight."""
 
     entry: TomogramEntry
     mids: list[int] = field(default_factory=list)
-    to_cluster: int = 0
+    to_cluster: int = 0  # its membrane groups not yet clustered
     running: int = 0  # its tasks submitted and not finished
     error: str | None = None
     converted: bool = False
 
 
 @dataclass
-class _Membrane:
-    left: int  # parts of its points not yet scored
+class _Scoring:
+    left: int  # parts of its membranes' points not yet scored
 
 
 class StreamRun:
@@ -168,9 +182,10 @@ class StreamRun:
         self.sign_decided = False
         self.first_window: list[str] = []
         self.parked: list[str] = []  # converted, waiting for the campaign's contrast
-        self.parts_queue: deque = deque()  # (name, mid, start, stop) waiting to be cut
+        # (name, group, mid, start, stop) waiting to be cut
+        self.parts_queue: deque = deque()
         self.parts_running = 0
-        self.membranes: dict[tuple[str, int], _Membrane] = {}
+        self.scoring: dict[tuple[str, Group], _Scoring] = {}
         self.running = 0
         self.run = progress.current()
         self.logger = get_run_logger()
@@ -208,60 +223,57 @@ class StreamRun:
     def _geometry(self, name: str) -> None:
         t = self.active[name]
         sides = pipeline.side_specs(t.entry, t.mids)
-        t.to_cluster = len(t.mids)
-        if not t.mids:
+        groups = pipeline.membrane_groups(self.root, name, t.mids, self.schedule.group_voxels)
+        t.to_cluster = len(groups)
+        if not groups:
             self._outputs(name)
-        for mid in self._largest_first(name, t.mids):
-            if not self.gpu_resource:  # no inference workers apart: one task per membrane
-                self._submit("membrane", name, mid, membrane_task,
-                             dict(root=self.root, name=name, membrane_id=mid,
-                                  gcfg=self.cfg.geometry, side=sides[mid],
-                                  keep_cubes=self.schedule.keep_cubes, model_dir=self.model_dir,
+        for g in groups:  # largest first: a large membrane does not start last
+            common = dict(root=self.root, name=name, membrane_ids=g,
+                          sides={m: sides[m] for m in g}, keep_cubes=self.schedule.keep_cubes)
+            if not self.gpu_resource:  # no inference workers apart: one task per group
+                self._submit("membrane", name, g, membrane_task,
+                             dict(common, gcfg=self.cfg.geometry, model_dir=self.model_dir,
                                   icfg=self.cfg.inference, part_points=self.schedule.part_points,
                                   ccfg=self.cfg.cluster, ocfg=self.cfg.orientation))
-                continue
-            self._submit("geometry", name, mid, geometry_task,
-                         dict(root=self.root, name=name, membrane_id=mid, cfg=self.cfg.geometry,
-                              side=sides[mid], keep_cubes=self.schedule.keep_cubes))
+            else:
+                self._submit("geometry", name, g, geometry_task,
+                             dict(common, cfg=self.cfg.geometry))
 
-    def _largest_first(self, name: str, mids: list[int]) -> list[int]:
-        """Membranes by size (labelled voxels), largest first: the workers take them in
-        that order, so a large membrane does not start last and leave the others idle."""
-        meta = store.read_meta(self.root, name)
-        size = {int(m["id"]): int(m.get("voxels", 0)) for m in (meta.membranes if meta else [])}
-        return sorted(mids, key=lambda m: -size.get(int(m), 0))
-
-    def _score(self, name: str, mid: int, n: int) -> None:
+    def _score(self, name: str, group: Group, points: dict[int, int]) -> None:
         inf = self.cfg.inference
-        if pipeline.scores_current(self.root, name, mid, self.model_dir, inf):
-            self._cluster(name, mid, None)
+        todo = [m for m in group
+                if not pipeline.scores_current(self.root, name, m, self.model_dir, inf)]
+        if not todo:
+            self._cluster(name, group, None)
             return
-        if not self.cut_on_cpu or n == 0 or self.schedule.keep_cubes:
-            self._submit("score", name, mid, score_task,
-                         dict(root=self.root, name=name, membrane_id=mid,
+        if not self.cut_on_cpu or self.schedule.keep_cubes:
+            self._submit("score", name, group, score_task,
+                         dict(root=self.root, name=name, membrane_ids=todo,
                               model_dir=self.model_dir, cfg=inf, gcfg=self.cfg.geometry,
                               part_points=self.schedule.part_points), gpu=True)
             return
-        parts = pipeline.point_parts(n, self.schedule.part_points)
-        todo = [p for p in parts
-                if not pipeline.part_current(self.root, name, mid, self.model_dir, inf, *p)]
-        if not todo:  # every part scored by an earlier, interrupted run
-            self._cluster(name, mid, self._parts_spec())
+        # parts of every membrane not scored by an earlier, interrupted run; a membrane without
+        # points has none: its (empty) scores are written when the group's parts are joined
+        todo_parts = [(m, a, b) for m in todo
+                      for a, b in pipeline.point_parts(points[m], self.schedule.part_points)
+                      if not pipeline.part_current(self.root, name, m, self.model_dir, inf, a, b)]
+        if not todo_parts:
+            self._cluster(name, group, self._parts_spec())
             return
-        self.membranes[(name, mid)] = _Membrane(len(todo))
-        self.parts_queue.extend((name, mid, a, b) for a, b in todo)
+        self.scoring[(name, group)] = _Scoring(len(todo_parts))
+        self.parts_queue.extend((name, group, m, a, b) for m, a, b in todo_parts)
 
     def _pump_parts(self) -> None:
         """Cut and score parts while fewer than ``parts_in_flight`` are in flight."""
         while self.parts_queue and self.parts_running < self.schedule.parts_in_flight:
-            name, mid, a, b = self.parts_queue.popleft()
+            name, group, mid, a, b = self.parts_queue.popleft()
             if self.active[name].error is not None:
                 continue
             cubes = self._submit("cut", name, (mid, a), cut_task,
                                  dict(root=self.root, name=name, membrane_id=mid,
                                       cfg=self.cfg.geometry, start=a, stop=b,
                                       icfg=self.cfg.inference))
-            self._submit("score", name, (mid, a, b, cubes), score_part_task,
+            self._submit("part", name, (group, cubes), score_part_task,
                          dict(cubes=cubes, root=self.root, name=name, membrane_id=mid,
                               model_dir=self.model_dir, cfg=self.cfg.inference, start=a, stop=b),
                          gpu=True)
@@ -270,9 +282,9 @@ class StreamRun:
     def _parts_spec(self) -> pipeline.ScoreParts:
         return pipeline.ScoreParts(self.model_dir, self.cfg.inference, self.schedule.part_points)
 
-    def _cluster(self, name: str, mid: int, parts: pipeline.ScoreParts | None) -> None:
-        self._submit("cluster", name, mid, cluster_task,
-                     dict(root=self.root, name=name, membrane_id=mid, ccfg=self.cfg.cluster,
+    def _cluster(self, name: str, group: Group, parts: pipeline.ScoreParts | None) -> None:
+        self._submit("cluster", name, group, cluster_task,
+                     dict(root=self.root, name=name, membrane_ids=group, ccfg=self.cfg.cluster,
                           ocfg=self.cfg.orientation, parts=parts))
 
     def _outputs(self, name: str) -> None:
@@ -326,9 +338,9 @@ class StreamRun:
             if self.active[n].error is None:
                 self._geometry(n)
 
-    def _tick(self, stage: str) -> None:
+    def _tick(self, stage: str, n: int = 1) -> None:
         if self.run is not None:
-            self.run.advance(stage)
+            self.run.advance(stage, n)
 
     def _event(self, kind: str, name: str, key: Any, fut: Any) -> None:
         t = self.active[name]
@@ -337,8 +349,8 @@ class StreamRun:
         fut.wait()  # the final state (small results: points, counts, summaries)
         state = fut.state
         ok = state.is_completed()
-        if kind == "score" and isinstance(key, tuple):  # a part: its cut is settled too
-            mid, a, b, cubes = key
+        if kind == "part":  # its cut is settled too
+            key, cubes = key
             t.running -= 1
             self.running -= 1
             self.parts_running -= 1
@@ -358,26 +370,26 @@ class StreamRun:
             self._tick("convert")
             self._converted(name, result)
         elif kind == "geometry":
-            self._tick("geometry")
-            self._score(name, key, int(result))
-        elif kind == "score" and isinstance(key, tuple):
-            m = self.membranes[(name, mid)]
-            m.left -= 1
-            if m.left == 0:
-                del self.membranes[(name, mid)]
-                self._tick("inference")
-                self._cluster(name, mid, self._parts_spec())
+            self._tick("geometry", len(key))
+            self._score(name, key, result)
+        elif kind == "part":
+            scoring = self.scoring[(name, key)]
+            scoring.left -= 1
+            if scoring.left == 0:
+                del self.scoring[(name, key)]
+                self._tick("inference", len(key))
+                self._cluster(name, key, self._parts_spec())
         elif kind == "score":
-            self._tick("inference")
+            self._tick("inference", len(key))
             self._cluster(name, key, None)
         elif kind == "membrane":
             for stage in ("geometry", "inference", "particles"):
-                self._tick(stage)
+                self._tick(stage, len(key))
             t.to_cluster -= 1
             if t.to_cluster == 0:
                 self._outputs(name)
         elif kind == "cluster":
-            self._tick("particles")
+            self._tick("particles", len(key))
             t.to_cluster -= 1
             if t.to_cluster == 0:
                 self._outputs(name)
@@ -397,6 +409,7 @@ class StreamRun:
             if t.error is not None or name in self.summaries:
                 del self.active[name]
                 self.parts_queue = deque(p for p in self.parts_queue if p[0] != name)
+                self.scoring = {k: v for k, v in self.scoring.items() if k[0] != name}
 
     def execute(self) -> tuple[dict[str, dict], Failures]:
         self._admit()

@@ -55,18 +55,33 @@ def convert_task(entry: TomogramEntry, root: str, cfg: ConvertConfig) -> list[in
     return pipeline.convert_entry(entry, root, cfg, cluster_block_map())
 
 
-@task(name="geometry", task_run_name="geometry-{name}-m{membrane_id}", **_COMMON)
-def geometry_task(root: str, name: str, membrane_id: int, cfg: GeometryConfig,
-                  side: SideSpec, keep_cubes: bool = False) -> int:
-    return pipeline.geometry_membrane(root, name, membrane_id, cfg, side, keep_cubes)
+def _run_name(stage: str) -> Any:
+    """Task run name ``<stage>-<tomogram>-m<id>[+m<id>...]`` of a task over a membrane group."""
+    def name(parameters: dict[str, Any]) -> str:
+        mids = "+".join(f"m{int(m)}" for m in parameters["membrane_ids"])
+        return f"{stage}-{parameters['name']}-{mids}"
+    return name
 
 
-@task(name="score", task_run_name="score-{name}-m{membrane_id}", **_COMMON)
-def score_task(root: str, name: str, membrane_id: int, model_dir: str,
+# geometry, score, cluster and membrane tasks run over a group of membranes
+# (pipeline.membrane_groups: one membrane, or several small ones) and return {id: value}
+
+
+@task(name="geometry", task_run_name=_run_name("geometry"), **_COMMON)
+def geometry_task(root: str, name: str, membrane_ids: Sequence[int], cfg: GeometryConfig,
+                  sides: dict[int, SideSpec], keep_cubes: bool = False) -> dict[int, int]:
+    """Points of each membrane of the group (sampled, normals voted, sides chosen)."""
+    return {int(m): pipeline.geometry_membrane(root, name, int(m), cfg, sides[int(m)],
+                                               keep_cubes) for m in membrane_ids}
+
+
+@task(name="score", task_run_name=_run_name("score"), **_COMMON)
+def score_task(root: str, name: str, membrane_ids: Sequence[int], model_dir: str,
                cfg: InferenceConfig, gcfg: GeometryConfig | None = None,
-               part_points: int = pipeline.PART_POINTS) -> int:
-    """Scores of one membrane: stored cubes, or cut here part by part and scored."""
-    return pipeline.score_membrane(root, name, membrane_id, model_dir, cfg, gcfg, part_points)
+               part_points: int = pipeline.PART_POINTS) -> dict[int, int]:
+    """Scores of each membrane of the group: stored cubes, or cut here part by part."""
+    return {int(m): pipeline.score_membrane(root, name, int(m), model_dir, cfg, gcfg,
+                                            part_points) for m in membrane_ids}
 
 
 # cut: returns the cubes of a part, handed to score_part_task worker to worker (dask); a
@@ -83,27 +98,35 @@ def score_part_task(cubes: Any, root: str, name: str, membrane_id: int, model_di
     return pipeline.score_part(cubes, root, name, membrane_id, model_dir, cfg, start, stop)
 
 
-@task(name="cluster", task_run_name="cluster-{name}-m{membrane_id}", **_COMMON)
-def cluster_task(root: str, name: str, membrane_id: int, ccfg: ClusterConfig,
-                 ocfg: OrientationConfig, parts: pipeline.ScoreParts | None = None) -> int:
-    """Mean Shift + orientations of one membrane (joining its scored parts first, if any)."""
-    if parts is not None:
-        pipeline.assemble_scores(root, name, membrane_id, parts.model_dir, parts.inference,
-                                 parts.part_points)
-    return pipeline.cluster_membrane(root, name, membrane_id, ccfg, ocfg)
+@task(name="cluster", task_run_name=_run_name("cluster"), **_COMMON)
+def cluster_task(root: str, name: str, membrane_ids: Sequence[int], ccfg: ClusterConfig,
+                 ocfg: OrientationConfig, parts: pipeline.ScoreParts | None = None
+                 ) -> dict[int, int]:
+    """Mean Shift + orientations of each membrane of the group (joining its scored parts
+    first, if any); particles of each."""
+    out = {}
+    for m in map(int, membrane_ids):
+        if parts is not None:
+            pipeline.assemble_scores(root, name, m, parts.model_dir, parts.inference,
+                                     parts.part_points)
+        out[m] = pipeline.cluster_membrane(root, name, m, ccfg, ocfg)
+    return out
 
 
-@task(name="membrane", task_run_name="membrane-{name}-m{membrane_id}", **_COMMON)
-def membrane_task(root: str, name: str, membrane_id: int, gcfg: GeometryConfig, side: SideSpec,
-                  keep_cubes: bool, model_dir: str, icfg: InferenceConfig, part_points: int,
-                  ccfg: ClusterConfig, ocfg: OrientationConfig) -> int:
-    """Geometry, scores (cubes cut here, in memory) and clusters of one membrane in one task:
-    when no worker is set apart for inference, one task instead of three per membrane.
-    Returns the number of points."""
-    n = pipeline.geometry_membrane(root, name, membrane_id, gcfg, side, keep_cubes)
-    pipeline.score_membrane(root, name, membrane_id, model_dir, icfg, gcfg, part_points)
-    pipeline.cluster_membrane(root, name, membrane_id, ccfg, ocfg)
-    return n
+@task(name="membrane", task_run_name=_run_name("membrane"), **_COMMON)
+def membrane_task(root: str, name: str, membrane_ids: Sequence[int], gcfg: GeometryConfig,
+                  sides: dict[int, SideSpec], keep_cubes: bool, model_dir: str,
+                  icfg: InferenceConfig, part_points: int, ccfg: ClusterConfig,
+                  ocfg: OrientationConfig) -> dict[int, int]:
+    """Geometry, scores (cubes cut here, in memory) and clusters of each membrane of the group
+    in one task: when no worker is set apart for inference, one task instead of three.
+    Returns the number of points of each."""
+    out = {}
+    for m in map(int, membrane_ids):
+        out[m] = pipeline.geometry_membrane(root, name, m, gcfg, sides[m], keep_cubes)
+        pipeline.score_membrane(root, name, m, model_dir, icfg, gcfg, part_points)
+        pipeline.cluster_membrane(root, name, m, ccfg, ocfg)
+    return out
 
 
 @task(name="outputs", task_run_name="outputs-{name}", **_COMMON)

@@ -59,12 +59,17 @@ def _add_schedule_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-cubes", action="store_true",
                    help="also write every point's cube to the store (~7 kB per point; "
                         "debugging, training sets)")
+    g.add_argument("--group-voxels", type=int, default=None, metavar="N",
+                   help="membranes smaller than N labelled voxels share their geometry, "
+                        "scoring and clustering tasks, up to N voxels a task (default 131072; "
+                        "0: one task per membrane)")
 
 
 def _schedule(args: argparse.Namespace):
     from flows.stream import Schedule
 
-    extra = {} if args.window is None else {"window": args.window}
+    extra = {k: v for k, v in (("window", args.window), ("group_voxels", args.group_voxels))
+             if v is not None}
     return Schedule(mode=args.schedule, cut_on=args.cut_on, keep_cubes=args.keep_cubes, **extra)
 
 

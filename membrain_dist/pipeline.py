@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,43 @@ def membrane_ids(root: str | os.PathLike, name: str) -> list[int]:
     if meta is None:
         raise KeyError(f"{root}: tomogram {name!r} is not converted")
     return [int(m["id"]) for m in meta.membranes]
+
+
+#: labelled voxels up to which small membranes are grouped into one task per stage: a few
+#: seconds of CPU work (geometry ~17 us, scoring at 4 turns ~45 us a voxel on one core)
+GROUP_VOXELS = 2**17
+
+
+def group_membranes(voxels: Mapping[int, int], ids: Sequence[int],
+                    max_voxels: int = GROUP_VOXELS) -> list[tuple[int, ...]]:
+    """Membranes ``ids`` in groups of at most ``max_voxels`` labelled voxels (``voxels``: id
+    -> labelled voxels), one task per group and stage, so that a tomogram of many small
+    membranes is not many tiny tasks. First fit, largest membrane first; a membrane of
+    ``max_voxels`` or more, and every membrane when ``max_voxels`` is 0, is a group of its
+    own. Groups come largest first, each its members' ids largest first."""
+    order = sorted((int(i) for i in ids), key=lambda i: (-int(voxels.get(i, 0)), i))
+    groups: list[list[int]] = []
+    totals: list[int] = []
+    for i in order:
+        v = int(voxels.get(i, 0))
+        slot = next((k for k, t in enumerate(totals)
+                     if v < max_voxels and t < max_voxels and t + v <= max_voxels), None)
+        if slot is None:
+            groups.append([i])
+            totals.append(v)
+        else:
+            groups[slot].append(i)
+            totals[slot] += v
+    return [tuple(g) for _, g in sorted(zip(totals, groups, strict=True),
+                                        key=lambda tg: -tg[0])]
+
+
+def membrane_groups(root: str | os.PathLike, name: str, ids: Sequence[int],
+                    max_voxels: int = GROUP_VOXELS) -> list[tuple[int, ...]]:
+    """:func:`group_membranes` of a converted tomogram's membranes (sizes from its metadata)."""
+    meta = store.read_meta(root, name)
+    voxels = {int(m["id"]): int(m.get("voxels", 0)) for m in (meta.membranes if meta else [])}
+    return group_membranes(voxels, ids, max_voxels)
 
 
 def side_specs(entry: TomogramEntry, ids: Sequence[int]) -> dict[int, SideSpec]:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_flows import _assert_same_picks, _names, _picks
 
@@ -23,7 +24,8 @@ def _geometry_groups(store: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def stage_prediction(test_manifest: Path, trained_model: Path,
                      tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The earlier flow: stage by stage, every cube written to the store and read back."""
+    """The earlier flow: stage by stage, every cube written to the store and read back, one
+    task per membrane and stage (no membrane groups)."""
     from flows.predict import predict_campaign
     from flows.runtime import ClusterSpec, prefect_api
     from flows.stream import Schedule
@@ -33,7 +35,8 @@ def stage_prediction(test_manifest: Path, trained_model: Path,
         result = predict_campaign(str(test_manifest), str(trained_model), str(work / "pred"),
                                   str(work / "store.zarr"),
                                   cluster=ClusterSpec(n_workers=2, memory_limit="4GiB"),
-                                  schedule=Schedule(mode="stages", keep_cubes=True))
+                                  schedule=Schedule(mode="stages", keep_cubes=True,
+                                                    group_voxels=0))
     assert result.failures == {}
     return work / "pred", work / "store.zarr"
 
@@ -41,7 +44,8 @@ def stage_prediction(test_manifest: Path, trained_model: Path,
 def test_stream_gives_the_stage_by_stage_picks(flow_prediction, stage_prediction,
                                                test_manifest):
     """Same STARs, whether the cubes went through the store or were cut where they were
-    scored; only the stage-by-stage store holds cubes."""
+    scored, and whether each membrane had its own tasks or a tomogram's small membranes
+    shared theirs; only the stage-by-stage store holds cubes."""
     names = _names(test_manifest)
     stream_pred, stream_store, result = flow_prediction
     stage_pred, stage_store = stage_prediction
@@ -53,6 +57,25 @@ def test_stream_gives_the_stage_by_stage_picks(flow_prediction, stage_prediction
     assert all((g / "cubes").is_dir() for g in _geometry_groups(stage_store))
     assert not any((g / "cubes").exists() for g in _geometry_groups(stream_store))
     assert all((g / "scores").is_dir() for g in _geometry_groups(stream_store))
+
+
+def test_small_membranes_share_a_group_large_ones_have_their_own():
+    """First fit, largest first, groups of at most ``max_voxels``; 0: one per membrane."""
+    from membrain_dist.pipeline import group_membranes
+
+    voxels = {1: 100, 2: 60, 3: 50, 4: 30, 5: 10, 6: 250, 7: 120}
+    # 6 and 7 (>= 120) alone; 1 opens a group that only 5 still fits into; 2 + 3; 4 alone
+    assert group_membranes(voxels, list(voxels), 120) == [(6,), (7,), (1, 5), (2, 3), (4,)]
+    assert group_membranes(voxels, [5, 2, 6], 0) == [(6,), (2,), (5,)]
+    assert group_membranes(voxels, [], 120) == []
+    rng = np.random.default_rng(0)
+    sizes = {i: int(v) for i, v in enumerate(rng.integers(1, 5000, 300), 1)}
+    groups = group_membranes(sizes, list(sizes), 8000)
+    assert sorted(m for g in groups for m in g) == sorted(sizes)
+    assert all(sum(sizes[m] for m in g) <= 8000 for g in groups if len(g) > 1)
+    totals = [sum(sizes[m] for m in g) for g in groups]
+    assert totals == sorted(totals, reverse=True)
+    assert len(groups) < 300 // 2  # packed: a mean of 2,500 voxels, up to 8,000 a group
 
 
 def _start_gpu_worker(address: str, log: Path) -> subprocess.Popen:
@@ -79,7 +102,9 @@ def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
         test_manifest, trained_model, stage_prediction, tmp_path):
     """cut_on=cpu: cut tasks on the plain worker, scoring parts only on the GPU worker, cubes
     handed over by dask; parts of 1,000 points and a window of one tomogram; same STARs; the
-    parts are joined into each membrane's scores and removed."""
+    parts are joined into each membrane's scores and removed. Each tomogram's four small
+    membranes are one group: one geometry and one clustering task per tomogram, the parts of
+    all four scored before their clustering starts."""
     from distributed import Client, LocalCluster
 
     from flows.predict import predict_campaign
@@ -102,7 +127,8 @@ def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
                                       parts_in_flight=2))
             # where each task ran, from the scheduler's task stream
             where: dict[str, set[str]] = {}
-            for rec in client.get_task_stream(start=0):
+            stream = client.get_task_stream(start=0)
+            for rec in stream:
                 kind = "score" if "score" in rec["key"] else "cut" if "cut" in rec["key"] \
                     else "other"
                 where.setdefault(kind, set()).add(rec["worker"])
@@ -121,6 +147,13 @@ def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
     assert where.get("score") == {gpu_addr}, where
     assert where.get("cut") and gpu_addr not in where["cut"], where
     assert where.get("other") and gpu_addr not in where["other"], where
+    # one geometry and one clustering task per tomogram (its membranes are one group), many
+    # parts cut: each membrane's own
+    n_membranes = len(groups)
+    assert n_membranes == 4 * len(names)
+    for kind in ("geometry_task", "cluster_task"):
+        assert sum(str(r["key"]).startswith(kind) for r in stream) == len(names), kind
+    assert sum(str(r["key"]).startswith("cut_task") for r in stream) > n_membranes
 
 
 def test_a_failing_tomogram_is_isolated_and_frees_its_slot(test_manifest, trained_model,

@@ -484,7 +484,7 @@ def hierarchical_mean_shift(
     centres = np.array([f[0] for f in found], dtype=np.float64).reshape(kk, 3)
     bws = np.array([f[2] for f in found], dtype=np.float64)
     centres = _refine_on_members(centres, labels_out, pts, w, bws, cfg.max_iter, cfg.tol)
-    log.info(
+    log.debug(  # per side and class: the membrane's line is its particles
         "clustering: %d of %d points below threshold -> %d clusters (%d tiny dropped)",
         keep.size,
         pts.shape[0],

@@ -261,7 +261,7 @@ def cluster_orientations(
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     mats = frame_from_axes(u, n).astype(np.float32)
     source = np.where(use_pca, "pca", "normal").astype("<U6")
-    log.info(
+    log.debug(  # per side and class: the membrane's line is its particles
         "orientations: %d clusters, %d from PCA, %d from the normal only",
         k,
         int(use_pca.sum()),

@@ -50,6 +50,7 @@ __all__ = [
     "AugmentConfig",
     "augment",
     "rotate_about_normal",
+    "shift_along_normal",
     "random_flips",
     "add_noise",
     "random_wedge",
@@ -106,6 +107,16 @@ def random_flips(cubes: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     f = f.to(cubes.device)[:, :, None, None, None]
     out = torch.where(f[0], cubes.flip(2), cubes)
     return torch.where(f[1], out.flip(3), out)
+
+
+def shift_along_normal(cubes: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Move each cube's content by ``shifts[b]`` whole voxels along axis 0 (the normal); the
+    slices a shift uncovers repeat the cube's edge slice."""
+    _check(cubes)
+    s = cubes.shape[1]
+    src = torch.arange(s, device=cubes.device)[None, :] - shifts.to(cubes.device)[:, None]
+    src = src.clamp(0, s - 1)  # (B, s): the slice each output slice reads
+    return torch.gather(cubes, 1, src[:, :, None, None].expand_as(cubes))
 
 
 def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -239,6 +250,10 @@ def augment(cubes: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator)
         out = _rot90_batched(out, k.to(cubes.device))
     if cfg.flip:
         out = random_flips(out, generator)
+    if cfg.normal_shift > 0:
+        shifts = torch.randint(-cfg.normal_shift, cfg.normal_shift + 1, (b,),
+                               generator=generator, device=generator.device)
+        out = shift_along_normal(out, shifts)
     if cfg.wedge_prob > 0:
         out = random_wedge(out, cfg.wedge_deg, cfg.wedge_prob, generator, cfg.wedge_cone_deg)
     out = add_noise(out, cfg.noise_std, generator, cfg.noise_sigma)

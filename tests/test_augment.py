@@ -14,6 +14,7 @@ from membrain_dist.augment import (
     random_flips,
     random_wedge,
     rotate_about_normal,
+    shift_along_normal,
     wedge_mask,
 )
 
@@ -183,3 +184,27 @@ def test_wedge_beams_stay_in_their_cone_and_a_face_on_wedge_erases_a_flat_membra
     face_on = random_wedge(cubes, 60.0, 1.0, gen, cone_deg=0.0)
     inner = (slice(None), slice(None), slice(3, 9), slice(3, 9))
     assert face_on[inner].std() < 0.3 * cubes[inner].std()
+
+
+def test_shift_along_normal_moves_a_blob_by_whole_voxels_and_repeats_the_edge():
+    """A blob moves by exactly the shift along the normal axis, not in plane; the slices a
+    shift uncovers repeat the cube's edge slice."""
+    cubes = torch.stack([_blob((0.5, -1.5, 2.5)), _blob((0.5, -1.5, 2.5))])
+    out = shift_along_normal(cubes, torch.tensor([2, -3]))
+    moved = _centroid(out) - _centroid(cubes)
+    torch.testing.assert_close(moved, torch.tensor([[2.0, 0.0, 0.0], [-3.0, 0.0, 0.0]]),
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[0, 2:], cubes[0, :-2])
+    torch.testing.assert_close(out[0, :2], cubes[0, :1].expand(2, S, S))
+    torch.testing.assert_close(out[1, -3:], cubes[1, -1:].expand(3, S, S))
+    with pytest.raises(ValueError):
+        AugmentConfig(normal_shift=-1)
+
+
+def test_normal_shift_augmentation_draws_every_shift_in_its_range():
+    """``normal_shift = 2``: shifts -2..2 all occur, nothing further."""
+    cube = _blob((0.5, 0.5, 0.5), sigma=0.8)
+    cfg = AugmentConfig(rotation="none", flip=False, noise_std=0.0, normal_shift=2)
+    out = augment(cube.expand(400, S, S, S), cfg, torch.Generator().manual_seed(0))
+    dz = torch.round(_centroid(out)[:, 0] - _centroid(cube[None])[0, 0]).int()
+    assert set(dz.tolist()) == {-2, -1, 0, 1, 2}

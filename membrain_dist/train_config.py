@@ -163,13 +163,15 @@ class TrainConfig:
         (uniform integer in ``[-normal_shift, normal_shift]``,
         :func:`~membrain_dist.augment.shift_along_normal`): on a segmentation 3-7 voxels thick,
         with staircase edges, a sampled point stands at varying heights in the bilayer, and one
-        annotated membrane shows only its own. 2 is worth setting for one annotated membrane of
-        raw data: hard phantom, one membrane, held-out F1 of tuning campaigns 101 (training
-        seeds 0 / 1 / 2) and 104 (seeds 0 / 1): 0.617 / 0.625 / 0.653 and 0.712 / 0.680 against
-        0.514 / 0.592 / 0.619 and 0.648 / 0.672 without (mean 0.657 against 0.609); 1 voxel:
-        101 0.608 / 0.553, 104 0.738; 3: 101 0.686 / 0.590. Default 0: on the demo's phantom
-        (exact segmentations, particles on the face) 2 lost recall, F1 0.751 (P 0.964, R
-        0.615) against 0.858.
+        annotated membrane shows only its own. Hard phantom, one membrane, held-out F1 of the
+        tuning campaigns 101 (training seeds 0 / 1 / 2) and 104 (seeds 0 / 1) with 2: 0.617 /
+        0.625 / 0.653 and 0.712 / 0.680 against 0.514 / 0.592 / 0.619 and 0.648 / 0.672
+        without (mean 0.657 against 0.609; 1 voxel: 101 0.608 / 0.553, 104 0.738; 3: 101
+        0.686 / 0.590); but on the campaigns not tuned on, 102 / 103, 0.762 / 0.584 against
+        0.672 / 0.633 from one membrane and 0.721 / 0.682 against 0.729 / 0.626 from the real
+        thylakoid membrane (mean +0.02, in-plane errors 2-6 degrees worse), and on the demo's
+        phantom (exact segmentations, particles on the face) F1 0.751 (P 0.964, R 0.615)
+        against 0.858. Default 0 (off).
     balance : float
         Share of near-particle cubes (label below the clip) in an epoch, in [0, 1); 0 = plain
         shuffling of all rows. Validation loss weights the near and far means the same way.

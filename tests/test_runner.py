@@ -6,6 +6,8 @@ worker thread) must hold across tasks."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytestmark = pytest.mark.timeout(300)
@@ -61,9 +63,17 @@ def test_tasks_run_report_retry_and_reuse_one_client_per_worker_thread(tmp_path)
         with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 7}):
             state = probe_flow(return_state=True)
             results = state.result()
+        # the server records task run states from the tasks' events, asynchronously: wait
+        # (at most 60 s) until all four are there in a final state
+        deadline = time.monotonic() + 60
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            while True:
+                runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                if (len(runs) == 4 and all(r.state is not None and r.state.is_final()
+                                           for r in runs)) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
 
     assert state.is_completed()
     assert [r[3] for r in results] == [7, 7, 7, 7]

@@ -153,11 +153,6 @@ class _Tomogram:
     converted: bool = False
 
 
-@dataclass
-class _Scoring:
-    left: int  # parts of its membranes' points not yet scored
-
-
 class StreamRun:
     """The event loop of one streaming prediction (runs in the flow, see
     :func:`stream_entries`)."""
@@ -185,7 +180,8 @@ class StreamRun:
         # (name, group, mid, start, stop) waiting to be cut
         self.parts_queue: deque = deque()
         self.parts_running = 0
-        self.scoring: dict[tuple[str, Group], _Scoring] = {}
+        # parts of a group's membranes not yet scored (cut_on_cpu)
+        self.parts_left: dict[tuple[str, Group], int] = {}
         self.running = 0
         self.run = progress.current()
         self.logger = get_run_logger()
@@ -260,7 +256,7 @@ class StreamRun:
         if not todo_parts:
             self._cluster(name, group, self._parts_spec())
             return
-        self.scoring[(name, group)] = _Scoring(len(todo_parts))
+        self.parts_left[(name, group)] = len(todo_parts)
         self.parts_queue.extend((name, group, m, a, b) for m, a, b in todo_parts)
 
     def _pump_parts(self) -> None:
@@ -373,10 +369,9 @@ class StreamRun:
             self._tick("geometry", len(key))
             self._score(name, key, result)
         elif kind == "part":
-            scoring = self.scoring[(name, key)]
-            scoring.left -= 1
-            if scoring.left == 0:
-                del self.scoring[(name, key)]
+            self.parts_left[(name, key)] -= 1
+            if self.parts_left[(name, key)] == 0:
+                del self.parts_left[(name, key)]
                 self._tick("inference", len(key))
                 self._cluster(name, key, self._parts_spec())
         elif kind == "score":
@@ -409,7 +404,7 @@ class StreamRun:
             if t.error is not None or name in self.summaries:
                 del self.active[name]
                 self.parts_queue = deque(p for p in self.parts_queue if p[0] != name)
-                self.scoring = {k: v for k, v in self.scoring.items() if k[0] != name}
+                self.parts_left = {k: v for k, v in self.parts_left.items() if k[0] != name}
 
     def execute(self) -> tuple[dict[str, dict], Failures]:
         self._admit()

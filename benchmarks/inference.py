@@ -135,6 +135,37 @@ def bench_cutting(model: MemBrainCNN, dev: torch.device, n: int, cube: int, repe
     return out
 
 
+def bench_precision(model: MemBrainCNN, cubes: np.ndarray, dev: torch.device, repeats: int
+                    ) -> dict[str, Any]:
+    """Cubes/s of ``predict_distances`` at the device's default batch size in float32 and in
+    bfloat16 (``InferenceConfig.precision``), timed in turns (best of ``repeats`` each), and
+    the largest difference of the bfloat16 scores from the float32 ones. ``native``: whether
+    the device computes bfloat16 natively (:func:`~membrain_dist.inference.native_bfloat16`;
+    where it does not, ``precision="auto"`` keeps float32)."""
+    from membrain_dist.inference import default_batch_size, native_bfloat16
+
+    bs = default_batch_size(dev)
+    best = {"float32": float("inf"), "bfloat16": float("inf")}
+    for prec in best:  # warm-up: each dtype's prepared model and kernels
+        predict_distances(model, cubes[: 2 * bs], bs, dev, precision=prec)
+    for _ in range(repeats):
+        for prec in best:
+            best[prec] = min(best[prec], _time(
+                lambda prec=prec: predict_distances(model, cubes, bs, dev, precision=prec), dev, 1))
+    ref = predict_distances(model, cubes, bs, dev)
+    diff = np.abs(predict_distances(model, cubes, bs, dev, precision="bfloat16") - ref)
+    out = {"batch_size": bs, "native": native_bfloat16(dev),
+           "cubes_per_s": {k: len(cubes) / v for k, v in best.items()},
+           "bfloat16_over_float32": best["float32"] / best["bfloat16"],
+           "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+           "score_range": [float(ref.min()), float(ref.max())]}
+    log.info("%s precision: float32 %.0f, bfloat16 %.0f cubes/s (%.2fx; native %s); scores "
+             "differ by %.4f on average, %.4f at most", dev, out["cubes_per_s"]["float32"],
+             out["cubes_per_s"]["bfloat16"], out["bfloat16_over_float32"], out["native"],
+             out["mean_abs_diff"], out["max_abs_diff"])
+    return out
+
+
 def bench_device(
     device: str, n: int, n_ref: int, batch_sizes: list[int], repeats: int, cube: int, channels: int
 ) -> dict[str, Any]:
@@ -184,6 +215,7 @@ def bench_device(
         }
         res["load_average"] = os.getloadavg()[0]
     res["cut_and_score"] = bench_cutting(model, dev, n, cube, repeats)
+    res["precision"] = bench_precision(model, cubes, dev, repeats)
     res["host"] = platform.node()
     res["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     res["torch"] = torch.__version__
@@ -214,6 +246,8 @@ def _merge(path: Path, runs: dict[str, dict[str, Any]], cube: int, channels: int
             "max_abs_diff_vs_reference",
             "resident_batch_size",
             "torch",
+            "cut_and_score",
+            "precision",
         ):
             if k in r:
                 doc.setdefault(k, {})[dev] = r[k]
@@ -283,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{d} (grid_sample) {c['device_cut_cubes_per_s']:.0f}; cut + score: host cut "
               f"{c['host_cut_then_score_cubes_per_s']:.0f}, {d} cut "
               f"{c['device_cut_and_score_cubes_per_s']:.0f} cubes/s")
+        q = r["precision"]
+        print(f"  precision (batch {q['batch_size']}): float32 {q['cubes_per_s']['float32']:.0f}, "
+              f"bfloat16 {q['cubes_per_s']['bfloat16']:.0f} cubes/s "
+              f"({q['bfloat16_over_float32']:.2f}x, native {q['native']}); scores differ by "
+              f"{q['mean_abs_diff']:.4f} on average, {q['max_abs_diff']:.4f} at most "
+              f"(range {q['score_range'][0]:.2f} to {q['score_range'][1]:.2f})")
         if d == "cpu":
             print(
                 f"{'':<6} {'/thread':>7} "

@@ -73,12 +73,19 @@ def _schedule(args: argparse.Namespace):
     return Schedule(mode=args.schedule, cut_on=args.cut_on, keep_cubes=args.keep_cubes, **extra)
 
 
-def _add_rotations_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def _add_scoring_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--rotations", type=int, choices=(1, 2, 4, 8), default=None,  # ROTATIONS
                    help="average the scores of 1, 2 or 4 quarter turns of each cube about the "
                         "membrane normal, or 8 (the 4 turns of the cube and of its mirror "
                         "image); inference cost x1 to x8 (times an ensemble's members: train "
                         "divides it by them); default: what the model was trained with; saved "
+                        "with a trained model")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "auto"),  # config.PRECISIONS
+                   default=None,
+                   help="arithmetic of the CNN: float32, bfloat16 (about twice the cubes/s on "
+                        "a CPU with AVX512-BF16 or AMX; scores within a few hundredths of a "
+                        "voxel) or auto (bfloat16 where the device computes it natively); "
+                        "default: the model's (auto unless trained with another); saved "
                         "with a trained model")
 
 
@@ -222,7 +229,7 @@ def _train_config(args: argparse.Namespace):
                              max_epochs=args.epochs, batch_size=args.batch_size,
                              patience=args.patience, device=args.device, seed=args.seed,
                              channels=args.channels, members=args.members)
-    cfg = cfg.with_overrides("inference", rotations=args.rotations)
+    cfg = cfg.with_overrides("inference", rotations=args.rotations, precision=args.precision)
     if args.particle_diameter:
         from .clustering import ClusterConfig
 
@@ -331,7 +338,7 @@ def _predict_config(args: argparse.Namespace):
     if args.threshold is not None:  # --threshold: one threshold for every class
         cfg = cfg.with_overrides("cluster", class_score_thresholds=())
     cfg = cfg.with_overrides("inference", device=args.device, batch_size=args.batch_size,
-                             rotations=args.rotations)
+                             rotations=args.rotations, precision=args.precision)
     for key in ("refine_margin", "screen"):  # given (None: off)
         if hasattr(args, key):
             cfg = replace(cfg, inference=replace(cfg.inference, **{key: getattr(args, key)}))
@@ -569,7 +576,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "prediction costs the same (each member scores its own quarter turn of "
                         "the cube); default 1; 4 for one membrane of a few dozen particles or "
                         "fewer, or on a GPU")
-    _add_rotations_option(g)
+    _add_scoring_options(g)
     g.add_argument("--particle-diameter", type=float, default=None,
                    help="expected particle size in voxels; sets the clustering defaults")
 
@@ -639,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep points with predicted distance below this, voxels (default 4)")
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=None, help="inference batch size")
-    _add_rotations_option(p)
+    _add_scoring_options(p)
     p.add_argument("--refine-margin", type=_refine_margin, default=argparse.SUPPRESS,
                    metavar="VOXELS|off",
                    help="turn cascade: with several rotations, only points whose first pass "

@@ -52,6 +52,7 @@ from membrain_dist.model import META_FILE, WEIGHTS_FILE, MemBrainCNN, ModelMeta,
 
 __all__ = [
     "resolve_device",
+    "resolve_precision",
     "configure_threads",
     "get_model",
     "default_batch_size",
@@ -78,6 +79,35 @@ def resolve_device(device: str | torch.device = "auto") -> str:
         raise ValueError(f"device {d!r} requested but torch sees no CUDA device")
     torch.device(d)  # raises on nonsense
     return d
+
+
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: on the CPU, AVX512-BF16 or AMX (oneDNN's
+    bfloat16 convolutions; without them bfloat16 is emulated and slower than float32), on
+    CUDA, a GPU that supports it."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    checks = [getattr(torch.cpu, f, None) for f in ("_is_avx512_bf16_supported",
+                                                     "_is_amx_tile_supported")]
+    try:
+        return any(bool(c()) for c in checks if c is not None)
+    except RuntimeError:  # noqa: PERF203 - a probe torch cannot answer: not native
+        return False
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype:
+    """The dtype of the CNN's forward passes (``InferenceConfig.precision``) on ``device``:
+    ``float32``, ``bfloat16``, or for ``auto`` bfloat16 where :func:`native_bfloat16`, else
+    float32."""
+    if precision == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be float32, bfloat16 or auto, got {precision!r}")
+    return dtypes[precision]
 
 
 def _dask_worker_threads() -> int | None:
@@ -157,12 +187,14 @@ def memory_layout(device: str | torch.device) -> torch.memory_format:
 
 
 def inference_model(model: nn.Module, device: str | torch.device = "cpu",
-                    script: bool | None = None) -> nn.Module:
+                    script: bool | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """An eval-mode copy of ``model`` on ``device`` with each Conv3d + BatchNorm3d folded into
-    one Conv3d, channels-last on the CPU, and (``script``, default: on the CPU) the feature
-    stack of each :class:`MemBrainCNN` in it compiled by TorchScript for inference
-    (:func:`scripted_features`). Same outputs up to float32 round-off; ``model`` is left
-    untouched. Modules other than Conv3d -> BatchNorm3d pairs are kept as they are.
+    one Conv3d, channels-last on the CPU, its weights in ``dtype`` (folded in float32 first),
+    and (``script``, default: on the CPU) the feature stack of each :class:`MemBrainCNN` in
+    it compiled by TorchScript for inference (:func:`scripted_features`). Same outputs up to
+    round-off (of float32, or of ``dtype``); ``model`` is left untouched. It takes inputs in
+    ``dtype`` (:func:`model_dtype`). Modules other than Conv3d -> BatchNorm3d pairs are kept
+    as they are.
     """
     dev = torch.device(device)
     m = copy.deepcopy(model).eval()
@@ -173,15 +205,21 @@ def inference_model(model: nn.Module, device: str | torch.device = "cpu",
             if isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d):
                 parent._modules[a] = fuse_conv_bn_eval(conv, bn)
                 parent._modules[b] = nn.Identity()
-    m = m.to(dev).to(memory_format=memory_layout(dev))
+    m = m.to(dev, dtype).to(memory_format=memory_layout(dev))
     if dev.type == "cpu" if script is None else script:
         for net in [x for x in m.modules() if isinstance(x, MemBrainCNN)]:
-            net.features = scripted_features(net.features, net.cube_size, dev)
+            net.features = scripted_features(net.features, net.cube_size, dev, dtype)
     return m
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s weights (and so its inputs) are in."""
+    return next(model.parameters()).dtype
+
+
 def scripted_features(features: nn.Module, cube_size: int,
-                      device: str | torch.device = "cpu") -> nn.Module:
+                      device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> nn.Module:
     """``features`` (eval mode, folded) traced, frozen and optimised for inference by
     TorchScript (``torch.jit.optimize_for_inference``): on the CPU oneDNN runs each
     convolution with its ReLU fused and keeps the activations in its own blocked layout
@@ -191,7 +229,7 @@ def scripted_features(features: nn.Module, cube_size: int,
     Tracing takes ~0.6 s, so prepared models are kept (:func:`prepared_model`). The module
     as it was where tracing fails."""
     dev = torch.device(device)
-    example = torch.zeros((2, 1, cube_size, cube_size, cube_size), device=dev)
+    example = torch.zeros((2, 1, cube_size, cube_size, cube_size), device=dev, dtype=dtype)
     try:
         with torch.no_grad():
             traced = torch.jit.trace(features, example.contiguous(memory_format=memory_layout(dev)))
@@ -213,17 +251,18 @@ def _weights_digest(model: nn.Module) -> bytes:
     return h.digest()
 
 
-def prepared_model(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
-    """:func:`inference_model` of ``model``, kept per model object and device while its weights
-    stay the same (a worker scores many parts with one model: it is prepared once)."""
-    dev = str(torch.device(device))
+def prepared_model(model: nn.Module, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """:func:`inference_model` of ``model``, kept per model object, device and dtype while its
+    weights stay the same (a worker scores many parts with one model: it is prepared once)."""
+    key = (str(torch.device(device)), dtype)
     digest = _weights_digest(model)
     per_device = _PREPARED.setdefault(model, {})
-    hit = per_device.get(dev)
+    hit = per_device.get(key)
     if hit is not None and hit[0] == digest:
         return hit[1]
-    prepared = inference_model(model, dev)
-    per_device[dev] = (digest, prepared)
+    prepared = inference_model(model, key[0], dtype=dtype)
+    per_device[key] = (digest, prepared)
     return prepared
 
 
@@ -234,6 +273,7 @@ def predict_distances(
     device: str | torch.device = "cpu",
     rotations: int = 1,
     refine_below: Sequence[float] = (),
+    precision: str = "float32",
 ) -> np.ndarray:
     """Predicted distance (voxels) from each cube's centre to the nearest particle centre.
 
@@ -260,6 +300,9 @@ def predict_distances(
         only cubes whose first pass predicts below it get the other turns, the rest keep
         the first pass (``InferenceConfig.refine_margin``). Empty (default): every cube gets
         every turn.
+    precision : str
+        ``float32`` (default), ``bfloat16`` or ``auto`` (:func:`resolve_precision`): the
+        dtype of the forward passes; the turns are averaged and returned in float32.
 
     Returns
     -------
@@ -269,7 +312,7 @@ def predict_distances(
     dev = torch.device(resolve_device(device))
     batch_size = _batch_size(batch_size, dev)
     n = int(cubes.shape[0])
-    model = prepared_model(model, dev)
+    model = prepared_model(model, dev, resolve_precision(precision, dev))
     cuda = dev.type == "cuda"
     layout = memory_layout(dev)
     cutoffs = _refine_cutoffs(refine_below, dev)
@@ -304,7 +347,7 @@ def _forward(model: nn.Module, cubes: torch.Tensor, rotations: int,
              layout: torch.memory_format) -> torch.Tensor:
     """Mean prediction (B,) or (B, C) over ``rotations`` turns (and mirror images) of cubes
     (B, s, s, s)."""
-    x = cubes.unsqueeze(1).contiguous(memory_format=layout)
+    x = cubes.unsqueeze(1).to(model_dtype(model)).contiguous(memory_format=layout)
     return _add_turns(model, x, range(1, rotations), layout, model(x).float()) / rotations
 
 
@@ -349,7 +392,7 @@ def _score(model: nn.Module, cubes: torch.Tensor, rotations: int, layout: torch.
     rows = torch.nonzero(low.any(dim=1) if low.dim() > 1 else low).squeeze(1)
     for s in range(0, rows.numel(), batch_size):
         r = rows[s : s + batch_size]
-        x = cubes[r].unsqueeze(1).contiguous(memory_format=layout)
+        x = cubes[r].unsqueeze(1).to(model_dtype(model)).contiguous(memory_format=layout)
         out[r] = _add_turns(model, x, range(1, rotations), layout, out[r]) / rotations
 
 
@@ -395,6 +438,7 @@ def predict_points(
     rotations: int = 1,
     read_points: int = 16384,
     refine_below: Sequence[float] = (),
+    precision: str = "float32",
 ) -> np.ndarray:
     """Predicted distance (N,) of every point, its cube cut on ``device`` (``cut_cubes_torch``).
 
@@ -403,13 +447,13 @@ def predict_points(
     normalised with ``intensity``); each block goes to the device once and its cubes are cut
     and scored there in passes of ``batch_size``. Trilinear only (``GeometryConfig.order`` 1).
     Same predictions as cutting on the host and :func:`predict_distances` (``refine_below``
-    as there, per pass of ``batch_size``), up to round-off."""
+    and ``precision`` as there, per pass of ``batch_size``), up to round-off."""
     from membrain_dist.extraction import batch_blocks
 
     check_rotations(rotations)
     dev = torch.device(resolve_device(device))
     batch_size = _batch_size(batch_size, dev)
-    model = prepared_model(model, dev)
+    model = prepared_model(model, dev, resolve_precision(precision, dev))
     layout = memory_layout(dev)
     cutoffs = _refine_cutoffs(refine_below, dev)
     n, n_classes = int(np.asarray(points).shape[0]), int(getattr(model, "n_classes", 1))

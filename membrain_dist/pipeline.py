@@ -246,6 +246,8 @@ def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
         params["refine_below"] = list(cfg.refine_below)
     if cfg.screening:
         params["screen"] = float(cfg.screen)
+    if cfg.precision != "float32":  # as asked (auto: resolved on the scoring worker)
+        params["precision"] = cfg.precision
     prov = store.provenance("scores", params, {"geometry": gattrs["provenance"]})
     return gattrs, prov
 
@@ -299,8 +301,8 @@ def score_cubes(cubes: np.ndarray, root: str | os.PathLike, name: str,
 
     model, device = _scoring_model(root, name, model_dir, cfg)
     return predict_distances(model, cubes, batch_size=cfg.batch_size, device=device,
-                             rotations=cfg.rotations,
-                             refine_below=cfg.refine_below).astype(np.float32)
+                             rotations=cfg.rotations, refine_below=cfg.refine_below,
+                             precision=cfg.precision).astype(np.float32)
 
 
 def store_scores(root: str | os.PathLike, name: str, membrane_id: int,
@@ -427,7 +429,7 @@ def score_membrane(
     model, device = _scoring_model(root, name, model_dir, cfg)
     gcfg = gcfg or GeometryConfig()
     kw = dict(batch_size=cfg.batch_size, device=device, rotations=cfg.rotations,
-              refine_below=cfg.refine_below)
+              refine_below=cfg.refine_below, precision=cfg.precision)
     ranges = point_parts(int(gattrs["n_points"]), part_points)
     stored = stored_cubes(root, name, membrane_id)
     if stored and not cfg.screening:  # read chunk by chunk, in one call
@@ -1362,7 +1364,8 @@ def _learn_picking(model, cal_set: TrainingSet, rows: np.ndarray, heights: np.nd
     if cfg.picks.calibrate:
         device = next(model.parameters()).device
         scores = predict_distances(model, cal_set.cubes[rows], device=device,
-                                   rotations=cfg.inference.rotations)
+                                   rotations=cfg.inference.rotations,
+                                   precision=cfg.inference.precision)
     if scores is None or scores.ndim == 1:
         return _learn_class(cal_set, rows, heights, scores, None, cfg, metrics)
     learnt, per_class = [], {}

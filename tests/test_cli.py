@@ -213,7 +213,7 @@ def test_predict_config_file_overrides_only_what_it_sets(trained_model: Path,
     toml = tmp_path / "params.toml"
     toml.write_text("[cluster]\nmin_points = 6\n")
     ns = argparse.Namespace(model=str(model), config=str(toml), threshold=None, device=None,
-                            batch_size=None, rotations=None)
+                            batch_size=None, rotations=None, precision=None)
     cfg = _predict_config(ns)
     assert cfg.cluster.min_points == 6
     assert cfg.cluster.score_threshold == 2.75 and cfg.picks.height == 1.5
@@ -296,3 +296,21 @@ def test_scheduling_processes_do_not_import_torch():
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
     assert done.returncode == 0, "importing the driver's modules imported torch"
+
+
+def test_precision_option(trained_model: Path) -> None:
+    """``--precision``: one of the configuration's values, onto the inference section; not
+    given, the model's (saved by train: the default, auto)."""
+    from membrain_dist.cli import _predict_config, build_parser
+    from membrain_dist.config import PRECISIONS
+
+    parser = build_parser()
+    base = ["predict", "--manifest", "m.csv", "--model", str(trained_model), "--out", "o"]
+    saved = json.loads((trained_model / "pipeline.json").read_text())["inference"]["precision"]
+    assert saved == "auto"
+    assert _predict_config(parser.parse_args(base)).inference.precision == saved
+    for value in PRECISIONS:
+        args = parser.parse_args([*base, "--precision", value])
+        assert _predict_config(args).inference.precision == value
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--precision", "float16"])

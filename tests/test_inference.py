@@ -302,12 +302,20 @@ def test_prediction_with_the_turn_cascade(trained_model: Path, test_manifest: Pa
     mid = min(mids, key=lambda m: pipeline.n_points(root, name, m))
     got = pipeline.read_scores(root, name, mid)
     full = predict_distances(load_model(trained_model, "cpu")[0],
-                             membrane_cubes(root, name, mid, cfg.geometry), rotations=4)
+                             membrane_cubes(root, name, mid, cfg.geometry), rotations=4,
+                             precision=cfg.inference.precision)
     same = np.isclose(got, full, atol=1e-5, rtol=0)
     assert np.all(same | (got >= cut - 1e-6))
     assert same.sum() > 0 and (~same).sum() > 0  # some points refined, some kept
     attrs = pipeline.store.node_attrs(root, pipeline.scores_key(name, mid))
     assert attrs["provenance"]["params"]["refine_below"] == [cut]
+    # the precision asked for is in the provenance (none for float32, as before the option)
+    asked = attrs["provenance"]["params"].get("precision", "float32")
+    assert asked == cfg.inference.precision
+    assert pipeline.scores_current(root, name, mid, trained_model, cfg.inference)
+    for other in {"float32", "bfloat16", "auto"} - {asked}:  # other scores: not current
+        assert not pipeline.scores_current(root, name, mid, trained_model,
+                                           replace(cfg.inference, precision=other))
     with pytest.raises(ValueError, match="refined only below"):
         pipeline.cluster_membrane(root, name, mid, replace(cfg.cluster, score_threshold=cut + 0.5),
                                   cfg.orientation)
@@ -344,3 +352,36 @@ def test_prepared_model_is_kept_until_the_weights_change(cubes):
     second = prepared_model(net, "cpu")
     assert second is not first
     np.testing.assert_allclose(predict_distances(net, cubes[:20]), before + 1.0, atol=1e-5)
+
+
+def test_bfloat16_scores_are_float32_scores_up_to_its_rounding(model, cubes):
+    """``precision="bfloat16"``: the prepared network really computes in bfloat16 (weights,
+    scripted features), the outputs come back as float32 and differ from the float32 ones
+    by bfloat16 round-off only (8 bits of mantissa: ~0.4 % of the scale), at every turn."""
+    from membrain_dist.inference import model_dtype, prepared_model
+
+    bf = prepared_model(model, "cpu", torch.bfloat16)
+    assert model_dtype(bf) == torch.bfloat16 and model_dtype(model) == torch.float32
+    assert isinstance(bf.features, torch.jit.ScriptModule)
+    assert prepared_model(model, "cpu") is not bf  # kept per dtype
+    for rotations in (1, 4):
+        ref = predict_distances(model, cubes, rotations=rotations)
+        got = predict_distances(model, cubes, rotations=rotations, precision="bfloat16")
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        scale = float(np.abs(ref).max())
+        assert np.abs(got - ref).max() <= 0.02 * scale
+        assert np.abs(got - ref).max() > 0  # not float32 under another name
+
+
+def test_resolve_precision():
+    from membrain_dist.config import InferenceConfig
+    from membrain_dist.inference import native_bfloat16, resolve_precision
+
+    assert resolve_precision("float32", "cpu") == torch.float32
+    assert resolve_precision("bfloat16", "cpu") == torch.bfloat16
+    native = native_bfloat16("cpu")
+    assert resolve_precision("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("half", "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        InferenceConfig(precision="float16")

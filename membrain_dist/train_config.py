@@ -198,8 +198,9 @@ class TrainConfig:
         Validation (and the epoch-0 training loss) on at most this many cubes, a fixed
         subsample stratified into near and far halves (:func:`stratified_subset`); 0 = all.
     amp : bool
-        On CUDA, bfloat16 autocast for the forward passes (float32 weights and optimiser);
-        ignored on the CPU, which stays float32.
+        bfloat16 autocast for the forward passes (float32 weights and optimiser) where the
+        device computes bfloat16 natively: a CUDA GPU that supports it, a CPU with AVX512-BF16
+        or AMX (:func:`~membrain_dist.inference.native_bfloat16`); float32 elsewhere. MEASURED
     huber_beta : float
         Smooth L1 transition point (voxels): quadratic below, linear above.
     num_threads : int or None

@@ -37,6 +37,7 @@ from membrain_dist.inference import (
     configure_threads,
     inference_model,
     memory_layout,
+    native_bfloat16,
     resolve_device,
 )
 from membrain_dist.model import MemBrainCNN, MemBrainEnsemble
@@ -253,9 +254,11 @@ def _near(y: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA when ``amp`` (and the GPU supports it); a no-op elsewhere."""
-    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast when ``amp`` and ``device`` computes bfloat16 natively (a CUDA GPU that
+    supports it, a CPU with AVX512-BF16 or AMX: :func:`~membrain_dist.inference.
+    native_bfloat16`); a no-op elsewhere."""
+    if amp and native_bfloat16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -534,13 +537,14 @@ def _train(
     x0, y0 = _subset(x, y, cfg, cfg.seed + 1)  # epoch 0's training loss
     near = _near(y)
     log.info(
-        "training on %d cubes (%d^3, %d near a particle), validating on %d, device %s%s",
+        "training on %d cubes (%d^3, %d near a particle), validating on %d, device %s%s%s",
         len(x),
         s,
         int(near.sum()),
         len(xv),
         dev,
         f" ({threads} threads)" if threads else "",
+        ", bfloat16 autocast" if cfg.amp and native_bfloat16(dev) else "",
     )
 
     aug = cfg.augment

@@ -35,7 +35,8 @@ def _synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return cubes.astype(np.float32), r.astype(np.float32)
 
 
-# one thread: tiny convolutions gain nothing from more, and a busy machine makes them slower
+# one thread: tiny convolutions gain nothing from more, and a busy machine makes them slower;
+# float32 (no bfloat16 autocast on a CPU that has it): the losses are recomputed exactly below
 CFG = TrainConfig(
     lr=3e-3,
     batch_size=64,
@@ -45,6 +46,7 @@ CFG = TrainConfig(
     device="cpu",
     seed=0,
     num_threads=1,
+    amp=False,
 )
 
 
@@ -79,6 +81,29 @@ def test_training_learns_and_is_reproducible():
         assert torch.equal(v, again.model.state_dict()[k]), k
     other = train(x, y, xv, yv, dataclasses.replace(CFG, seed=1, max_epochs=1))
     assert other.history[1] != res.history[1]
+
+
+def test_bfloat16_autocast_where_the_cpu_has_it():
+    """``amp``: the forward passes under bfloat16 autocast on a CPU with native bfloat16 (and
+    only there); training still learns, reproducibly, in other arithmetic than float32."""
+    from membrain_dist.inference import native_bfloat16
+    from membrain_dist.training import _autocast
+
+    cpu = torch.device("cpu")
+    with _autocast(cpu, True):
+        assert torch.is_autocast_enabled("cpu") == native_bfloat16(cpu)
+    with _autocast(cpu, False):
+        assert not torch.is_autocast_enabled("cpu")
+    if not native_bfloat16(cpu):
+        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 / AMX): amp is float32")
+    x, y = _synthetic(256, 0)
+    xv, yv = _synthetic(96, 1)
+    amp = dataclasses.replace(CFG, amp=True)
+    res = train(x, y, xv, yv, amp)
+    assert res.best_val_loss < 0.5 * res.history[0].val_loss
+    assert train(x, y, xv, yv, amp).history == res.history
+    assert train(x, y, xv, yv, dataclasses.replace(CFG, max_epochs=1)).history[1] != \
+        res.history[1]
 
 
 def test_early_stopping_and_internal_split():

@@ -141,6 +141,24 @@ class Schedule:
 Group = tuple[int, ...]  # membrane ids that share their tasks (pipeline.membrane_groups)
 
 
+def cpu_task_placement(kind: str, cpu_workers: list[str], scoring: int,
+                       contrast_decided: bool) -> dict[str, Any]:
+    """dask annotations of a CPU task of ``kind`` (a :data:`PRIORITY` key) on a scheduler
+    whose workers ``cpu_workers`` are not set apart for inference ([]: no such split).
+
+    Kept on the CPU workers while ``scoring`` tasks (submitted or waiting) exist: a CPU task
+    on an inference worker would hold up the scoring behind it. With nothing to score the
+    inference workers would idle (the start of a campaign, its end, a stretch where the
+    CPU stages are the slower ones: a fast GPU), so the task may go to any worker. A
+    conversion (minutes on a large tomogram) only before the campaign's contrast is decided
+    (``contrast_decided``): no scoring can start before the first window is converted. Cut
+    tasks never: they feed the scoring."""
+    idle = not scoring and kind != "cut" and (kind != "convert" or not contrast_decided)
+    if not cpu_workers or idle:
+        return {}
+    return {"workers": list(cpu_workers), "allow_other_workers": False}
+
+
 @dataclass
 class _Tomogram:
     """Bookkeeping of one tomogram in flight."""
@@ -180,6 +198,7 @@ class StreamRun:
         # (name, group, mid, start, stop) waiting to be cut
         self.parts_queue: deque = deque()
         self.parts_running = 0
+        self.scoring = 0  # scoring tasks submitted and not finished
         # parts of a group's membranes not yet scored (cut_on_cpu)
         self.parts_left: dict[tuple[str, Group], int] = {}
         self.running = 0
@@ -187,21 +206,24 @@ class StreamRun:
         self.logger = get_run_logger()
 
     # ------------------------------------------------------------------ submission
-    def _placement(self, gpu: bool) -> dict[str, Any]:
+    def _placement(self, kind: str, gpu: bool) -> dict[str, Any]:
         """dask annotations of a task: inference tasks ask for the GPU resource; with workers
         set apart for inference on the same scheduler, the other tasks are kept on the CPU
-        workers (a CPU task on an inference worker would hold up the scoring behind it)."""
+        workers while there is scoring to do (:func:`cpu_task_placement`)."""
         if gpu:
             return {"resources": {"GPU": 1}} if self.gpu_resource else {}
-        workers = self.cpu_workers()
-        return {"workers": workers, "allow_other_workers": False} if workers else {}
+        return cpu_task_placement(kind, self.cpu_workers(),
+                                  scoring=self.scoring + len(self.parts_queue),
+                                  contrast_decided=self.sign_decided)
 
     def _submit(self, kind: str, name: str, key: Any, task: Any, params: dict[str, Any],
                 gpu: bool = False) -> Any:
-        with dask.annotate(priority=PRIORITY[kind], **self._placement(gpu)):
+        with dask.annotate(priority=PRIORITY[kind], **self._placement(kind, gpu)):
             fut = (self.submit_gpu if gpu else self.submit_cpu)(task, params)
         self.active[name].running += 1
         self.running += 1
+        if gpu:
+            self.scoring += 1
         if kind != "cut":  # a cut's outcome is read through the score that consumes it
             fut.add_done_callback(lambda f, k=(kind, name, key): self.done_q.put((k, f)))
         return fut
@@ -342,6 +364,8 @@ class StreamRun:
         t = self.active[name]
         t.running -= 1
         self.running -= 1
+        if kind in ("score", "part"):
+            self.scoring -= 1
         fut.wait()  # the final state (small results: points, counts, summaries)
         state = fut.state
         ok = state.is_completed()

@@ -59,6 +59,24 @@ def test_stream_gives_the_stage_by_stage_picks(flow_prediction, stage_prediction
     assert all((g / "scores").is_dir() for g in _geometry_groups(stream_store))
 
 
+def test_cpu_tasks_go_to_inference_workers_only_when_nothing_is_scored():
+    from flows.stream import PRIORITY, cpu_task_placement
+
+    cpu = ["tcp://cpu-1", "tcp://cpu-2"]
+    kept = {"workers": cpu, "allow_other_workers": False}
+    for kind in PRIORITY:
+        # no workers set apart for inference: anywhere, always
+        assert cpu_task_placement(kind, [], scoring=3, contrast_decided=True) == {}
+        # something to score (or waiting to be): the CPU workers only
+        assert cpu_task_placement(kind, cpu, scoring=1, contrast_decided=True) == kept
+    for kind in ("geometry", "cluster", "outputs"):  # nothing to score: any worker
+        assert cpu_task_placement(kind, cpu, scoring=0, contrast_decided=True) == {}
+    # a conversion only before the campaign's contrast is decided; a cut never
+    assert cpu_task_placement("convert", cpu, scoring=0, contrast_decided=False) == {}
+    assert cpu_task_placement("convert", cpu, scoring=0, contrast_decided=True) == kept
+    assert cpu_task_placement("cut", cpu, scoring=0, contrast_decided=False) == kept
+
+
 def test_small_membranes_share_a_group_large_ones_have_their_own():
     """First fit, largest first, groups of at most ``max_voxels``; 0: one per membrane."""
     from membrain_dist.pipeline import group_membranes
@@ -142,11 +160,11 @@ def test_cubes_cut_on_cpu_workers_and_scored_on_the_gpu_worker(
     assert groups and not any((g / "cubes").exists() for g in groups)
     assert not any((g / "score_parts").exists() for g in groups)  # joined and removed
     assert all((g / "scores").is_dir() for g in groups)
-    # scoring only where the GPU resource is; cutting and the other stages only on the CPU
-    # worker (kept off the inference worker, whose scoring they would hold up)
+    # scoring only where the GPU resource is; cutting only on the CPU worker (the other
+    # stages go to the inference worker only while it has nothing to score)
     assert where.get("score") == {gpu_addr}, where
     assert where.get("cut") and gpu_addr not in where["cut"], where
-    assert where.get("other") and gpu_addr not in where["other"], where
+    assert where.get("other") and set(where["other"]) - {gpu_addr}, where
     # one geometry and one clustering task per tomogram (its membranes are one group), many
     # parts cut: each membrane's own
     n_membranes = len(groups)

@@ -7,6 +7,7 @@ Usage::
     python benchmarks/campaign.py --rotations 1         # one scoring pass per cube
     python benchmarks/campaign.py --refine-margin off   # 4 turns for every cube (no cascade)
     python benchmarks/campaign.py --screen off          # every point scored (no spatial screen)
+    python benchmarks/campaign.py --precision bfloat16  # the CNN in bfloat16
 
 In one run, each part on a fresh store:
 
@@ -64,7 +65,7 @@ from flows.runtime import ClusterSpec, prefect_api, spawn_environment  # noqa: E
 from flows.stream import Schedule  # noqa: E402
 from membrain_dist import pipeline  # noqa: E402
 from membrain_dist.cli import _refine_margin, _screen  # noqa: E402  (predict's options)
-from membrain_dist.config import InferenceConfig  # noqa: E402
+from membrain_dist.config import PRECISIONS, InferenceConfig  # noqa: E402
 from membrain_dist.manifest import read_manifest, write_manifest  # noqa: E402
 from membrain_dist.star import read_particles  # noqa: E402
 from membrain_dist.synth import SynthConfig, generate_campaign  # noqa: E402
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
                     metavar="VOXELS|off",
                     help="spatial screen cell of the scoring (InferenceConfig.screen; "
                          f"default {InferenceConfig().screen}; off: every point scored)")
+    ap.add_argument("--precision", choices=PRECISIONS, default=InferenceConfig().precision,
+                    help="arithmetic of the CNN (InferenceConfig.precision; default "
+                         f"{InferenceConfig().precision})")
     ap.add_argument("--e2e", type=scale.parse_size, nargs="*", default=[],
                     help="also time `membrain-dist predict` end to end on these sizes (ZxYxX, "
                          "e.g. 300x1000x1000), 2 workers x 1 thread (part d)")
@@ -298,11 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = pipeline.model_pipeline_config(model_dir)
     margin = args.refine_margin
     cfg = replace(cfg, inference=replace(cfg.inference, rotations=args.rotations,
-                                         refine_margin=margin, screen=args.screen))
+                                         refine_margin=margin, screen=args.screen,
+                                         precision=args.precision))
     doc: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                            "model": model_info, "rotations": args.rotations,
-                           "refine_margin": margin, "screen": args.screen}
+                           "refine_margin": margin, "screen": args.screen,
+                           "precision": args.precision}
     small = args.work / f"small_{args.tomos}"
     if not args.skip_a and not (small / "manifest.csv").is_file():
         generate_campaign(small, n_tomos=args.tomos, seed=31, cfg=SMALL, n_train=0)

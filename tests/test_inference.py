@@ -312,10 +312,11 @@ def test_prediction_with_the_turn_cascade(trained_model: Path, test_manifest: Pa
     # the precision asked for is in the provenance (none for float32, as before the option)
     asked = attrs["provenance"]["params"].get("precision", "float32")
     assert asked == cfg.inference.precision
-    assert pipeline.scores_current(root, name, mid, trained_model, cfg.inference)
+    scored = pipeline.with_refinement(cfg).inference  # the cutoffs the prediction used
+    assert pipeline.scores_current(root, name, mid, trained_model, scored)
     for other in {"float32", "bfloat16", "auto"} - {asked}:  # other scores: not current
         assert not pipeline.scores_current(root, name, mid, trained_model,
-                                           replace(cfg.inference, precision=other))
+                                           replace(scored, precision=other))
     with pytest.raises(ValueError, match="refined only below"):
         pipeline.cluster_membrane(root, name, mid, replace(cfg.cluster, score_threshold=cut + 0.5),
                                   cfg.orientation)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from membrain_dist.config import check_rotations
+from membrain_dist.config import PRECISIONS, check_rotations
 from membrain_dist.model import META_FILE, WEIGHTS_FILE, MemBrainCNN, ModelMeta, load_model
 
 __all__ = [
@@ -94,7 +94,7 @@ def native_bfloat16(device: str | torch.device) -> bool:
                                                      "_is_amx_tile_supported")]
     try:
         return any(bool(c()) for c in checks if c is not None)
-    except RuntimeError:  # noqa: PERF203 - a probe torch cannot answer: not native
+    except RuntimeError:  # a probe torch cannot answer: not native
         return False
 
 
@@ -102,12 +102,11 @@ def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype
     """The dtype of the CNN's forward passes (``InferenceConfig.precision``) on ``device``:
     ``float32``, ``bfloat16``, or for ``auto`` bfloat16 where :func:`native_bfloat16`, else
     float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be float32, bfloat16 or auto, got {precision!r}")
-    return dtypes[precision]
+    return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
 
 def _dask_worker_threads() -> int | None:

@@ -7,7 +7,7 @@ and ``augment.AugmentConfig`` stay importable from there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 __all__ = ["AugmentConfig", "Rotation", "EpochMode", "TrainConfig"]
@@ -296,6 +296,4 @@ class TrainConfig:
 
     @property
     def augment(self) -> AugmentConfig:
-        return AugmentConfig(self.rotation, self.flip, self.noise_std, self.noise_sigma,
-                             self.wedge_prob, self.wedge_deg, self.wedge_cone_deg,
-                             self.normal_shift)
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in fields(AugmentConfig)})

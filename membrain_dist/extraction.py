@@ -142,43 +142,55 @@ def _trilinear_cubes(block: np.ndarray, points: np.ndarray, frames: np.ndarray, 
     """Cubes ``(B, s, s, s)`` float32 by trilinear interpolation of ``block`` (float32, zyx).
 
     ``points`` are in block voxel coordinates. Equals ``map_coordinates(block, coords, order=1,
-    mode="nearest")`` of ``_sample_coords`` up to float32 round-off: sample positions are
-    clamped to the block (constant edge extension) and the block is edge-padded by one voxel, so
-    the eight corners ``floor(c) + {0, 1}^3`` are always inside. Everything stays float32 / int32
-    (int64 indices for blocks beyond 2^31 voxels) and is processed ``chunk`` points at a time in
-    preallocated buffers.
+    mode="nearest")`` of ``_sample_coords`` up to float32 round-off, and does not depend on
+    where the block starts: each point is split into its integer voxel and its fraction
+    (exact in float32) and only the fraction is added to the cube's offsets, so a cube cut
+    from any block that holds it is the same to the bit (stored or cut in memory, in any
+    batch: scores in bfloat16 then agree too). Samples beyond the block take its edge value:
+    the block is edge-padded by one voxel on each side and corner indices are clamped into
+    the padding, where both corners of an axis are equal and the interpolation is exact.
+    Everything stays float32 / int32 (int64 indices for blocks beyond 2^31 voxels) and is
+    processed ``chunk`` points at a time in preallocated buffers.
     """
     d, h, w = block.shape
-    padded = np.pad(np.asarray(block, np.float32), ((0, 1), (0, 1), (0, 1)), mode="edge")
-    hp, wp = h + 1, w + 1
+    padded = np.pad(np.asarray(block, np.float32), 1, mode="edge")
+    hp, wp = h + 2, w + 2
     flat = padded.ravel()
     sy, sz = wp, hp * wp
     # contiguous views shifted by each corner's flat offset: take(view, idx) = flat[idx + off]
     corners = [flat[off:] for off in (0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1)]
-    lim = (np.float32(d - 1), np.float32(h - 1), np.float32(w - 1))
+    itype = _index_dtype(padded.size)
+    top = (d, h, w)  # largest padded index of a lower corner: the last voxel's padding
     o = cube_offsets(size)
     n = points.shape[0]
     out = np.empty((n, size, size, size), np.float32)
     shp = (min(chunk, n), size, size, size)
     frac = [np.empty(shp, np.float32) for _ in range(3)]
     fl = np.empty(shp, np.float32)
-    ind = [np.empty(shp, _index_dtype(padded.size)) for _ in range(3)]
+    ind = [np.empty(shp, itype) for _ in range(3)]
     g = [np.empty(shp, np.float32) for _ in range(8)]
     pts = np.asarray(points, np.float32)
+    whole = np.floor(pts)
+    part = pts - whole  # exact: the fraction of a float32 is a float32
+    # padded index of each point's voxel, clamped so that far-off points stay in the index type
+    base = np.clip(whole, -2 * size - 1, np.float32(max(top)) + 2 * size).astype(itype) + 1
     frm = np.asarray(frames, np.float32)
+    reach = int(math.ceil(math.sqrt(3) * (size - 1) / 2)) + 1  # of a cube's corners, voxels
     for a0 in range(0, n, chunk):
-        p, r = pts[a0 : a0 + chunk], frm[a0 : a0 + chunk]
-        b = p.shape[0]
+        fp, ip, r = part[a0 : a0 + chunk], base[a0 : a0 + chunk], frm[a0 : a0 + chunk]
+        b = fp.shape[0]
         for a in range(3):
             c, f, i = frac[a][:b], fl[:b], ind[a][:b]
-            # (b, s, s) plane term p + k n + j v, then + i u along the last axis
-            plane = (p[:, a, None, None] + r[:, a, 2, None, None] * o[None, :, None]
+            # (b, s, s) plane term frac(p) + k n + j v, then + i u along the last axis
+            plane = (fp[:, a, None, None] + r[:, a, 2, None, None] * o[None, :, None]
                      + r[:, a, 1, None, None] * o[None, None, :])
             np.add(plane[..., None], (r[:, a, 0, None] * o[None, :])[:, None, None, :], out=c)
-            np.clip(c, np.float32(0), lim[a], out=c)
             np.floor(c, out=f)
-            np.copyto(i, f, casting="unsafe")
             c -= f
+            np.copyto(i, f, casting="unsafe")
+            i += ip[:, a, None, None, None]
+            if ip[:, a].min() < reach or ip[:, a].max() > top[a] - reach:  # near the block's faces
+                np.clip(i, 0, top[a], out=i)
         idx = ind[0][:b]
         idx *= hp
         idx += ind[1][:b]

@@ -121,6 +121,23 @@ def test_trilinear_equals_map_coordinates_order1():
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_trilinear_cubes_do_not_depend_on_the_block_origin():
+    """A cube cut from any block that holds it is the same to the bit: the same points cut
+    from blocks shifted by whole voxels, and through batches of any size (different read
+    boxes), give equal cubes (the sample positions' fractions do not depend on the origin)."""
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(60, 70, 80)).astype(np.float32)
+    pts = (rng.random((400, 3)) * 30 + np.float32([15, 20, 25])).astype(np.float32)
+    frames = rotation_frames(_unit(rng, 400))
+    ref = _trilinear_cubes(vol, pts, frames, 12)
+    for off in ((3, 5, 2), (0, 0, 1), (5, 4, 5)):  # within 10 voxels: every sample inside
+        got = _trilinear_cubes(vol[off[0]:, off[1]:, off[2]:], pts - np.float32(off), frames, 12)
+        np.testing.assert_array_equal(got, ref)
+    nrm = frames[:, :, 2]
+    for bs in (1, 37, 400):
+        np.testing.assert_array_equal(extract_cubes(vol, pts, nrm, batch_size=bs, frames=frames), ref)
+
+
 def test_lowpass_blocks_equal_filtering_the_whole_volume():
     """Per-block low-pass (with the kernel's margin) gives the cubes of a volume filtered as a
     whole, however the points are batched; and it removes white noise as the kernel says."""

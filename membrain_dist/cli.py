@@ -82,11 +82,11 @@ def _add_scoring_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
                         "with a trained model")
     p.add_argument("--precision", choices=("float32", "bfloat16", "auto"),  # config.PRECISIONS
                    default=None,
-                   help="arithmetic of the CNN: float32, bfloat16 (2.3x the cubes/s on a "
+                   help="arithmetic of the CNN: auto (bfloat16 where the device computes it "
+                        "natively, else float32), float32 or bfloat16 (2.3x the cubes/s on a "
                         "CPU with AVX512-BF16 or AMX; scores within a few hundredths of a "
-                        "voxel, the same F1) or auto (bfloat16 where the device computes it "
-                        "natively); default: the model's (float32 unless trained with "
-                        "another); saved with a trained model")
+                        "voxel, the same F1); default: the model's (auto; float32 for models "
+                        "trained before auto was the default); saved with a trained model")
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:

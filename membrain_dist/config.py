@@ -162,17 +162,20 @@ class InferenceConfig:
         unscored and gave the same F1 (+0.002 on one); ``predict`` end to end on
         300 x 1000 x 1000 took 0.71-0.74x the time at one pass and 0.62x at 4 turns.
     precision
-        Arithmetic of the CNN's forward passes: ``float32`` (default), ``bfloat16`` (weights
-        and activations in bfloat16, the turns averaged and returned in float32) or ``auto``
-        (bfloat16 where the device computes it natively, a CPU with AVX512-BF16 or AMX or a
-        CUDA GPU that supports it, else float32;
-        :func:`membrain_dist.inference.resolve_precision`). On this project's 2-core Xeon
-        (AMX): 2.3-2.4x the cubes/s of float32 at 4 turns on a campaign's cubes, scores
-        0.004 voxels apart on average (0.03 at most), held-out F1 on the hard phantom as in
-        float32 (README, "bfloat16 on the CPU"). Not the default: bfloat16 rounds a score
-        to 1/32 voxel near 5, so a float32 round-off in a cube (cut on the host or on the
-        device, stored or in memory) can move a score by that step and a pick by a few
-        hundredths of a voxel; in float32 every schedule and cube path gives the same picks.
+        Arithmetic of the CNN's forward passes: ``auto`` (default: bfloat16 where the device
+        computes it natively, a CPU with AVX512-BF16 or AMX or a CUDA GPU that supports it,
+        else float32; resolved on each scoring worker,
+        :func:`membrain_dist.inference.resolve_precision`), ``float32`` or ``bfloat16``
+        (weights and activations in bfloat16, the turns averaged and returned in float32).
+        On this project's 2-core Xeon (AMX): 2.3-2.4x the cubes/s of float32 at 4 turns on a
+        campaign's cubes, scores 0.004 voxels apart on average (0.03 at most), held-out F1 on
+        the hard phantom as in float32 (README, "bfloat16 on the CPU"). bfloat16 rounds a
+        score to 1/32 voxel near 5: host-cut cubes are the same to the bit whatever block or
+        batch they come from (stored or in memory, any schedule: the same picks), but cubes
+        cut on the device (``grid_sample``) differ from the host's by float32 round-off, which
+        can move a score by that step and a pick by a few hundredths of a voxel. A campaign
+        across devices with and without native bfloat16 mixes the two; give ``float32`` or
+        ``bfloat16`` to pin it.
     """
 
     batch_size: int | None = None
@@ -182,7 +185,7 @@ class InferenceConfig:
     refine_margin: float | None = 1.0
     refine_below: tuple[float, ...] = ()
     screen: float | None = 3.0
-    precision: str = "float32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_rotations(self.rotations)

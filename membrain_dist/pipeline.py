@@ -246,7 +246,7 @@ def _scores_provenance(root: str | os.PathLike, name: str, membrane_id: int,
         params["refine_below"] = list(cfg.refine_below)
     if cfg.screening:
         params["screen"] = float(cfg.screen)
-    if cfg.precision != "float32":  # as asked (auto: resolved on the scoring worker)
+    if cfg.precision != "float32":  # as asked (auto: resolved on each scoring worker)
         params["precision"] = cfg.precision
     prov = store.provenance("scores", params, {"geometry": gattrs["provenance"]})
     return gattrs, prov

@@ -300,14 +300,14 @@ def test_scheduling_processes_do_not_import_torch():
 
 def test_precision_option(trained_model: Path) -> None:
     """``--precision``: one of the configuration's values, onto the inference section; not
-    given, the model's (saved by train: the default, float32)."""
+    given, the model's (saved by train: the default, auto)."""
     from membrain_dist.cli import _predict_config, build_parser
     from membrain_dist.config import PRECISIONS
 
     parser = build_parser()
     base = ["predict", "--manifest", "m.csv", "--model", str(trained_model), "--out", "o"]
     saved = json.loads((trained_model / "pipeline.json").read_text())["inference"]["precision"]
-    assert saved == "float32"
+    assert saved == "auto"
     assert _predict_config(parser.parse_args(base)).inference.precision == saved
     for value in PRECISIONS:
         args = parser.parse_args([*base, "--precision", value])

@@ -66,6 +66,7 @@ from flows.stream import Schedule  # noqa: E402
 from membrain_dist import pipeline  # noqa: E402
 from membrain_dist.cli import _refine_margin, _screen  # noqa: E402  (predict's options)
 from membrain_dist.config import PRECISIONS, InferenceConfig  # noqa: E402
+from membrain_dist.inference import resolve_precision  # noqa: E402
 from membrain_dist.manifest import read_manifest, write_manifest  # noqa: E402
 from membrain_dist.star import read_particles  # noqa: E402
 from membrain_dist.synth import SynthConfig, generate_campaign  # noqa: E402
@@ -308,7 +309,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                            "model": model_info, "rotations": args.rotations,
                            "refine_margin": margin, "screen": args.screen,
-                           "precision": args.precision}
+                           "precision": args.precision,
+                           # what auto gives on this machine's CPU (the inference worker's)
+                           "precision_on_cpu": str(resolve_precision(args.precision, "cpu"))
+                           .removeprefix("torch.")}
     small = args.work / f"small_{args.tomos}"
     if not args.skip_a and not (small / "manifest.csv").is_file():
         generate_campaign(small, n_tomos=args.tomos, seed=31, cfg=SMALL, n_train=0)

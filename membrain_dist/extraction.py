@@ -128,6 +128,12 @@ def _sample_coords(points: np.ndarray, frames: np.ndarray, size: int) -> np.ndar
     return coords
 
 
+def _half_diagonal(size: int) -> int:
+    """Farthest a sample of a ``size`` cube lies from its centre along any axis (voxels,
+    rounded up): half the cube's diagonal."""
+    return int(math.ceil(math.sqrt(3) * (size - 1) / 2))
+
+
 def _index_dtype(n_voxels: int) -> type:
     """Integer type of flat indices into a block of ``n_voxels``: int32 (faster) while it fits."""
     return np.int32 if n_voxels < 2**31 else np.int64
@@ -175,7 +181,7 @@ def _trilinear_cubes(block: np.ndarray, points: np.ndarray, frames: np.ndarray, 
     # padded index of each point's voxel, clamped so that far-off points stay in the index type
     base = np.clip(whole, -2 * size - 1, np.float32(max(top)) + 2 * size).astype(itype) + 1
     frm = np.asarray(frames, np.float32)
-    reach = int(math.ceil(math.sqrt(3) * (size - 1) / 2)) + 1  # of a cube's corners, voxels
+    reach = _half_diagonal(size) + 1  # of a cube's interpolation corners, voxels
     for a0 in range(0, n, chunk):
         fp, ip, r = part[a0 : a0 + chunk], base[a0 : a0 + chunk], frm[a0 : a0 + chunk]
         b = fp.shape[0]
@@ -217,8 +223,7 @@ def _trilinear_cubes(block: np.ndarray, points: np.ndarray, frames: np.ndarray, 
 def _margin(size: int, order: int, lowpass: float = 0.0) -> int:
     # half cube diagonal + interpolation support (+ spline prefilter decay for order > 1)
     # + the low-pass kernel's radius
-    return (int(math.ceil(math.sqrt(3) * (size - 1) / 2)) + 2 + (6 if order > 1 else 0)
-            + lowpass_radius(lowpass))
+    return (_half_diagonal(size) + 2 + (6 if order > 1 else 0) + lowpass_radius(lowpass))
 
 
 #: largest block (voxels) one batch reads by default: 16 Mi float32 voxels = 64 MiB

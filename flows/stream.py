@@ -84,6 +84,8 @@ WORKERS_REFRESH_S = 5.0
 #: dask priorities: a later stage runs before an earlier one when both wait for a worker
 PRIORITY = {"convert": 0, "geometry": 1, "membrane": 1, "cut": 2, "score": 3, "part": 3,
             "cluster": 4, "outputs": 5}
+#: the task kinds that score (on the inference workers, with the ``GPU`` resource)
+SCORING = frozenset({"score", "part"})
 
 
 @dataclass(frozen=True)
@@ -206,24 +208,24 @@ class StreamRun:
         self.logger = get_run_logger()
 
     # ------------------------------------------------------------------ submission
-    def _placement(self, kind: str, gpu: bool) -> dict[str, Any]:
+    def _placement(self, kind: str) -> dict[str, Any]:
         """dask annotations of a task: inference tasks ask for the GPU resource; with workers
         set apart for inference on the same scheduler, the other tasks are kept on the CPU
         workers while there is scoring to do (:func:`cpu_task_placement`)."""
-        if gpu:
+        if kind in SCORING:
             return {"resources": {"GPU": 1}} if self.gpu_resource else {}
         return cpu_task_placement(kind, self.cpu_workers(),
                                   scoring=self.scoring + len(self.parts_queue),
                                   contrast_decided=self.sign_decided)
 
-    def _submit(self, kind: str, name: str, key: Any, task: Any, params: dict[str, Any],
-                gpu: bool = False) -> Any:
-        with dask.annotate(priority=PRIORITY[kind], **self._placement(kind, gpu)):
-            fut = (self.submit_gpu if gpu else self.submit_cpu)(task, params)
+    def _submit(self, kind: str, name: str, key: Any, task: Any, params: dict[str, Any]) -> Any:
+        """Submit a task of ``kind`` (:data:`SCORING` kinds to the inference runner)."""
+        scoring = kind in SCORING
+        with dask.annotate(priority=PRIORITY[kind], **self._placement(kind)):
+            fut = (self.submit_gpu if scoring else self.submit_cpu)(task, params)
         self.active[name].running += 1
         self.running += 1
-        if gpu:
-            self.scoring += 1
+        self.scoring += scoring
         if kind != "cut":  # a cut's outcome is read through the score that consumes it
             fut.add_done_callback(lambda f, k=(kind, name, key): self.done_q.put((k, f)))
         return fut
@@ -268,7 +270,7 @@ class StreamRun:
             self._submit("score", name, group, score_task,
                          dict(root=self.root, name=name, membrane_ids=todo,
                               model_dir=self.model_dir, cfg=inf, gcfg=self.cfg.geometry,
-                              part_points=self.schedule.part_points), gpu=True)
+                              part_points=self.schedule.part_points))
             return
         # parts of every membrane not scored by an earlier, interrupted run; a membrane without
         # points has none: its (empty) scores are written when the group's parts are joined
@@ -293,8 +295,7 @@ class StreamRun:
                                       icfg=self.cfg.inference))
             self._submit("part", name, (group, cubes), score_part_task,
                          dict(cubes=cubes, root=self.root, name=name, membrane_id=mid,
-                              model_dir=self.model_dir, cfg=self.cfg.inference, start=a, stop=b),
-                         gpu=True)
+                              model_dir=self.model_dir, cfg=self.cfg.inference, start=a, stop=b))
             self.parts_running += 1
 
     def _parts_spec(self) -> pipeline.ScoreParts:
@@ -364,8 +365,7 @@ class StreamRun:
         t = self.active[name]
         t.running -= 1
         self.running -= 1
-        if kind in ("score", "part"):
-            self.scoring -= 1
+        self.scoring -= kind in SCORING
         fut.wait()  # the final state (small results: points, counts, summaries)
         state = fut.state
         ok = state.is_completed()

@@ -84,7 +84,13 @@ def resolve_device(device: str | torch.device = "auto") -> str:
 def native_bfloat16(device: str | torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively: on the CPU, AVX512-BF16 or AMX (oneDNN's
     bfloat16 convolutions; without them bfloat16 is emulated and slower than float32), on
-    CUDA, a GPU that supports it."""
+    CUDA, a GPU that supports it. Asked of the hardware once per process and device (training
+    asks it every batch)."""
+    return _native_bfloat16(str(torch.device(device)))
+
+
+@functools.cache
+def _native_bfloat16(device: str) -> bool:
     dev = torch.device(device)
     if dev.type == "cuda":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
